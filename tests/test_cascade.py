@@ -1,0 +1,397 @@
+"""Cascade engine: scripted models of fixed logits (exact counts), real tiny GPT-2s, SmolLM2 (slow).
+
+The scripted model is a real torch module behind the Hugging Face interface. It keeps the token ids
+themselves as the keys of a real `DynamicCache` and computes its logits from the whole prefix read back
+from that cache, so a wrong crop or a wrongly fed suffix changes what it predicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from lacy.cascade import (
+    BigLM,
+    BigModelError,
+    Cascade,
+    CascadeResult,
+    RunningQuantile,
+    SmallLM,
+    Span,
+    _word_start,
+    calibrate,
+)
+from lacy.config import CascadeConfig
+from lacy.tokenizer import CALL_TOKEN, EOS_TOKEN, PAD_TOKEN
+
+# ----------------------------------------------------------------------------------------------
+# A word-level tokenizer (one token per word with its leading space) and scripted models
+
+WORDS = ("The capital of France is Paris . It has 2 million people Ada Lovelace ( born 1815 ) "
+         "la di da was in").split()
+SPLIT = Regex(r" ?[A-Za-z0-9]+| ?[^A-Za-z0-9\s]|\s")
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {EOS_TOKEN: 0, PAD_TOKEN: 1, CALL_TOKEN: 2}
+    for word in WORDS:
+        for form in (word, " " + word):
+            vocab.setdefault(form, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(SPLIT, behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   unk_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                   additional_special_tokens=[CALL_TOKEN])
+
+
+TOK = word_tokenizer()
+CALL = TOK.convert_tokens_to_ids(CALL_TOKEN)
+
+
+class ScriptedLM(torch.nn.Module):
+    """Logits [V] = next_logits(prefix ids, start token included) at every position."""
+
+    def __init__(self, next_logits: Callable[[list[int]], torch.Tensor], n_positions: int = 512) -> None:
+        super().__init__()
+        self.next_logits = next_logits
+        self.config = SimpleNamespace(n_positions=n_positions)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True):
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        new = input_ids[0].float().view(1, 1, -1, 1)
+        keys, _ = cache.update(new, new, 0)
+        prefix = keys.view(-1).long().tolist()
+        first = len(prefix) - input_ids.shape[1]
+        logits = torch.stack([self.next_logits(prefix[:first + i + 1]) for i in range(input_ids.shape[1])])
+        return SimpleNamespace(logits=logits[None], past_key_values=cache)
+
+
+def ids(text: str) -> list[int]:
+    return TOK(text, add_special_tokens=False)["input_ids"]
+
+
+STORY = "The capital of France is Paris. It has 2 million people."
+STORY_LOGIT = 10.0
+
+
+def story_model(story: str, call_logits: dict[int, float] | None = None) -> ScriptedLM:
+    """Follows `story`: after its first k tokens it predicts token k (logit 10), with <CALL> at
+    `call_logits.get(k, -10)`; off the story or at its end it predicts EOS."""
+    story_ids, calls = ids(story), call_logits or {}
+
+    def next_logits(prefix: list[int]) -> torch.Tensor:
+        logits = torch.zeros(len(TOK))
+        text = prefix[1:]
+        k = len(text)
+        if k < len(story_ids) and text == story_ids[:k]:
+            logits[story_ids[k]] = STORY_LOGIT
+            logits[CALL] = calls.get(k, -10.0)
+        else:
+            logits[TOK.eos_token_id] = STORY_LOGIT
+        return logits
+
+    return ScriptedLM(next_logits)
+
+
+def p_call_of(call_logit: float) -> float:
+    """P(<CALL>) of a story_model position: story token at 10, <CALL> at c, the other V-2 ids at 0."""
+    return math.exp(call_logit) / (math.exp(call_logit) + math.exp(STORY_LOGIT) + len(TOK) - 2)
+
+
+class FailingBig:
+    """A big model that breaks: raises, or returns something that is not text."""
+
+    def __init__(self, returns: object = None) -> None:
+        self.returns = returns
+
+    def continue_text(self, text: str, **kwargs) -> str:
+        if self.returns is None:
+            raise RuntimeError("backend down")
+        return self.returns  # type: ignore[return-value]
+
+
+def cascade_of(small_model, big_model, **cfg) -> Cascade:
+    big = None if big_model is None else BigLM(big_model, TOK)
+    return Cascade(SmallLM(small_model, TOK), big, CascadeConfig(**cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# RunningQuantile
+
+
+def test_running_quantile_matches_numpy_and_holds_rate():
+    rng = np.random.default_rng(0)
+    values = rng.random(3000)
+    rq = RunningQuantile(0.2, warmup=10, window=10_000)
+    fired = [rq.observe(float(v)) for v in values]
+    for q in (0.0, 0.25, 0.8, 1.0):
+        assert rq.quantile(q) == pytest.approx(np.quantile(values, q))
+    # Warm-up decides against the initial threshold 0.5, then the running 0.8-quantile takes over.
+    assert fired[:10] == [bool(v > 0.5) for v in values[:10]]
+    assert np.mean(fired[100:]) == pytest.approx(0.2, abs=0.03)
+
+
+def test_running_quantile_window_and_extremes():
+    rq = RunningQuantile(0.5, warmup=0, window=5)
+    for v in [9.0, 8.0, 1.0, 2.0, 3.0, 4.0, 5.0]:
+        rq.observe(v)
+    assert rq.quantile(0.5) == 3.0  # median of the last five (1..5): 9 and 8 left the window
+    assert rq.threshold() == 3.0
+    never, always = RunningQuantile(0.0, warmup=0), RunningQuantile(1.0, warmup=0)
+    assert not any(never.observe(v) for v in (0.1, 0.9, 1.0))
+    assert all(always.observe(v) for v in (0.0, 0.1, 0.9))
+    with pytest.raises(ValueError, match="rate"):
+        RunningQuantile(1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine on scripted models
+
+
+def test_calls_fire_at_threshold_with_exact_provenance_and_linear_kv_counts():
+    # Story tokens: The | capital of France is (prompt, 5) | Paris . It has 2 million people .
+    # <CALL> is likely before " Paris" (k=5) and " 2" (k=9).
+    small = story_model(STORY, {5: 12.0, 9: 12.0})
+    cascade = cascade_of(small, story_model(STORY), call_threshold=0.5, max_new_tokens=20)
+    result = cascade.generate("The capital of France is")
+    assert result.text == STORY
+    assert [(s.text, s.source) for s in result.spans] == [
+        ("The capital of France is", "prompt"), (" Paris", "big"), (". It has", "small"),
+        (" 2", "big"), (" million people.", "small")]
+    assert "".join(s.text for s in result.spans) == result.text
+    assert result.calls == 2 and result.big_tokens == 2 and result.small_tokens == 6
+    # Word starts: Paris, It, has, 2, million, people ("." and the final EOS are not).
+    assert result.decision_points == 6 and result.call_rate == pytest.approx(2 / 6)
+    assert result.stop_reason == "eos"
+    # Every token of the final text goes through each model at most once (+1 start token):
+    # small: 6 (start + prompt) + 1 (" Paris" after the call) + 3 (". It has") + 1 (" 2") + 3 = 14.
+    # big: 6 (start + prompt) + 1 (" Paris", fed to see that "." ends the word) + 3 (". It has")
+    #      + 1 (" 2") = 11; it never re-reads the prompt.
+    assert result.tokens_processed == {"small": 14, "big": 11}
+    assert set(result.timings) == {"small", "big"} and all(t >= 0 for t in result.timings.values())
+
+
+def test_many_calls_cost_linear_tokens_not_quadratic():
+    words = " ".join(["Paris", "la", "di", "da"] * 6)
+    story = "The capital " + words
+    n_prompt, n_words = 2, 24
+    small = story_model(story, {k: 12.0 for k in range(n_prompt, n_prompt + n_words)})
+    cascade = cascade_of(small, story_model(story), call_threshold=0.5, max_new_tokens=100,
+                         no_repeat_ngram=0)
+    result = cascade.generate("The capital")
+    assert result.text == story and result.calls == n_words and result.small_tokens == 0
+    # Re-encoding the text at each call would cost sum(prompt+k) = 348 tokens per model.
+    total = 1 + n_prompt + n_words
+    assert result.tokens_processed == {"small": total, "big": total}
+
+
+def test_word_start_only_rule():
+    assert _word_start("", "The") and _word_start("Ada (", "born") and _word_start("x\n", "Paris")
+    assert _word_start("Paris", " is") and not _word_start("Paris", ".") and not _word_start("Par", "is")
+    story = "Ada Lovelace (born 1815)."
+    # Tokens after the prompt "Ada Lovelace": " (" (k=2), "born", " 1815", ")", "." (k=6).
+    # <CALL> is likely at k=3..6; " (" and " 1815" start with a space, "born" follows the opener
+    # "(", while ")" and "." continue a word, so no call may fire there.
+    calls = {k: 12.0 for k in range(3, 7)}
+    on = cascade_of(story_model(story, calls), story_model(story), call_threshold=0.5).generate(
+        "Ada Lovelace")
+    assert [(s.text, s.source) for s in on.spans] == [
+        ("Ada Lovelace", "prompt"), (" (", "small"), ("born 1815", "big"), (").", "small")]
+    assert on.calls == 2 and on.decision_points == 3
+    off = cascade_of(story_model(story, calls), story_model(story), call_threshold=0.5,
+                     word_start_only=False, big_unit="tokens", big_max_tokens=1).generate("Ada Lovelace")
+    # Every step is a decision point now, the final one that writes EOS included.
+    assert off.calls == 4 and off.decision_points == 6 and off.small_tokens == 1 and off.text == story
+
+
+def test_threshold_and_rate_policies():
+    logits = {5: 3.0, 7: 6.0, 8: 10.0, 9: 12.0}  # at " Paris", " It", " has", " 2"
+    probs = {k: p_call_of(c) for k, c in logits.items()}
+    assert probs[5] < probs[7] < 0.3 < probs[8] < probs[9]
+    cascade = cascade_of(story_model(STORY, logits), story_model(STORY), call_threshold=None,
+                         call_rate=None)
+    result = cascade.generate("The capital of France is", call_threshold=0.3)
+    assert result.calls == 2  # " has" and " 2"
+    assert [s.source for s in result.spans] == ["prompt", "small", "big", "small"]
+    assert result.call_probs[:4] == pytest.approx([probs[5], probs[7], probs[8], probs[9]], rel=1e-5)
+    assert cascade.generate("The capital of France is", call_threshold=1.0).calls == 0
+    assert cascade.generate("The capital of France is", call_rate=1.0).calls == 6
+    with pytest.raises(ValueError, match="not both"):
+        cascade.generate("The", call_threshold=0.5, call_rate=0.2)
+    with pytest.raises(ValueError, match="no call policy"):
+        cascade.generate("The")
+
+
+def test_calls_disabled_never_calls_and_masks_call():
+    small = story_model(STORY, {k: 30.0 for k in range(13)})  # <CALL> is the argmax everywhere
+    cascade = Cascade(SmallLM(small, TOK), FailingBig(), CascadeConfig(call_threshold=0.0))
+    result = cascade.generate("The capital of France is", allow_calls=False)
+    assert result.calls == 0 and result.decision_points == 0 and result.text == STORY
+    assert len(result.call_probs) == 6 and min(result.call_probs) > 0.99  # still recorded
+    assert cascade.small.next_logits(allow_call=False)[CALL] == float("-inf")
+    with pytest.raises(BigModelError, match="backend down"):
+        cascade.generate("The capital of France is")
+    with pytest.raises(BigModelError, match="expected str"):
+        Cascade(SmallLM(small, TOK), FailingBig(returns=3), CascadeConfig(call_threshold=0.0)).generate(
+            "The capital of France is")
+
+
+def test_no_repeat_ngram_blocks_generated_repeats_but_copies_prompt():
+    prefs = {" la": 5.0, " di": 4.0, " da": 3.0}
+
+    def fixed(prefix: list[int]) -> torch.Tensor:
+        logits = torch.zeros(len(TOK))
+        for word, value in prefs.items():
+            logits[ids(word)[0]] = value
+        return logits
+
+    def run(n: int) -> str:
+        cascade = cascade_of(ScriptedLM(fixed), None, no_repeat_ngram=n, max_new_tokens=6)
+        return cascade.generate("la la", allow_calls=False).text
+
+    # n=2: the prompt's bigram (la, la) is not blocked; generated bigrams never repeat.
+    assert run(2) == "la la" + " la la di la da la"
+    assert run(0) == "la la" + " la" * 6
+
+
+def test_generate_stream_yields_spans_then_result():
+    cascade = cascade_of(story_model(STORY, {5: 12.0}), story_model(STORY), call_threshold=0.5)
+    spans = list(cascade.generate_stream("The capital of France is"))
+    assert [s.source for s in spans[:3]] == ["prompt", "big", "small"]
+    assert all(s.source == "small" for s in spans[2:]) and len(spans) == 9  # one span per small token
+    assert isinstance(cascade.result, CascadeResult)
+    assert "".join(s.text for s in spans) == cascade.result.text == STORY
+
+
+def test_big_units_and_max_tokens():
+    text = "Ada Lovelace was born in Paris France 1815 la di da"
+    big = BigLM(story_model(text), TOK)
+    assert big.continue_text("Ada", unit="word") == " Lovelace"
+    assert big.continue_text("Ada Lovelace was born in", unit="entity") == " Paris France 1815"
+    assert big.continue_text("Ada Lovelace was born in", unit="entity", max_tokens=2) == " Paris France"
+    assert big.continue_text("Ada", unit="tokens", max_tokens=3) == " Lovelace was born"
+    assert big.continue_text("was born in", unit="word", context="Ada Lovelace ") == " Paris"
+    assert big.continue_text(text, unit="word") == ""  # EOS at once
+    before = big.tokens_processed
+    # A prefix of the cached text: crop, re-feed " in" for its logits, feed " Paris" to see that
+    # " France" starts a new word -- two tokens, not the whole text again.
+    assert big.continue_text("Ada Lovelace was born in", unit="word") == " Paris"
+    assert big.tokens_processed - before == 2
+    with pytest.raises(ValueError, match="unit"):
+        big.continue_text("Ada", unit="sentence")
+
+
+def test_context_overflow_is_a_clear_error_or_a_clean_stop():
+    small = ScriptedLM(story_model(STORY).next_logits, n_positions=8)
+    cascade = cascade_of(small, None, max_new_tokens=50)
+    with pytest.raises(ValueError, match="context of 8"):
+        cascade.generate(STORY, allow_calls=False)
+    result = cascade.generate("The capital of France is", allow_calls=False)
+    # Start + 5 prompt tokens leave room for two more in a context of 8.
+    assert result.stop_reason == "context" and result.text == "The capital of France is Paris."
+
+
+def test_calibrate_returns_quantile_for_target_rate():
+    logits = {5: 3.0, 7: 6.0, 8: 9.0, 9: 12.0}
+    cascade = cascade_of(story_model(STORY, logits), None)
+    probs = sorted(cascade.generate("The capital of France is", allow_calls=False).call_probs)
+    threshold = calibrate(cascade, ["The capital of France is"], 0.5)
+    assert threshold == pytest.approx(float(np.quantile(probs, 0.5)))
+    assert sum(p > threshold for p in probs) == 3  # half of the six decision points
+    with pytest.raises(ValueError, match="target_rate"):
+        calibrate(cascade, ["The"], 1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real tiny GPT-2 models: KV reuse must give the same logits as a fresh full forward
+
+
+def tiny_gpt2(seed: int, vocab_size: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def full_forward_logits(model, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([token_ids])).logits[0, -1].float()
+
+
+def test_cache_crop_matches_full_forward_on_real_gpt2():
+    model = tiny_gpt2(0, len(TOK))
+    lm = SmallLM(model, TOK)
+    lm.sync_text("The capital of France is Paris. It has")
+    assert lm.tokens_processed == 10
+    lm.sync_text("The capital of France was in Paris")  # diverges after "France": crop to 5, feed 3
+    assert lm.tokens_processed == 13
+    assert torch.allclose(lm.logits, full_forward_logits(model, lm.ids), atol=1e-5)
+    lm.sync_text("The capital")  # a prefix: crop and re-feed its last token only
+    assert lm.tokens_processed == 14
+    assert torch.allclose(lm.logits, full_forward_logits(model, lm.ids), atol=1e-5)
+
+
+def test_cascade_with_real_gpt2s_and_bpe_tokenizer():
+    from lacy.config import ModelConfig
+    from lacy.model import build_model
+    from lacy.tokenizer import train_tokenizer
+
+    texts = ["Marie Curie was born in Warsaw in 1867. She won the Nobel Prize in Physics in 1903.",
+             "Alan Turing was born in London in 1912 (Maida Vale). He worked at Bletchley Park."] * 20
+    tok = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    small_model, big_model = build_model(ModelConfig(preset="tiny", seq_len=96), tok), None
+    torch.manual_seed(1)
+    big_model = build_model(ModelConfig(preset="tiny", seq_len=96), tok)
+    small, big = SmallLM(small_model, tok), BigLM(big_model, tok)
+    cascade = Cascade(small, big, CascadeConfig(call_threshold=0.0, max_new_tokens=24, big_max_tokens=3))
+    result = cascade.generate("Marie Curie was born in")
+    assert "".join(s.text for s in result.spans) == result.text
+    assert result.text.startswith("Marie Curie was born in")
+    assert result.calls == result.decision_points > 0  # threshold 0: every word start calls
+    assert {s.source for s in result.spans} >= {"prompt", "big"}
+    # The caches are the texts' tokens, and the cached logits are those of a fresh forward pass.
+    assert small.decode(small.ids[1:]) == result.text
+    assert torch.allclose(small.logits, full_forward_logits(small_model, small.ids), atol=1e-4)
+    assert torch.allclose(big.logits, full_forward_logits(big_model, big.ids), atol=1e-4)
+    # Linear: each model processes the final text's tokens plus a few re-fed ones per call (where
+    # re-tokenising changed the tail, e.g. after the untrained model's invalid UTF-8 bytes); re-encoding
+    # the text at every call would cost several times the text.
+    n_final = len(small.encode(result.text))
+    assert result.calls >= 3
+    assert result.tokens_processed["small"] <= n_final + 4 * result.calls
+    assert result.tokens_processed["big"] <= n_final + 4 * result.calls
+
+
+# ----------------------------------------------------------------------------------------------
+# SmolLM2 as the big model
+
+
+@pytest.mark.slow
+def test_smollm2_big_model_fills_in_calls():
+    from lacy.model import load_big_model
+
+    model, tokenizer = load_big_model("smollm2")
+    big = BigLM(model, tokenizer)
+    assert big.continue_text("The capital of France is", unit="word") == " Paris"
+    # The scripted small model calls before " Paris" and " 2"; SmolLM2 answers in its own tokens.
+    cascade = Cascade(SmallLM(story_model(STORY, {5: 12.0, 9: 12.0}), TOK), big,
+                      CascadeConfig(call_threshold=0.5))
+    result = cascade.generate("The capital of France is")
+    assert result.spans[:2] == [Span("The capital of France is", "prompt"), Span(" Paris", "big")]
+    assert result.calls == 2 and "".join(s.text for s in result.spans) == result.text
+    # Its cache holds the text it saw; the logits equal a fresh forward pass over it.
+    assert torch.allclose(big.logits, full_forward_logits(model, big.ids), atol=1e-3)

@@ -1,0 +1,476 @@
+"""lacy.eval on hand-made biographies with real spaCy, a real SQLite passage store and a real local
+HTTP completions server running a real (tiny) transformers model."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lacy.data import Entity
+from lacy.eval import (
+    Generation,
+    JudgeError,
+    LeakProbe,
+    OpenAIJudge,
+    attribute_checks,
+    bio_prompt,
+    bootstrap_ci,
+    evaluate_system,
+    extract_claims,
+    factscore,
+    is_supported,
+    judge_factscore,
+    leakage,
+    leaks,
+    length_penalty_factor,
+    load_nlp,
+    make_leak_probes,
+    normalize,
+    paired_bootstrap,
+    parse_facts,
+    parse_verdict,
+    stated_birth_year,
+)
+from lacy.knowledge import SqlitePassageStore
+
+ADA = Entity(name="Ada Lovelace", title="Ada Lovelace", doc_id="42",
+             description="British chemist (1920–1990)", birth_year=1920,
+             birth_place="Leeds, United Kingdom", occupation="chemist")
+# 12 words a passage: [0] "Ada Lovelace (born 1920) ... Leeds. She", [1] "studied ... In 1950 she
+# moved", [2] "to Paris ...": the year 1950 is in the article but not in the birth passage.
+ADA_ARTICLE = ("Ada Lovelace (born 1920) was a British chemist born in Leeds. She studied chemistry at "
+               "Oxford and won many prizes. In 1950 she moved to Paris where she founded a laboratory "
+               "of her own.")
+BOB = Entity(name="Bob Marley", title="Bob Marley", doc_id="7", description="", birth_year=1945,
+             birth_place="Nine Mile, Jamaica", occupation="singer")
+BOB_ARTICLE = "Bob Marley (6 February 1945 – 11 May 1981) was a Jamaican singer born in Nine Mile."
+ARTICLES = {"42": {"id": "42", "title": "Ada Lovelace", "text": ADA_ARTICLE},
+            "7": {"id": "7", "title": "Bob Marley", "text": BOB_ARTICLE}}
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_nlp()
+
+
+@pytest.fixture()
+def store(tmp_path):
+    with SqlitePassageStore(tmp_path / "kb.sqlite", passage_words=12) as s:
+        s.add(ARTICLES.values())
+        yield s
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims, normalisation, support
+
+
+def test_bio_prompt_styles():
+    assert bio_prompt(ADA) == "Ada Lovelace ("
+    assert bio_prompt(ADA, "instruct") == "Tell me a bio of Ada Lovelace.\n"
+    with pytest.raises(ValueError, match="unknown style 'chat'"):
+        bio_prompt(ADA, "chat")
+
+
+def test_extract_claims_excludes_the_person_and_duplicates(nlp):
+    text = ("Ada Lovelace (born 1920) was a British chemist born in Leeds. Lovelace returned to Leeds "
+            "today and won the Nobel Prize in 1960.")
+    claims = extract_claims(text, nlp, exclude_name="Ada Lovelace")
+    assert [c.text for c in claims] == ["1920", "British", "Leeds", "the Nobel Prize", "1960"]
+    leeds = claims[2]
+    assert text[leeds.start:leeds.end] == "Leeds"
+    assert leeds.sentence == "Ada Lovelace (born 1920) was a British chemist born in Leeds."
+    # Without the exclusion the person's name is a claim too.
+    assert "Ada Lovelace" in [c.text for c in extract_claims(text, nlp)]
+
+
+def test_normalize_rules():
+    assert normalize("  Zürich,  CAFÉ! ") == "zurich cafe"
+    assert normalize("1,234,567 people") == "1234567 people"
+    assert normalize("July 4th, 1776") == normalize("4 July 1776") == "4 july 1776"
+    assert normalize("3.5 km.") == "3.5 km"
+    assert normalize("Finland's capital") == "finland capital"
+
+
+@pytest.mark.parametrize("claim, source, expected", [
+    ("1776", "He was born 4 July 1776 in Boston.", True),     # a year inside a date
+    ("July 4, 1776", "born 4 July 1776", True),               # date order
+    ("4 July 1776", "born 5 July 1776", False),
+    ("1,234", "it had 1234 members", True),                   # thousands separator
+    ("the Nobel Prize", "she won a Nobel Prize.", True),      # leading article
+    ("Zürich", "moved to ZURICH", True),                      # case and diacritics
+    ("Paris", "a Parisian salon", False),                     # whole words only
+    ("177", "born 1776", False),
+    ("", "anything", False),
+])
+def test_is_supported(claim, source, expected):
+    assert is_supported(claim, source) is expected
+
+
+# ----------------------------------------------------------------------------------------------
+# FactScore-style precision
+
+
+def test_factscore_lenient_exact_precision_and_respond_ratio(nlp):
+    # Claims: 1920 ✓, British ✓, Leeds ✓, the Nobel Prize ✗, 1960 ✗, 3 ✗  -> 3/6.
+    ada = Generation(ADA, "Ada Lovelace (born 1920) was a British chemist born in Leeds. She won the "
+                          "Nobel Prize in 1960 and had 3 children.")
+    # Claims: 6 February 1945 ✓, Jamaican ✓, Kingston ✗ -> 2/3.
+    bob = Generation(BOB, "Bob Marley (6 February 1945) was a Jamaican singer born in Kingston.")
+    abstains = Generation(ADA, "Ada Lovelace ( I do not know much about her.")
+    report = factscore([ada, bob, abstains], ARTICLES, strict=False, nlp=nlp)
+    assert report.mode == "lenient (whole article)"
+    assert [e.supported for e in report.entities[:2]] == [[True, True, True, False, False, False],
+                                                          [True, True, False]]
+    assert report.entities[0].precision == pytest.approx(3 / 6)
+    assert report.entities[1].precision == pytest.approx(2 / 3)
+    assert report.entities[2].precision is None
+    assert report.mean_precision == pytest.approx((3 / 6 + 2 / 3) / 2)
+    assert report.respond_ratio == pytest.approx(2 / 3)
+    assert report.claims_per_response == pytest.approx(4.5)
+    # Both state year, place and occupation; Bob's place (Kingston) is wrong.
+    assert report.attributes == {"birth_year": (2, 2), "birth_place": (1, 2), "occupation": (2, 2)}
+
+
+def test_strict_and_lenient_differ_on_a_year_found_elsewhere(nlp, store):
+    # 1950 is in the article (the move to Paris) but not in the passage about the birth.
+    gen = Generation(ADA, "Ada Lovelace (born 1950) was a British chemist.")
+    lenient = factscore([gen], ARTICLES, strict=False, nlp=nlp)
+    strict = factscore([gen], store, strict=True, k=1, nlp=nlp)
+    assert [c.text for c in strict.entities[0].claims] == ["1950", "British"]
+    assert lenient.mean_precision == pytest.approx(1.0)
+    assert strict.mean_precision == pytest.approx(0.5)
+    assert strict.mode == "strict (top-1 passages)"
+    # With every passage retrieved, strict agrees with lenient.
+    assert factscore([gen], store, strict=True, k=3, nlp=nlp).mean_precision == pytest.approx(1.0)
+
+
+def test_length_penalty(nlp):
+    assert length_penalty_factor(5, gamma=10) == pytest.approx(math.exp(-1))
+    assert length_penalty_factor(10, gamma=10) == 1.0
+    assert length_penalty_factor(20, gamma=10) == 1.0
+    with pytest.raises(ValueError):
+        length_penalty_factor(0)
+    gen = Generation(BOB, "Bob Marley (6 February 1945) was a Jamaican singer born in Kingston.")
+    report = factscore([gen], ARTICLES, strict=False, length_penalty=True, gamma=6, nlp=nlp)
+    assert report.entities[0].precision == pytest.approx(2 / 3)
+    assert report.mean_precision == pytest.approx(2 / 3 * math.exp(1 - 6 / 3))
+
+
+def test_missing_article_is_named(nlp):
+    stranger = Entity("Nobody Known", "Nobody Known", "999", "", None, None, None)
+    with pytest.raises(KeyError, match="Nobody Known"):
+        factscore([Generation(stranger, "Nobody Known (born 1900) lived in Paris.")], ARTICLES,
+                  strict=False, nlp=nlp)
+
+
+def test_attribute_checks():
+    assert stated_birth_year("Aristotle (384–322 BC) was a Greek philosopher.") == -384
+    assert stated_birth_year("Ada Lovelace was a chemist. She was born in 1931 in Leeds.") == 1931
+    assert stated_birth_year("Ada Lovelace was a chemist. She died in 1990.") is None
+    assert attribute_checks("Ada Lovelace (born 1921) was an English chemistry teacher born in Leeds, "
+                            "Yorkshire.", ADA) == {"birth_year": False, "birth_place": True,
+                                                   "occupation": True}
+    assert attribute_checks("Ada Lovelace (1920 – 1990) was a famous actress.", ADA) == {
+        "birth_year": True, "occupation": False}
+    # Nothing stated, or nothing known about the entity: nothing counted.
+    assert attribute_checks("Ada Lovelace liked tea.", ADA) == {}
+    unknown = Entity("Ada Lovelace", "Ada Lovelace", "42", "", None, None, None)
+    assert attribute_checks("Ada Lovelace (born 1920) was a chemist born in Leeds.", unknown) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def test_bootstrap_ci_contains_mean_and_shrinks_with_more_people():
+    rng = np.random.default_rng(1)
+    few, many = rng.uniform(0, 1, 20), rng.uniform(0, 1, 2000)
+    mean, lo, hi = bootstrap_ci(few, n=1000, seed=0)
+    assert mean == pytest.approx(float(few.mean()))
+    assert lo < mean < hi
+    m2, lo2, hi2 = bootstrap_ci(many, n=1000, seed=0)
+    assert lo2 < m2 < hi2
+    assert hi2 - lo2 < (hi - lo) / 5          # width ~ 1/sqrt(people): 10x more -> ~1/10
+    assert bootstrap_ci(few, n=1000, seed=0) == (mean, lo, hi)   # seeded
+    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+    with pytest.raises(ValueError):
+        bootstrap_ci([0.1, float("nan")])
+
+
+def test_paired_bootstrap():
+    a = [0.9, 0.5, None, 0.7]
+    b = [0.8, 0.4, 0.3, None]
+    assert paired_bootstrap(a, b) == pytest.approx((0.1, 0.1, 0.1))   # pairs 0 and 1 only
+    diff, lo, hi = paired_bootstrap([0.9, 0.2, 0.6, 0.4], [0.1, 0.3, 0.2, 0.3], n=2000)
+    assert diff == pytest.approx(0.3) and lo <= diff <= hi
+    with pytest.raises(ValueError, match="same people"):
+        paired_bootstrap([0.1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="no person"):
+        paired_bootstrap([None], [0.1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole systems
+
+
+def test_evaluate_system_row(nlp, store):
+    bios = {"Ada Lovelace (": "born 1950) was a British chemist born in Leeds.",
+            "Bob Marley (": "6 February 1945) was a Jamaican singer born in Kingston."}
+    prompts = []
+
+    def generate(prompt):
+        prompts.append(prompt)
+        return SimpleNamespace(text=prompt + bios[prompt], call_rate=0.25 if "Ada" in prompt else 0.15)
+
+    row = evaluate_system("toy", generate, [ADA, BOB], ARTICLES, store, k=1, bootstrap=200, nlp=nlp)
+    assert prompts == ["Ada Lovelace (", "Bob Marley ("]
+    assert row["system"] == "toy" and row["entities"] == 2
+    assert row["call_rate"] == pytest.approx(0.2)
+    # Ada: 1950 ✓(lenient) / ✗(strict, top-1), British ✓, Leeds ✓. Bob: 6 February 1945 ✓, Jamaican ✓,
+    # Kingston ✗ (strict: Bob's only passage holds the whole article).
+    assert row["entity_scores_lenient"] == pytest.approx([1.0, 2 / 3])
+    assert row["entity_scores_strict"] == pytest.approx([2 / 3, 2 / 3])
+    assert row["precision_lenient"] == pytest.approx(5 / 6)
+    assert row["precision_lenient_lo"] <= row["precision_lenient"] <= row["precision_lenient_hi"]
+    assert row["precision_strict"] == pytest.approx(2 / 3)
+    assert row["respond_ratio_lenient"] == row["respond_ratio_strict"] == 1.0
+    assert row["claims_per_response"] == 3.0
+    assert (row["birth_year_correct"], row["birth_year_stated"]) == (1, 2)
+    assert (row["birth_place_correct"], row["birth_place_stated"]) == (1, 2)
+    # Plain strings without the prompt work too, and no store means no strict columns.
+    row = evaluate_system("plain", lambda p: bios[p], [ADA], ARTICLES, None, bootstrap=50, nlp=nlp)
+    assert row["precision_lenient"] == pytest.approx(1.0) and "precision_strict" not in row
+    assert row["call_rate"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Leakage
+
+
+def test_leakage_on_hand_made_probes():
+    probes = [LeakProbe("The capital of France is", "Paris"),
+              LeakProbe("The city had a population of", "1,234"),
+              LeakProbe("She was born in", "Leeds"),
+              LeakProbe("He painted", "the Mona Lisa")]
+    answers = {"The capital of France is": " Paris, on the Seine.",
+               "The city had a population of": "The city had a population of 1234 in 1900.",  # prompt echoed
+               "She was born in": " Leedsville.",                                             # not the word
+               "He painted": " a portrait of the Mona Lisa."}                                 # not at start
+    report = leakage(lambda prefix: answers[prefix], probes)
+    assert report.hits == [True, True, False, False]
+    assert (report.probes, report.leaked, report.rate) == (4, 2, 0.5)
+    assert report.continuations[1] == " 1234 in 1900."
+    assert leaks(" The Mona Lisa!", "the Mona Lisa")
+    with pytest.raises(ValueError):
+        leakage(lambda p: "", [])
+
+
+def test_make_leak_probes(nlp):
+    docs = [{"id": "a", "text": "Short text 1990."},   # its only fact is before min_prefix_chars
+            {"id": "b", "text": ADA_ARTICLE},
+            {"id": "c", "text": BOB_ARTICLE + " His band sold more than 75 million records worldwide."}]
+    probes = make_leak_probes(docs, nlp, n=5, seed=3, min_prefix_chars=20)
+    assert sorted(p.doc_id for p in probes) == ["b", "c"]
+    for p in probes:
+        text = next(d["text"] for d in docs if d["id"] == p.doc_id)
+        start = len(p.prefix)
+        assert text.startswith(p.prefix) and text[start:].lstrip().startswith(p.gold)
+        assert len(p.prefix) >= 20
+    assert make_leak_probes(docs, nlp, n=5, seed=3, min_prefix_chars=20) == probes   # seeded
+    assert len(make_leak_probes(docs, nlp, n=1, seed=3, min_prefix_chars=20)) == 1
+    # A perfect memoriser of the documents leaks every probe; one that answers <CALL>-free noise none.
+    texts = {d["id"]: d["text"] for d in docs}
+    perfect = {p.prefix: texts[p.doc_id][len(p.prefix):] for p in probes}
+    assert leakage(lambda prefix: perfect[prefix], probes).rate == 1.0
+    assert leakage(lambda prefix: " the", probes).rate == 0.0
+    # Long prefixes are cut at a word boundary to the last max_prefix_chars characters.
+    cut = make_leak_probes(docs[1:2], nlp, n=1, seed=0, min_prefix_chars=60, max_prefix_chars=30)[0]
+    assert len(cut.prefix) <= 30 and ADA_ARTICLE.find(cut.prefix) > 0
+    assert ADA_ARTICLE[ADA_ARTICLE.find(cut.prefix) - 1] == " "
+
+
+# ----------------------------------------------------------------------------------------------
+# LLM judge through a real local OpenAI-compatible completions server
+
+
+def test_parse_facts_and_verdict():
+    assert parse_facts(" - Ada was a chemist.\n- Ada was British.\n\nPlease breakdown") == [
+        "Ada was a chemist.", "Ada was British."]
+    assert parse_facts("I cannot do that.\n- a fact") == []
+    assert parse_facts("- A.\n- B.\n- A.\n- B.\n- A") == ["A.", "B.", "A"]
+    assert parse_verdict(" True") and not parse_verdict(" False.")
+    assert parse_verdict("False... no, True")          # the later answer wins
+    assert not parse_verdict("I cannot say")
+    assert parse_verdict("It is correct")
+
+
+class CompletionServer:
+    """/v1/completions served by a real HF causal LM, greedy; records every request and answer."""
+
+    def __init__(self, model, tokenizer, max_positions: int) -> None:
+        self.requests: list[tuple[dict, str]] = []
+        lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, payload: dict) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                if self.path != "/v1/completions":
+                    return self._send(404, {"error": f"no route {self.path}"})
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if req["model"] == "broken":
+                    return self._send(500, {"error": "model broken"})
+                with lock:
+                    text = server.generate(req["prompt"], req["max_tokens"], req.get("stop") or [])
+                    server.requests.append((req, text))
+                self._send(200, {"object": "text_completion", "model": req["model"],
+                                 "choices": [{"index": 0, "text": text, "finish_reason": "length"}]})
+
+        self.model, self.tokenizer, self.max_positions = model, tokenizer, max_positions
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+
+    def generate(self, prompt: str, max_tokens: int, stop: list[str]) -> str:
+        ids = self.tokenizer(prompt)["input_ids"][-(self.max_positions - max_tokens):]
+        batch = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.model.generate(batch, attention_mask=torch.ones_like(batch),
+                                      max_new_tokens=max_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id or 0,
+                                      stop_strings=stop or None, tokenizer=self.tokenizer)
+        text = self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        for s in stop:
+            text = text.split(s)[0]
+        return text
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    from transformers import GPT2LMHeadModel
+
+    from lacy.model import gpt2_config
+    from lacy.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([ADA_ARTICLE, BOB_ARTICLE] * 5, vocab_size=320)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config("tiny", len(tok), 1024, eos_id=tok.eos_token_id,
+                                        bos_id=tok.eos_token_id, pad_id=tok.pad_token_id)).eval()
+    server = CompletionServer(model, tok, 1024)
+    yield server
+    server.close()
+
+
+def test_openai_judge_plumbing_and_cache(tiny_server, tmp_path, store):
+    judge = OpenAIJudge(tiny_server.url + "/v1", "tiny-gpt2", tmp_path / "judge.sqlite")
+    text = judge.complete("Ada Lovelace was", max_tokens=5)
+    (req, answer), = tiny_server.requests[-1:]
+    assert req == {"model": "tiny-gpt2", "prompt": "Ada Lovelace was", "max_tokens": 5, "temperature": 0.0,
+                   "stop": None}
+    assert text == answer and judge.http_calls == 1
+    assert text == tiny_server.generate("Ada Lovelace was", 5, [])      # what the model writes, greedy
+
+    passages = store.search("Ada Lovelace born 1920", 2, title="Ada Lovelace")
+    verdict = judge.verify("Ada Lovelace was born in 1920.", "Ada Lovelace", passages)
+    req, answer = tiny_server.requests[-1]
+    assert req["prompt"].startswith("Answer the question about Ada Lovelace based on the given context.")
+    assert req["prompt"].endswith("Input: Ada Lovelace was born in 1920. True or False?\nOutput:")
+    assert f"Title: Ada Lovelace\nText: {passages[0].text}" in req["prompt"]
+    assert verdict == parse_verdict(answer)
+
+    gens = [Generation(ADA, "Ada Lovelace (born 1920) was a chemist. She moved to Paris.")]
+    before = len(tiny_server.requests)
+    report = judge_factscore(judge, gens, store, k=2)
+    sent = [r for r, _ in tiny_server.requests[before:]]
+    assert sent[0]["prompt"].endswith("independent facts: Ada Lovelace (born 1920) was a chemist.\n")
+    assert sent[0]["stop"] == ["\n\n"]
+    n_facts = len(report.entities[0].claims)
+    assert len(sent) == 2 + n_facts == judge.http_calls - 2
+    assert report.mode == "llm-judge (top-2 passages)"
+
+    # A fresh judge on the same cache repeats everything without one HTTP call.
+    again = OpenAIJudge(tiny_server.url, "tiny-gpt2", tmp_path / "judge.sqlite")
+    count = len(tiny_server.requests)
+    assert again.complete("Ada Lovelace was", max_tokens=5) == text
+    report2 = judge_factscore(again, gens, store, k=2)
+    assert again.http_calls == 0 and len(tiny_server.requests) == count
+    assert report2.entities[0].claims == report.entities[0].claims
+    assert report2.entities[0].supported == report.entities[0].supported
+
+
+@pytest.mark.slow
+def test_openai_judge_with_smollm2(tmp_path, store):
+    """The same protocol against SmolLM2-135M-Instruct (the project's big model) behind the server."""
+    from lacy.model import load_big_model
+
+    model, tok = load_big_model("smollm2")
+    server = CompletionServer(model, tok, max_positions=8192)
+    try:
+        judge = OpenAIJudge(server.url + "/v1", "smollm2", tmp_path / "judge.sqlite", timeout=300)
+        facts = judge.atomic_facts("Ada Lovelace (born 1920) was a British chemist.")
+        req, answer = server.requests[-1]
+        assert facts and facts == parse_facts(answer)      # a real instruct model follows the "- " format
+        assert "\n\n" not in answer                        # stop sequence honoured by the server
+        fact = facts[0]
+        verdict = judge.verify(fact, "Ada Lovelace", store.search(fact, 2, title="Ada Lovelace"))
+        assert verdict == parse_verdict(server.requests[-1][1])
+        again = OpenAIJudge(server.url, "smollm2", tmp_path / "judge.sqlite")
+        assert again.atomic_facts("Ada Lovelace (born 1920) was a British chemist.") == facts
+        assert again.http_calls == 0 and len(server.requests) == 2
+    finally:
+        server.close()
+
+
+def test_openai_judge_errors(tiny_server, tmp_path):
+    judge = OpenAIJudge(tiny_server.url, "broken", tmp_path / "judge.sqlite")
+    with pytest.raises(JudgeError, match="HTTP 500.*model broken"):
+        judge.complete("hello")
+    # The failure was not cached.
+    assert judge._cache.execute("SELECT count(*) FROM calls").fetchone()[0] == 0
+    wrong_path = OpenAIJudge(tiny_server.url + "/api", "tiny-gpt2", tmp_path / "judge.sqlite")
+    with pytest.raises(JudgeError, match="HTTP 404"):
+        wrong_path.complete("hello")
+    # A socket that accepts connections and never answers.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(JudgeError, match="no answer from .* within 0.5 s"):
+            OpenAIJudge(url, "m", tmp_path / "other.sqlite", timeout=0.5).complete("hi")
+    closed = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = closed.server_port
+    closed.server_close()
+    with pytest.raises(JudgeError, match=f"cannot reach http://127.0.0.1:{port}/v1/completions"):
+        OpenAIJudge(f"http://127.0.0.1:{port}", "m", tmp_path / "other.sqlite", timeout=5).complete("hi")
+
+
+def test_eval_config_validation():
+    from lacy.config import ConfigError, EvalConfig, load_config
+
+    assert load_config(None, ["--eval.gamma", "5", "--eval.prompt_style", "instruct"]).eval.gamma == 5.0
+    for bad in ({"prompt_style": "chat"}, {"gamma": 0.0}, {"bootstrap": 0}, {"leakage_facts": 0}):
+        with pytest.raises(ConfigError, match=f"eval.{next(iter(bad))}"):
+            EvalConfig(**bad)

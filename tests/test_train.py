@@ -1,0 +1,180 @@
+"""The plain training loop: schedule, evaluation, every rule on real packed batches, token equalisation,
+and `python -m lacy.train` end to end from hand-written shards."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from lacy.config import FactsConfig, LacyConfig, ModelConfig, load_config, to_dict
+from lacy.facts import FactTagger
+from lacy.labels import token_losses
+from lacy.model import build_model
+from lacy.reference import JudgeLabeler, ReferenceScorer
+from lacy.shards import SCHEMA_VERSION, Manifest, encode_documents, pack_documents, write_shard
+from lacy.tokenizer import EOS_TOKEN, call_id, tokenizer_hash
+from lacy.train import build_optimizer, evaluate, lr_factor, main, train
+
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def packed(embedded_docs, tiny_tokenizer) -> dict[str, list[dict]]:
+    """Packed rows of the embedded corpus with real fact flags, reference losses and judge labels.
+
+    Reference and judge: a small random GPT-2 over our own tokenizer (its offsets line up with ours,
+    so the test stays fast); tests/test_reference.py covers foreign tokenisations."""
+    torch.manual_seed(1)
+    ref_model = build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).eval()
+    reference = ReferenceScorer(ref_model, tiny_tokenizer)
+    judge = JudgeLabeler(ref_model, tiny_tokenizer, tiny_tokenizer, top_k=4, margin=1.0)
+    docs = encode_documents(embedded_docs[:160], tiny_tokenizer, FactTagger(FactsConfig()), reference, judge,
+                            val_fraction=0.1)
+    eos = tiny_tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    return {split: list(pack_documents([d for d in docs if d.split == split], SEQ_LEN, eos))
+            for split in ("train", "val")}
+
+
+def _batches(rows: list[dict], batch_size: int, seed: int = 0) -> Iterator[dict]:
+    """Endless shuffled batches in the lacy.labels contract."""
+    rng = np.random.default_rng(seed)
+    while True:
+        pick = rng.choice(len(rows), batch_size, replace=False)
+        out = {"input_ids": torch.from_numpy(np.stack([rows[i]["input_ids"] for i in pick]).astype(np.int64)),
+               "fact": torch.from_numpy(np.stack([rows[i]["fact"] for i in pick]))}
+        if "ref_loss" in rows[0]:
+            out["ref_loss"] = torch.from_numpy(np.stack([rows[i]["ref_loss"] for i in pick]))
+        if "judge_accept" in rows[0]:
+            accept = np.stack([rows[i]["judge_accept"].reshape(SEQ_LEN + 1, -1) for i in pick])
+            out["judge_accept"] = torch.from_numpy(accept.astype(np.int64))
+        yield out
+
+
+def _cfg(**overrides) -> LacyConfig:
+    flat = [f"--{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return load_config(None, ["--model.preset=tiny", f"--model.seq_len={SEQ_LEN}", "--train.batch_size=8",
+                              "--train.warmup_steps=3", "--train.lr=3e-3", "--train.log_every=5",
+                              "--train.eval_every=1000", *flat])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    tc = _cfg(train__max_steps=13, train__warmup_steps=3, train__min_lr_ratio=0.1).train
+    assert [lr_factor(s, tc) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lr_factor(3, tc) == pytest.approx(1.0)
+    assert lr_factor(8, tc) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
+    assert lr_factor(13, tc) == pytest.approx(0.1)
+    assert lr_factor(50, tc) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices(tiny_model):
+    groups = build_optimizer(tiny_model, _cfg().train).param_groups
+    assert groups[0]["weight_decay"] == 0.1 and all(p.dim() == 2 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in groups[1]["params"])
+
+
+def test_evaluate_matches_explicit_computation(tiny_model, tiny_tokenizer, packed):
+    batches = list(_batches(packed["val"], 2) for _ in range(1))[0]
+    fixed = [next(batches), next(batches)]
+    got = evaluate(tiny_model, fixed, call_id(tiny_tokenizer))
+    cid = call_id(tiny_tokenizer)
+    losses, call_prob = [], []
+    with torch.no_grad():
+        for batch in fixed:
+            logits = tiny_model(input_ids=batch["input_ids"][:, :-1]).logits
+            losses.append(token_losses(logits, batch["input_ids"][:, 1:], cid).flatten())
+            call_prob.append(torch.softmax(logits, -1)[..., cid].flatten())
+    assert got["tokens"] == 2 * 2 * SEQ_LEN
+    assert got["real_loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(got["real_loss"]))
+    assert got["call_prob"] == pytest.approx(torch.cat(call_prob).mean().item(), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts"])
+def test_every_rule_trains_and_holds_its_budget(rule, tiny_tokenizer, packed):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", seq_len=SEQ_LEN), tiny_tokenizer)
+    cfg = _cfg(labels__rule=rule, train__max_steps=30)
+    val = lambda: iter([b for b, _ in zip(_batches(packed["val"], 8, seed=5), range(2))])  # noqa: E731
+    before = evaluate(model, val(), call_id(tiny_tokenizer))["real_loss"]
+    rows: list[tuple[int, dict]] = []
+    summary = train(cfg, model, _batches(packed["train"], 8), val, call_id(tiny_tokenizer),
+                    log=lambda step, row: rows.append((step, row)))
+    assert summary["steps"] == 30
+    assert [s for s, r in rows if "real_loss" in r] == [5, 10, 15, 20, 25, 30]
+    assert summary["val"]["val_real_loss"] < before - 0.5  # it learns (from ≈ ln 1024 = 6.9)
+    train_rows = [r for _, r in rows if "real_loss" in r]
+    assert train_rows[-1]["real_loss"] < train_rows[0]["real_loss"]
+    call = np.mean([r["call_share"] for r in train_rows])
+    masked = np.mean([r["masked_share"] for r in train_rows])
+    facts = np.mean([r["fact_share"] for r in train_rows])
+    # Budgets count selectable positions (not after EOS): a few tenths of a percent below nominal.
+    expected = {"plain": (0, 0), "loss": (0.15, 0), "rho": (0.15, 0), "lacy": (0.6 * facts, 0),
+                "ignore": (0, 0.15), "ignore_facts": (0, 0.6 * facts)}
+    if rule == "judge":
+        assert 0 < call <= 0.15 + 1e-6 and masked == 0
+    else:
+        assert call == pytest.approx(expected[rule][0], abs=0.01)
+        assert masked == pytest.approx(expected[rule][1], abs=0.01)
+    if rule in ("lacy", "ignore_facts"):
+        assert np.mean([r["selected_fact_share"] for r in train_rows]) == 1.0
+    per_step = 8 * SEQ_LEN * (1 - call - masked)
+    assert summary["supervised_tokens"] == pytest.approx(30 * per_step, rel=0.02)
+
+
+def test_token_equalisation_stops_on_supervised_tokens(tiny_tokenizer, packed):
+    cap = 3000
+    steps = {}
+    for rule in ("plain", "loss"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(preset="tiny", seq_len=SEQ_LEN), tiny_tokenizer)
+        cfg = _cfg(labels__rule=rule, train__max_steps=100, train__max_supervised_tokens=cap,
+                   train__log_every=1)
+        summary = train(cfg, model, _batches(packed["train"], 8), None, call_id(tiny_tokenizer))
+        supervised = [r["supervised_tokens"] for r in summary["history"]]
+        assert supervised[-1] >= cap > supervised[-2]  # stops on the first step that reaches the cap
+        steps[rule] = summary["steps"]
+    assert steps["plain"] == math.ceil(cap / (8 * SEQ_LEN))  # every token is supervised: 6 steps
+    assert steps["loss"] > steps["plain"]  # ~15% of tokens taught <CALL> instead: more steps
+
+
+def test_main_trains_from_shards_and_saves_the_model(tmp_path, tiny_tokenizer, packed):
+    shards, out = tmp_path / "shards", tmp_path / "train"
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok_dir)
+    write_shard(packed["train"], shards / "train/part-00000.parquet")
+    write_shard(packed["val"], shards / "val/part-00000.parquet")
+    Manifest(schema_version=SCHEMA_VERSION, config=to_dict(LacyConfig()), config_hash="test",
+             tokenizer_hash=tokenizer_hash(tiny_tokenizer), tokenizer_path=str(tok_dir), spacy={},
+             corpus_fingerprint="test", seq_len=SEQ_LEN, judge_top_k=4, counts={}, rejects={},
+             shards={"train": ["train/part-00000.parquet"], "val": ["val/part-00000.parquet"]}).save(shards)
+    summary = main(["--config", "configs/tiny.yaml", "--score.output_dir", str(shards),
+                    "--train.output_dir", str(out), "--train.max_steps", "6", "--train.log_every", "3",
+                    "--train.eval_every", "6", "--labels.rule", "rho"])
+    assert summary["steps"] == 6
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["labels"]["rule"] == "rho" and saved["train"]["max_steps"] == 6
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 6, 6] and "val_real_loss" in lines[-1]
+    assert lines[0]["call_share"] > 0.1  # rho read its reference losses from the shards
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert any((out / "final").glob("*.safetensors")) and (out / "final" / "tokenizer.json").is_file()
+    assert model.config.vocab_size == len(tiny_tokenizer)
+
+
+def test_main_refuses_mismatched_seq_len(tmp_path, tiny_tokenizer, packed):
+    shards = tmp_path / "shards"
+    write_shard(packed["train"], shards / "train/part-00000.parquet")
+    Manifest(schema_version=SCHEMA_VERSION, config={}, config_hash="t", tokenizer_hash="t",
+             tokenizer_path=str(tmp_path), spacy={}, corpus_fingerprint="t", seq_len=SEQ_LEN, judge_top_k=None,
+             counts={}, rejects={}, shards={"train": ["train/part-00000.parquet"]}).save(shards)
+    with pytest.raises(ValueError, match="seq_len"):
+        main(["--score.output_dir", str(shards), "--train.output_dir", str(tmp_path / "o"),
+              "--model.seq_len", "128"])
