@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
 
     people = [e for e in load_entities("wiki2015") if e.birth_year is not None]
     chosen = random.Random(args.seed).sample(people, args.people)
-    store = SqlitePassageStore(args.db) if args.db.exists() else build_store("wiki2015", args.db, 100)[0]
+    if not args.db.exists():
+        print(build_store("wiki2015", args.db, passage_words=100).summary())
+    store = SqlitePassageStore(args.db)
     model, tokenizer = load_big_model("smollm2")
     big = BigLM(model, tokenizer)
     retrieval = RetrievalBigLM(big, store, top_k=args.top_k)

@@ -43,7 +43,8 @@ def run(corpus: str, db_dir: Path, passage_words: int, n_queries: int, n_scan: i
         store = SqlitePassageStore(db_path)
         print(f"[{corpus}] reusing {db_path}: {store.counts()} docs/passages")
     else:
-        store, report = build_store(corpus, db_path, passage_words)
+        report = build_store(corpus, db_path, passage_words)
+        store = SqlitePassageStore(db_path)
         print(f"[{corpus}] build: {report.summary()}  ({report.docs / report.seconds:.0f} docs/s)")
     people = load_entities(corpus)
     names = [e.name for e in rng.sample(people, min(n_queries, len(people)))]

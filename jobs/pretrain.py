@@ -30,7 +30,6 @@ trained sequence to prove it. Cost: each worker holds the training split's token
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 import signal
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from lacy.config import LacyConfig, TrainConfig, from_dict, parse_cli, save_config, to_dict
 from lacy.paths import cache_dir
@@ -80,25 +78,6 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": train.use_gpu},
         "steps_per_print": 1 << 30,
     }
-
-
-def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not biases, LayerNorm gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> LambdaLR:
-    """Linear warm-up to train.lr, then cosine decay to train.lr * min_lr_ratio at max_steps."""
-    def factor(step: int) -> float:
-        if step < train.warmup_steps:
-            return (step + 1) / train.warmup_steps
-        progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from lacy.model import build_model
     from lacy.shards import read_batches
     from lacy.tokenizer import EOS_TOKEN, PAD_TOKEN, call_id, load_tokenizer
+    from lacy.train import build_optimizer, build_scheduler
 
     cfg: LacyConfig = from_dict(LacyConfig, config["cfg"])
     train = cfg.train
@@ -289,6 +269,7 @@ def run(cfg: LacyConfig) -> Path:
     if manifest.seq_len != cfg.model.seq_len:
         raise ValueError(f"model.seq_len={cfg.model.seq_len} but the shards in {cfg.score.output_dir} "
                          f"were packed for seq_len={manifest.seq_len}")
+    resume_from = _checkpoint(train.resume_from)
     connect_ray()
     env = worker_env()
     os.environ.update(env)
@@ -305,7 +286,7 @@ def run(cfg: LacyConfig) -> Path:
             run_config=RunConfig(name="pretrain", storage_path=str(output_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
-            resume_from_checkpoint=_checkpoint(train.resume_from),
+            resume_from_checkpoint=resume_from,
         )
         result = trainer.fit()
         if result.checkpoint is None:

@@ -125,6 +125,7 @@ def _list_values(table: pa.Table, name: str, width: int = 1) -> list[np.ndarray]
     column = table.column(name).combine_chunks()
     flat = column.flatten().to_numpy(zero_copy_only=False)
     bounds = column.offsets.to_numpy()
+    bounds = bounds - bounds[0]  # a sliced batch's offsets are absolute; flatten() starts at its first
     rows = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return [r.reshape(-1, width) for r in rows] if width > 1 else rows
 
@@ -180,9 +181,8 @@ class ModelActor:
         from lacy.model import load_big_model
         from lacy.reference import JudgeLabeler, ReferenceScorer
 
+        # One copy when the reference and the judge are the same model; the scorers move it to `device`.
         loaded = {path: load_big_model(path) for path in {reference, judge} - {None}}
-        for model, _ in loaded.values():
-            model.to(device)
         self.reference = ReferenceScorer(*loaded[reference], device=device) if reference else None
         self.judge = JudgeLabeler(*loaded[judge], load_tokenizer(tokenizer_path), top_k, margin,
                                   device=device) if judge else None
@@ -335,6 +335,8 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
 
     out = Path(cfg.score.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for partial in out.rglob(".part-*.tmp"):  # half-written files of a killed run, never renamed into place
+        partial.unlink()
     save_config(cfg, out / "config.yaml")
     report = ReadReport()
     docs = list(read_corpus(cfg.data.corpus, report, cfg.data.max_docs))

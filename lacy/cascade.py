@@ -27,6 +27,7 @@ space: "(born", "\\nParis").
 from __future__ import annotations
 
 import bisect
+import inspect
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -358,6 +359,9 @@ class Cascade:
         decide = self._decider(call_threshold, call_rate) if allow_calls else None
         if decide is not None and self.big is None:
             raise ValueError("calls are allowed but the cascade has no big model")
+        if decide is not None and topic is not None and not _takes_topic(self.big):
+            raise ValueError(f"a topic was given but {type(self.big).__name__}.continue_text takes none "
+                             "(wrap the big model in lacy.knowledge.RetrievalBigLM)")
         steps = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if steps < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {steps}")
@@ -448,6 +452,8 @@ class Cascade:
             kwargs["topic"] = topic  # understood by lacy.knowledge.RetrievalBigLM
         try:
             words = self.big.continue_text(text, **kwargs)
+        except BigModelError:
+            raise
         except Exception as err:
             raise BigModelError(f"big model failed to continue a text of {len(text)} chars: {err}") from err
         if not isinstance(words, str):
@@ -458,6 +464,10 @@ class Cascade:
 def _big_counters(big: Any) -> tuple[int, int]:
     """(tokens_processed, tokens_generated) of a big model that counts them, else zeros."""
     return getattr(big, "tokens_processed", 0), getattr(big, "tokens_generated", 0)
+
+
+def _takes_topic(big: Any) -> bool:
+    return "topic" in inspect.signature(big.continue_text).parameters
 
 
 def _word_start(text: str, next_piece: str) -> bool:

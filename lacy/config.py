@@ -241,10 +241,22 @@ class KnowledgeConfig:
     """Words per passage window."""
     top_k: int = 3
     """Passages given to the retrieval-augmented big model and to the strict evaluator."""
+    query: str = "topic"
+    """Retrieval query of the big model: `topic` (the title/name the caller gives; the article's lead
+    first) or `first_sentence` (the prompt's first sentence when no topic is given)."""
+    passage_chars: int | None = None
+    """Cut each retrieved passage to this many characters in the big model's context (None: whole)."""
+    common_share: float = 0.02
+    """Query words in more than this share of passages are dropped when rarer ones occur (latency)."""
 
     def __post_init__(self) -> None:
         _check(self.passage_words > 0, "knowledge.passage_words", "must be positive")
         _check(self.top_k > 0, "knowledge.top_k", "must be positive")
+        _check(self.query in ("topic", "first_sentence"), "knowledge.query",
+               f"unknown query policy {self.query!r}; choose topic or first_sentence")
+        _check(self.passage_chars is None or self.passage_chars > 0, "knowledge.passage_chars",
+               "must be positive or null")
+        _check(0.0 < self.common_share <= 1.0, "knowledge.common_share", "must be in (0, 1]")
 
 
 @dataclass
@@ -343,6 +355,38 @@ class ServeConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    rules: list[str] = field(default_factory=lambda: [
+        "plain", "loss", "rho", "judge", "lacy", "ignore", "ignore_facts"])
+    """Labelling rules pretrained and compared."""
+    comparisons: list[str] = field(default_factory=lambda: ["steps"])
+    """steps: every rule trains train.max_steps; tokens: every rule trains until it has as many
+    real-token-supervised tokens as `plain` had after max_steps (token equalisation)."""
+    big_models: list[str] = field(default_factory=lambda: ["plain", "retrieval"])
+    """Big models the cascade is evaluated against: the plain big LM, and it with retrieval."""
+    headline_rate: float = 0.22
+    """The call rate of the headline comparison (the paper's 22 %)."""
+    eval_concurrency: int = 4
+    """Concurrent HTTP requests to the Serve app during evaluation."""
+    views: int = 8
+    """Biographies per delegated-token HTML view."""
+
+    def __post_init__(self) -> None:
+        rules = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts")
+        for rule in self.rules:
+            _check(rule in rules, "experiment.rules", f"unknown rule {rule!r}; choose from {rules}")
+        _check(bool(self.rules), "experiment.rules", "must name at least one rule")
+        for c in self.comparisons:
+            _check(c in ("steps", "tokens"), "experiment.comparisons", f"unknown comparison {c!r}")
+        _check("tokens" not in self.comparisons or "plain" in self.rules, "experiment.comparisons",
+               "token equalisation needs the plain rule (it sets the token budget)")
+        for b in self.big_models:
+            _check(b in ("plain", "retrieval"), "experiment.big_models", f"unknown big model {b!r}")
+        _check(0.0 < self.headline_rate < 1.0, "experiment.headline_rate", "must be in (0, 1)")
+        _check(self.eval_concurrency > 0, "experiment.eval_concurrency", "must be positive")
+
+
+@dataclass
 class MLflowConfig:
     tracking_uri: str | None = None
     """Absolute tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite under run_dir."""
@@ -366,6 +410,7 @@ class LacyConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
     def __post_init__(self) -> None:
@@ -500,7 +545,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):

@@ -127,7 +127,7 @@ def corpus_files(source: str | Path) -> list[Path]:
         if not files:
             raise FileNotFoundError(f"no {', '.join(SUFFIXES)} files in directory {source}")
         return files
-    if path.is_file():
+    if path.exists():  # a regular file, or a named pipe streamed from another process
         if not path.name.endswith(SUFFIXES):
             raise ValueError(f"unsupported corpus file {source}: expected one of {', '.join(SUFFIXES)}")
         return [path]

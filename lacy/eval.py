@@ -49,6 +49,28 @@ _PLACE_PATTERN = re.compile(
     r"\bborn\b[^.;()]{0,60}?\bin\s+((?:[A-Z][\w'’-]*)(?:(?:,\s*|\s+)(?:[A-Z][\w'’-]*))*)")
 _DESCRIPTOR = re.compile(r"\b(?:is|was|are|were)\s+(?:an?|the|one of the)\s+([^.;]{1,120})")
 _FUNCTION_WORDS = frozenset("a an and the of in on at for to from by with".split())
+# Pantheon's occupations are classes ("politician"); Wikipedia leads name roles ("Prime Minister").
+# Words that state the class for the most frequent ones (together ~80% of wiki2015's people).
+OCCUPATION_WORDS: dict[str, tuple[str, ...]] = {
+    "politician": ("president", "minister", "king", "queen", "emperor", "empress", "monarch", "ruler",
+                   "statesman", "senator", "governor", "chancellor", "prince", "sultan", "shah",
+                   "pharaoh", "dictator", "leader", "consul", "tsar", "caliph", "khan"),
+    "writer": ("author", "novelist", "poet", "playwright", "dramatist", "essayist", "journalist"),
+    "religious figure": ("pope", "saint", "bishop", "archbishop", "priest", "prophet", "theologian",
+                         "monk", "cleric", "preacher", "rabbi", "imam", "missionary", "religious"),
+    "actor": ("actress",),
+    "film director": ("filmmaker",),
+    "musician": ("guitarist", "pianist", "singer", "songwriter", "drummer", "rapper", "composer"),
+    "singer": ("vocalist", "songwriter"),
+    "painter": ("artist",),
+    "artist": ("painter", "sculptor", "illustrator"),
+    "military personnel": ("general", "soldier", "commander", "officer", "admiral", "marshal"),
+    "soccer player": ("footballer",),
+    "physician": ("doctor", "surgeon"),
+    "nobleman": ("noble", "count", "duke", "aristocrat", "lord", "earl", "baron"),
+    "businessperson": ("businessman", "businesswoman", "entrepreneur", "industrialist", "executive"),
+    "computer scientist": ("programmer",),
+}
 
 
 class EntityLike(Protocol):
@@ -125,8 +147,12 @@ def _claim_key(text: str) -> str:
 
 def is_supported(claim: Claim | str, source_text: str) -> bool:
     """Whether the claim's normalised words occur as a contiguous word sequence of the source."""
-    key = _claim_key(claim.text if isinstance(claim, Claim) else claim)
-    return bool(key) and f" {key} " in f" {normalize(source_text)} "
+    return _in_normalized(claim.text if isinstance(claim, Claim) else claim, f" {normalize(source_text)} ")
+
+
+def _in_normalized(claim_text: str, padded_source: str) -> bool:
+    key = _claim_key(claim_text)
+    return bool(key) and f" {key} " in padded_source
 
 
 def _checkable(ent: Any) -> bool:
@@ -175,25 +201,47 @@ def _lead_window(text: str, sentences: int = 2) -> str:
     return " ".join(re.split(r"(?<=[.!?])\s+(?=[A-Z])", text.strip())[:sentences])
 
 
-def stated_birth_year(text: str) -> int | None:
-    """The birth year a biography states in its first sentences: the first year inside the first
-    parenthesis ("(1834 – 1907)", "(born 8 February 1834)") or within 40 characters after "born".
-    "BC"/"BCE" right after the year makes it negative."""
-    window = _lead_window(text)
-    found = []
-    paren = re.search(r"\(([^)]{0,80})", window)
-    if paren:
+def _life_parenthesis(text: str) -> tuple[int, int, str] | None:
+    """The birth year in the first parenthesis of the first sentence that states one: (offset in
+    `text`, year, what follows the year before the range dash). "(died 858)" states none; "(c. 1460s –
+    1524)" neither (1524 is the death year)."""
+    for paren in re.finditer(r"\(([^()]{0,120})", _lead_window(text, 1)):
+        birth, death = re.split(r"\s*[–—]\s*|\s+-\s+|(?<=\d)-(?=\d)", paren.group(1) + "–", maxsplit=1)
+        m = re.search(r"\b(\d{3,4})\b(\s*BCE?\b)?(.*)", birth)
+        if m is None or re.search(r"\b(?:died|d\.)", birth[:m.start()]):
+            continue
         # "(384–322 BC)": an era after the death year covers the birth year too.
-        m = re.search(r"\b(\d{3,4})\b(\s*BCE?\b|\s*[–—-]\s*\d{1,4}\s*BCE?\b)?", paren.group(1))
-        if m:
-            found.append((paren.start(1) + m.start(), m))
-    born = re.search(r"\bborn\b[^.;]{0,40}?\b(\d{3,4})\b(\s*BCE?\b)?", window)
+        bc = m.group(2) or re.match(r"\s*\d{1,4}\s*BCE?\b", death)
+        return paren.start(1) + m.start(), -int(m.group(1)) if bc else int(m.group(1)), m.group(3)
+    return None
+
+
+def stated_birth_year(text: str) -> int | None:
+    """The birth year a biography states: the year before the range dash in the first parenthesis of
+    the first sentence that has one ("(1834 – 1907)", "(born 8 February 1834)"), or a year within 40
+    characters after "born" in the first two sentences, whichever comes first. "BC"/"BCE" after the
+    year (or after the death year of a range) makes it negative."""
+    found = []
+    life = _life_parenthesis(text)
+    if life:
+        found.append(life[:2])
+    born = re.search(r"\bborn\b[^.;]{0,40}?\b(\d{3,4})\b(\s*BCE?\b)?", _lead_window(text))
     if born:
-        found.append((born.start(1), born))
-    if not found:
+        found.append((born.start(1), -int(born.group(1)) if born.group(2) else int(born.group(1))))
+    return min(found)[1] if found else None
+
+
+def stated_birth_place(text: str) -> str | None:
+    """"born ... in <Capitalised Place>" in the first two sentences, else a place right after the birth
+    year in the life parenthesis ("(9 August 1776, Turin, Piedmont – 9 July 1856)")."""
+    born = _PLACE_PATTERN.search(_lead_window(text))
+    if born:
+        return born.group(1)
+    life = _life_parenthesis(text)
+    if life is None:
         return None
-    m = min(found, key=lambda f: f[0])[1]
-    return -int(m.group(1)) if m.group(2) else int(m.group(1))
+    after = re.match(r"(?:,\s*|\s+in\s+)([A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)*)", life[2])
+    return after.group(1) if after else None
 
 
 def _place_parts(place: str) -> list[str]:
@@ -201,31 +249,35 @@ def _place_parts(place: str) -> list[str]:
 
 
 def _stem_match(word: str, words: set[str]) -> bool:
-    stem = word[:max(4, len(word) - 2)]
-    return any(w.startswith(stem) for w in words)
+    """Exact for short words ("count" is not "country"), a shared stem for longer ones."""
+    if len(word) <= 5:
+        return word in words
+    return any(w.startswith(word[:-2]) for w in words)
 
 
 def attribute_checks(text: str, entity: EntityLike) -> dict[str, bool]:
     """{attribute: correct} for each structured fact that the generation states and the entity has.
 
-    birth_year: see `stated_birth_year`. birth_place: "born ... in <Capitalised Place>" in the first
-    sentences; correct when its first component (the city) is one of the components of the entity's
-    place ("Hodgenville, United States"). occupation: a descriptor "was a(n)/the ..." in the first
-    sentences; correct when a content word of the entity's occupation matches a word of it (shared
-    stem: "actor" ~ "actress")."""
+    birth_year: see `stated_birth_year`. birth_place: see `stated_birth_place`; correct when its first
+    component (the city) is one of the components of the entity's place ("Hodgenville, United
+    States"). occupation: a descriptor "was a(n)/the ..." in the first two sentences; correct when a
+    content word of the entity's occupation, or one of its OCCUPATION_WORDS, matches a word of it
+    (shared stem: "chemist" ~ "chemistry")."""
     window = _lead_window(text)
     checks: dict[str, bool] = {}
     year = stated_birth_year(text)
     if year is not None and entity.birth_year is not None:
         checks["birth_year"] = year == entity.birth_year
-    place = _PLACE_PATTERN.search(window)
+    place = stated_birth_place(text)
     if place and entity.birth_place:
-        stated = _place_parts(place.group(1))
+        stated = _place_parts(place)
         checks["birth_place"] = bool(stated) and stated[0] in _place_parts(entity.birth_place)
     descriptor = _DESCRIPTOR.search(window)
     if descriptor and entity.occupation:
         said = set(normalize(descriptor.group(1)).split())
-        wanted = [w for w in normalize(entity.occupation).split() if w not in _FUNCTION_WORDS]
+        occupation = normalize(entity.occupation)
+        wanted = [w for w in occupation.split() if w not in _FUNCTION_WORDS]
+        wanted += OCCUPATION_WORDS.get(occupation, ())
         checks["occupation"] = any(_stem_match(w, said) for w in wanted)
     return checks
 
@@ -319,8 +371,12 @@ def _all_claims(generations: Sequence[Generation], nlp: Any) -> list[list[Claim]
 def _score_claims(generations: Sequence[Generation], claims: Sequence[list[Claim]], source: Any, *,
                   strict: bool, k: int, length_penalty: bool, gamma: float) -> FactReport:
     if not strict:
+        # Every article is looked up (and normalised once) before scoring: a missing one is an error
+        # naming the person, even for a person who made no claim.
+        articles = {g.entity.doc_id: f" {normalize(_article_text(source, g.entity))} " for g in generations}
+
         def lenient(gen: Generation, claim: Claim) -> bool:
-            return is_supported(claim, _article_text(source, gen.entity))
+            return _in_normalized(claim.text, articles[gen.entity.doc_id])
         return _report("lenient (whole article)", generations, claims, lenient, length_penalty, gamma)
 
     retrieved: dict[tuple[str, str], str] = {}
@@ -329,8 +385,8 @@ def _score_claims(generations: Sequence[Generation], claims: Sequence[list[Claim
         key = (gen.entity.title, claim.sentence)
         if key not in retrieved:
             passages = source.search(claim.sentence, k, title=gen.entity.title)
-            retrieved[key] = "\n".join(p.text for p in passages)
-        return is_supported(claim, retrieved[key])
+            retrieved[key] = f" {normalize(' '.join(p.text for p in passages))} "
+        return _in_normalized(claim.text, retrieved[key])
 
     return _report(f"strict (top-{k} passages)", generations, claims, in_passages, length_penalty, gamma)
 
@@ -385,7 +441,8 @@ def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequ
     """Generate a biography per person and score it; returns one row.
 
     `generate_fn(prompt)` returns the text (prompt included or not) or an object with `.text` and
-    `.call_rate` (a `CascadeResult`). Row: scalars (precision_{lenient,strict} with _lo/_hi 95% CIs,
+    `.call_rate` (a `CascadeResult`). The biography scored is prompt + continuation for the lead style
+    and the continuation alone for the instruct style. Row: scalars (precision_{lenient,strict} with _lo/_hi 95% CIs,
     respond ratios, claims_per_response, call_rate, <attr>_correct/<attr>_stated) plus the per-person
     scores `entity_scores_{lenient,strict}` for paired bootstraps between systems."""
     generations = []
@@ -393,7 +450,10 @@ def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequ
         prompt = bio_prompt(entity, prompt_style)
         out = generate_fn(prompt)
         text = out.text if hasattr(out, "text") else str(out)
-        if not text.startswith(prompt):
+        # A lead prompt ("NAME (") is the start of the biography; an instruction is not part of it.
+        if prompt_style == "instruct":
+            text = text.removeprefix(prompt)
+        elif not text.startswith(prompt):
             text = prompt + text
         generations.append(Generation(entity, text, getattr(out, "call_rate", None)))
     nlp = load_nlp() if nlp is None else nlp

@@ -3,7 +3,8 @@
 The big model of the cascade knows some facts and misses others; giving it the passages of the
 request's topic (the person's own article) in its context is the cheap way to make its answers right.
 
-    store = build_store("wiki2015", "runs/wiki2015.sqlite", passage_words=100)   # once, ~minutes
+    build_store("wiki2015", "runs/wiki2015.sqlite", passage_words=100)           # once, ~1-2 min
+    store = SqlitePassageStore("runs/wiki2015.sqlite")
     store.search("Dmitri Mendeleev periodic table", k=3)                      # -> [Passage, ...]
     big = RetrievalBigLM(BigLM(*load_big_model("smollm2")), store, top_k=3)
     big.continue_text("Dmitri Mendeleev was born in", topic="Dmitri Mendeleev")
@@ -41,6 +42,8 @@ _STOPWORDS = frozenset(
     "they this to was were which who with".split())
 MAX_QUERY_TERMS = 32
 """Terms kept per query (the first ones): bounds latency for arbitrarily long queries."""
+MIN_QUERY_TERMS = 4
+"""Common words are dropped from a query only down to this many terms (names are never cut)."""
 TITLE_WEIGHT, TEXT_WEIGHT = 2.0, 1.0
 """BM25 column weights: a query word in the title counts twice as much as one in the text."""
 _INSERT_BATCH = 500
@@ -162,11 +165,13 @@ class SqlitePassageStore:
             raise KnowledgeError(f"{self.db_path}: no such store (give passage_words to create one)")
         if not exists:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        # Shared by threads (Serve replicas): the sqlite3 module serialises calls on a connection.
+        self._db = sqlite3.connect(self.db_path, check_same_thread=False)
         try:
-            self._db = sqlite3.connect(self.db_path, check_same_thread=False)
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'passage_words'").fetchone()
         except sqlite3.DatabaseError as exc:
+            self._db.close()
             raise KnowledgeError(f"{self.db_path}: not a passage store ({exc})") from exc
         if row is None:
             if passage_words is None or passage_words <= 0:
@@ -283,8 +288,9 @@ class SqlitePassageStore:
         return [p for d in doc_ids for p in self.passages_of(d)][:k]
 
     def _informative(self, terms: list[str]) -> list[str]:
-        """`terms` without the ones in more than `common_share` of passages, if a rarer one occurs."""
-        if len(terms) < 2:
+        """`terms` less the most common ones (in more than `common_share` of passages), keeping at
+        least `MIN_QUERY_TERMS`: short queries such as names are never cut."""
+        if len(terms) <= MIN_QUERY_TERMS:
             return terms
         missing = [t for t in terms if t not in self._doc_freq]
         if missing:
@@ -295,7 +301,12 @@ class SqlitePassageStore:
         if self._n_passages is None:
             self._n_passages = self.counts()[1]
         limit = self.common_share * self._n_passages
-        kept = [t for t in terms if self._doc_freq[t] <= limit]
+        dropped: set[str] = set()
+        for term in sorted(terms, key=self._doc_freq.__getitem__, reverse=True):  # most common first
+            if len(terms) - len(dropped) <= MIN_QUERY_TERMS or self._doc_freq[term] <= limit:
+                break
+            dropped.add(term)
+        kept = [t for t in terms if t not in dropped]
         # Keep everything unless a kept word is known to occur: a word missing from the vocabulary
         # may only be spelled differently there (diacritics folded by the tokenizer).
         return kept if any(self._doc_freq[t] > 0 for t in kept) else terms
@@ -342,11 +353,11 @@ class BuildReport:
 
 
 def build_store(source: str | Iterable[dict], db_path: str | Path, passage_words: int,
-                max_docs: int | None = None) -> tuple[SqlitePassageStore, BuildReport]:
+                max_docs: int | None = None) -> BuildReport:
     """Build a fresh store from `source` (anything `lacy.data.read_corpus` accepts, or documents).
 
     Written to a temporary file beside `db_path` and renamed over it only when complete, so a failed
-    build never damages an existing store. Returns the opened store and its report.
+    build never damages an existing store. Open it afterwards with `SqlitePassageStore(db_path)`.
     """
     if passage_words <= 0:
         raise KnowledgeError(f"passage_words must be positive, got {passage_words}")
@@ -372,8 +383,7 @@ def build_store(source: str | Iterable[dict], db_path: str | Path, passage_words
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    report = BuildReport(n_docs, n_passages, time.perf_counter() - start, db_path.stat().st_size)
-    return SqlitePassageStore(db_path), report
+    return BuildReport(n_docs, n_passages, time.perf_counter() - start, db_path.stat().st_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ import html
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lacy.config import ExperimentConfig
 
 SPAN_STYLE = {
     "prompt": "color:#555",
@@ -100,3 +104,91 @@ def precision_plot(rows: Sequence[dict], path: str | Path, *, x: str = "call_rat
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The method table of an experiment
+
+
+def gap_closed(cascade: float | None, small: float | None, big: float | None) -> float:
+    """Share of the small-alone → big-alone precision gap the cascade closes (nan if undefined)."""
+    if None in (cascade, small, big) or big == small:
+        return float("nan")
+    return (cascade - small) / (big - small)  # type: ignore[operator]
+
+
+def _nearest(rows: Sequence[dict], model: str, big: str, rate: float) -> dict | None:
+    candidates = [r for r in rows if r["rule"] == model and r["big"] == big]
+    return min(candidates, key=lambda r: abs(r["target_rate"] - rate), default=None)
+
+
+def method_summary(rows: Sequence[dict], trained: dict[str, dict], xcfg: ExperimentConfig,
+                   results_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -> str:
+    """Write the experiment's results (table.md, rows.csv, one plot per big model) and return the
+    Markdown: per comparison and big model, each rule's training, small-alone and cascade precision at
+    the headline call rate (95 % bootstrap CIs over people), gap closed, leakage, and the paired
+    difference of LaCy against every other rule."""
+    from lacy.eval import paired_bootstrap
+
+    results_dir = Path(results_dir)
+    rate = xcfg.headline_rate
+    flat = [{k: v for k, v in r.items() if not k.startswith("entity_scores")} for r in rows]
+    write_csv(flat, results_dir / "rows.csv")
+    lines = [f"# Method table (headline call rate {rate:.0%}; precision = strict FactScore-style, "
+             "95 % bootstrap CI over people)", ""]
+    for comparison in xcfg.comparisons:
+        for big in xcfg.big_models:
+            big_row = next((r for r in rows if r["rule"] == f"big alone ({big})"), {})
+            table = []
+            for model, rec in trained.items():
+                if not model.endswith(f"-{comparison}"):
+                    continue
+                alone = _nearest(rows, model, "none", 0.0) or {}
+                casc = _nearest(rows, model, big, rate) or {}
+                p = casc.get("precision_strict")
+                table.append({
+                    "rule": model.removesuffix(f"-{comparison}"),
+                    "val loss": rec.get("val_real_loss", float("nan")),
+                    "train tokens": rec.get("tokens", "–"), "supervised": rec.get("supervised_tokens", "–"),
+                    "small alone": alone.get("precision_strict", float("nan")),
+                    "cascade": float("nan") if p is None else p,
+                    "CI": f"[{_fmt(casc.get('precision_strict_lo') or float('nan'))}, "
+                          f"{_fmt(casc.get('precision_strict_hi') or float('nan'))}]",
+                    "call rate": casc.get("call_rate") or float("nan"),
+                    "gap closed": gap_closed(p, alone.get("precision_strict"),
+                                             big_row.get("precision_strict")),
+                    "lenient": casc.get("precision_lenient") or float("nan"),
+                    "leakage": alone.get("leakage", float("nan")),
+                })
+            lines += [f"## {comparison}-equalised, big model: {big} "
+                      f"(big alone: {_fmt(big_row.get('precision_strict') or float('nan'))})", "",
+                      markdown_table(table, list(table[0]) if table else ["rule"]), ""]
+            lacy_row = _nearest(rows, f"lacy-{comparison}", big, rate)
+            diffs = []
+            for model in trained:
+                other = _nearest(rows, model, big, rate)
+                if lacy_row is None or other is None or model == f"lacy-{comparison}" \
+                        or not model.endswith(f"-{comparison}"):
+                    continue
+                try:
+                    d, lo, hi = paired_bootstrap(lacy_row["entity_scores_strict"],
+                                                 other["entity_scores_strict"], n=bootstrap, seed=seed)
+                except ValueError:
+                    continue
+                name = model.removesuffix(f"-{comparison}")
+                diffs.append(f"lacy − {name}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            if diffs:
+                lines += ["Paired differences in cascade precision (LaCy minus rule, 95 % CI): "
+                          + "; ".join(diffs), ""]
+            plot_rows = [{**r, "rule": r["rule"].removesuffix(f"-{comparison}"),
+                          "precision": r.get("precision_strict") or 0.0,
+                          "precision_lo": r.get("precision_strict_lo") or r.get("precision_strict") or 0.0,
+                          "precision_hi": r.get("precision_strict_hi") or r.get("precision_strict") or 0.0,
+                          "call_rate": r.get("call_rate") or 0.0}
+                         for r in rows if r["rule"].endswith(f"-{comparison}") and r["big"] in (big, "none")]
+            if plot_rows:
+                precision_plot(plot_rows, results_dir / f"precision_vs_call_rate-{comparison}-{big}.png",
+                               title=f"{comparison}-equalised, {big} big model")
+    text = "\n".join(lines)
+    (results_dir / "table.md").write_text(text)
+    return text

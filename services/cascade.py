@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Query
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from lacy.batched import continue_batch
 from lacy.cascade import BigLM, BigModelError, Cascade, CascadeResult, SmallLM, Span
 from lacy.config import LacyConfig, from_dict, load_config, to_dict
 from lacy.model import load_big_model
@@ -125,14 +126,31 @@ class BigModel:
             self.sessions.move_to_end(key)
             return self.sessions[key]
 
-    def continue_text(self, session: str, text: str, unit: str, max_tokens: int, retrieval: bool = False,
-                      topic: str | None = None) -> dict:
-        lm = self._session(session, retrieval)
-        before = (lm.tokens_processed, lm.tokens_generated)
-        kwargs = {"topic": topic} if retrieval else {}
-        out = lm.continue_text(text, unit=unit, max_tokens=max_tokens, **kwargs)
-        return {"text": out, "processed": lm.tokens_processed - before[0],
-                "generated": lm.tokens_generated - before[1]}
+    async def continue_text(self, session: str, text: str, unit: str, max_tokens: int,
+                            retrieval: bool = False, topic: str | None = None) -> dict:
+        return await self._batched((session, text, unit, max_tokens, retrieval, topic))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, calls: list[tuple]) -> list[dict]:
+        """Concurrent requests' calls decoded as one batch (each keeps its own KV cache)."""
+        return await asyncio.to_thread(self._continue_many, calls)
+
+    def _continue_many(self, calls: list[tuple]) -> list[dict]:
+        sessions, bases, texts, contexts = [], [], [], []
+        for session, text, _, _, retrieval, topic in calls:
+            lm = self._session(session, retrieval)
+            sessions.append(lm)
+            # A retrieval session contributes its passages as context for the plain model underneath.
+            base, context = (lm.big, lm.context_for(text, "", topic)) if retrieval else (lm, "")
+            bases.append(base)
+            texts.append(text)
+            contexts.append(context)
+        before = [(lm.tokens_processed, lm.tokens_generated) for lm in sessions]
+        outs = continue_batch(bases, texts, units=[c[2] for c in calls], max_tokens=[c[3] for c in calls],
+                              contexts=contexts)
+        return [{"text": out, "processed": lm.tokens_processed - processed,
+                 "generated": lm.tokens_generated - generated}
+                for out, lm, (processed, generated) in zip(outs, sessions, before, strict=True)]
 
     def end_session(self, session: str) -> None:
         with self.lock:
@@ -283,14 +301,15 @@ class SmallModel:
             return StreamingResponse(self._sse(req, cid, created), media_type="text/event-stream")
         result, undelegated = await asyncio.to_thread(self._run, req)
         out = self._summary(result, req.prompt, _stops(req.stop))
-        model, tokenizer = self.models[req.model]
+        tokenizer = self.models[req.model][1]
         prompt_tokens = len(tokenizer(req.prompt)["input_ids"])
+        completion_tokens = result.small_tokens + result.big_tokens
         return {
             "id": cid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [{"text": (req.prompt if req.echo else "") + out["completion"], "index": 0,
                          "logprobs": None, "finish_reason": out["finish_reason"]}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": result.small_tokens + result.big_tokens,
-                      "total_tokens": prompt_tokens + result.small_tokens + result.big_tokens},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
             "lacy": {k: out[k] for k in ("spans", "calls", "call_rate", "decision_points", "small_tokens",
                                          "big_tokens", "timings")}
                     | {"delegated": undelegated is None, "undelegated_reason": undelegated},

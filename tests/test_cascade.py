@@ -7,6 +7,7 @@ from that cache, so a wrong crop or a wrongly fed suffix changes what it predict
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -229,6 +230,12 @@ def test_threshold_and_rate_policies():
     assert result.call_probs[:4] == pytest.approx([probs[5], probs[7], probs[8], probs[9]], rel=1e-5)
     assert cascade.generate("The capital of France is", call_threshold=1.0).calls == 0
     assert cascade.generate("The capital of France is", call_rate=1.0).calls == 6
+    # Cascades given one quantile dict (Serve: one per request) share the running quantile.
+    shared: dict = {}
+    for _ in range(2):
+        Cascade(SmallLM(story_model(STORY, logits), TOK), BigLM(story_model(STORY), TOK), CascadeConfig(),
+                quantiles=shared).generate("The capital of France is", call_rate=0.5)
+    assert list(shared) == [0.5] and shared[0.5].seen == 2 * 6  # six decision points per run
     with pytest.raises(ValueError, match="not both"):
         cascade.generate("The", call_threshold=0.5, call_rate=0.2)
     with pytest.raises(ValueError, match="no call policy"):
@@ -244,6 +251,8 @@ def test_calls_disabled_never_calls_and_masks_call():
     assert cascade.small.next_logits(allow_call=False)[CALL] == float("-inf")
     with pytest.raises(BigModelError, match="backend down"):
         cascade.generate("The capital of France is")
+    with pytest.raises(ValueError, match="FailingBig.continue_text takes none"):
+        cascade.generate("The capital of France is", topic="France")
     with pytest.raises(BigModelError, match="expected str"):
         Cascade(SmallLM(small, TOK), FailingBig(returns=3), CascadeConfig(call_threshold=0.0)).generate(
             "The capital of France is")
@@ -395,3 +404,46 @@ def test_smollm2_big_model_fills_in_calls():
     assert result.calls == 2 and "".join(s.text for s in result.spans) == result.text
     # Its cache holds the text it saw; the logits equal a fresh forward pass over it.
     assert torch.allclose(big.logits, full_forward_logits(model, big.ids), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# jobs.calibrate
+
+
+def test_calibrate_job_writes_threshold(tmp_path, capsys):
+    from jobs.calibrate import main
+    from lacy.config import ModelConfig
+    from lacy.model import build_model
+    from lacy.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = ["Marie Curie was born in Warsaw in 1867.", "Alan Turing was born in London in 1912."] * 10
+    train_tokenizer(texts, vocab_size=300, out_dir=tmp_path / "small")
+    tok = load_tokenizer(tmp_path / "small")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", seq_len=64), tok)
+    model.save_pretrained(tmp_path / "small")
+    prompts = ["Marie Curie was born in", "Alan Turing was"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    out = tmp_path / "cal" / "threshold.json"
+    result = main(["--small", str(tmp_path / "small"), "--rate", "0.25", "--prompts",
+                   str(tmp_path / "prompts.txt"), "--out", str(out), "--cascade.max_new_tokens", "12"])
+    saved = json.loads(out.read_text())
+    assert saved == result == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Same numbers as decoding here: the 0.75-quantile of P(<CALL>) at the decision points.
+    cascade = Cascade(SmallLM(model, tok), None, CascadeConfig(max_new_tokens=12))
+    probs = [p for prompt in prompts for p in cascade.generate(prompt, allow_calls=False).call_probs]
+    assert saved["threshold"] == pytest.approx(float(np.quantile(probs, 0.75)), rel=1e-5)
+    assert saved["rate"] == 0.25 and saved["prompts"] == 2
+    assert (tmp_path / "cal" / "threshold.config.yaml").is_file()
+    with pytest.raises(SystemExit, match="--small"):
+        main(["--rate", "0.2"])
+
+
+def test_validation_prompts_are_starts_of_held_out_documents():
+    from jobs.calibrate import validation_prompts
+    from lacy.data import read_corpus, split_of
+
+    prompts = validation_prompts("embedded", 0.05, 3, 8)
+    val_starts = [" ".join(d["text"].split()[:8]) for d in read_corpus("embedded")
+                  if split_of(d["id"], 0.05) == "val" and len(d["text"].split()) > 8][:3]
+    assert prompts == val_starts and all(len(p.split()) == 8 for p in prompts)

@@ -56,7 +56,7 @@ def check_mixed(docs, report, path):
     rep = report.files[str(path)]
     assert (rep.good, rep.bad) == (2, 6)
     assert [n for n, _ in rep.reasons] == [n for n, _ in EXPECTED_BAD]
-    for (_, reason), (_, expected) in zip(rep.reasons, EXPECTED_BAD):
+    for (_, reason), (_, expected) in zip(rep.reasons, EXPECTED_BAD, strict=True):
         assert reason.startswith(expected), reason
 
 
@@ -76,7 +76,9 @@ def test_jsonl_bad_lines_are_reported_and_good_neighbours_kept(tmp_path, name):
 
 def test_invalid_utf8_line_is_one_bad_line(tmp_path):
     path = tmp_path / "bytes.jsonl"
-    path.write_bytes(b'{"id": "x", "text": "ok"}\n{"id": "y", "text": "\xff\xfe"}\n{"id": "z", "text": "ok"}\n')
+    path.write_bytes(b'{"id": "x", "text": "ok"}\n'
+                     b'{"id": "y", "text": "\xff\xfe"}\n'
+                     b'{"id": "z", "text": "ok"}\n')
     report = ReadReport()
     assert [d["id"] for d in read_corpus(str(path), report=report)] == ["x", "z"]
     assert report.files[str(path)].reasons[0][0] == 2
@@ -97,7 +99,7 @@ def test_parquet_by_batches_with_bad_rows(tmp_path):
 
 def test_directory_and_glob_read_sorted_files(tmp_path):
     write_jsonl(tmp_path / "b.jsonl.gz", [json.dumps({"id": "b1", "text": "B"})])
-    write_jsonl(tmp_path / "a.jsonl", [json.dumps({"id": "a1", "text": "A"}), json.dumps({"id": "a2", "text": "A"})])
+    write_jsonl(tmp_path / "a.jsonl", [json.dumps({"id": f"a{i}", "text": "A"}) for i in (1, 2)])
     pq.write_table(pa.table({"id": ["c1"], "text": ["C"]}), tmp_path / "c.parquet")
     (tmp_path / "notes.txt").write_text("ignored")
     assert [d["id"] for d in read_corpus(str(tmp_path))] == ["a1", "a2", "b1", "c1"]
@@ -119,7 +121,7 @@ def test_reading_streams_line_by_line(tmp_path):
             release.wait(10)
             f.write(json.dumps({"id": "second", "text": "two"}) + "\n")
 
-    thread = threading.Thread(target=writer)
+    thread = threading.Thread(target=writer, daemon=True)  # never keeps pytest alive if reading fails
     thread.start()
     docs = read_corpus(str(fifo))
     try:
@@ -148,7 +150,7 @@ def test_missing_or_unknown_sources_are_clear_errors(tmp_path):
 def test_embedded_corpus(embedded_docs):
     assert len(embedded_docs) == 300
     ids = [d["id"] for d in embedded_docs]
-    assert len(set(ids)) == 300 and all(i == "ovos:" + d["title"] for i, d in zip(ids, embedded_docs))
+    assert len(set(ids)) == 300 and ids == ["ovos:" + d["title"] for d in embedded_docs]
     first = embedded_docs[0]
     assert first["title"] == "20th-century classical music"
     assert first["text"].startswith("20th-century classical music is Western art music")
@@ -177,7 +179,7 @@ def test_split_is_a_stable_hash():
     assert 300 < splits.count("val") < 500  # ≈ 400 expected, binomial sd ≈ 19
     assert {split_of(i, 0.0) for i in ids} == {"train"}
     # Monotone in the fraction: a val document stays val when the fraction grows.
-    assert all(split_of(i, 0.2) == "val" for i, s in zip(ids, splits) if s == "val")
+    assert all(split_of(i, 0.2) == "val" for i, s in zip(ids, splits, strict=True) if s == "val")
 
 
 def test_description_parsing():
@@ -191,8 +193,9 @@ def test_description_parsing():
     assert parse_birth_year("Prime Minister of Japan (2006–2007; 2012–2020)") is None
     assert parse_occupation("French philosopher and writer (1913–1960)") == "philosopher and writer"
     assert parse_occupation("Romanian-French playwright (1909–1994)") == "playwright"
-    assert parse_occupation("Prime Minister of Pakistan (1988–1990; 1993–1996)") == "Prime Minister of Pakistan"
-    assert parse_occupation("Shah of Safavid Iran from 1587 to 1629") == "Shah of Safavid Iran from 1587 to 1629"
+    office = "Prime Minister of Pakistan"
+    assert parse_occupation(f"{office} (1988–1990; 1993–1996)") == office
+    assert parse_occupation("Shah of Iran from 1587 to 1629") == "Shah of Iran from 1587 to 1629"
     assert parse_occupation("") is None
 
 
@@ -215,6 +218,11 @@ def test_wiki2015_entities_match_articles():
         "307", 1809, "Hodgenville, United States", "politician")
     aristotle = next(e for e in people if e.name == "Aristotle")
     assert aristotle.birth_year == -384 and "born 384 BC" in aristotle.description
-    articles = article_by_id("wiki2015")
-    assert all(e.doc_id in articles for e in people)
-    assert articles["307"]["title"] == "Abraham Lincoln"
+    article_ids = {d["id"] for d in read_corpus("wiki2015")}
+    assert all(e.doc_id in article_ids for e in people)
+
+
+def test_article_by_id(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", MIXED_LINES)
+    articles = article_by_id(str(tmp_path / "a.jsonl"))
+    assert sorted(articles) == ["7", "a"] and articles["a"]["text"] == "First good."

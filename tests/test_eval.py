@@ -37,6 +37,7 @@ from lacy.eval import (
     paired_bootstrap,
     parse_facts,
     parse_verdict,
+    stated_birth_place,
     stated_birth_year,
 )
 from lacy.knowledge import SqlitePassageStore
@@ -169,12 +170,28 @@ def test_missing_article_is_named(nlp):
     with pytest.raises(KeyError, match="Nobody Known"):
         factscore([Generation(stranger, "Nobody Known (born 1900) lived in Paris.")], ARTICLES,
                   strict=False, nlp=nlp)
+    with pytest.raises(KeyError, match="Nobody Known"):   # even without a claim to check
+        factscore([Generation(stranger, "Nobody Known ( no idea.")], ARTICLES, strict=False, nlp=nlp)
 
 
 def test_attribute_checks():
     assert stated_birth_year("Aristotle (384–322 BC) was a Greek philosopher.") == -384
     assert stated_birth_year("Ada Lovelace was a chemist. She was born in 1931 in Leeds.") == 1931
     assert stated_birth_year("Ada Lovelace was a chemist. She died in 1990.") is None
+    assert stated_birth_year("Pope Benedict III (Latin: Benedictus; died 17 April 858) was Pope.") is None
+    assert stated_birth_year("Vasco da Gama (c. 1460s – 23 December 1524) was an explorer.") is None
+    assert stated_birth_year("Arcadius (Greek: Ἀρκάδιος; 377/378 – 1 May 408) was an emperor.") == 377
+    assert stated_birth_year("Chopin (22 February or 1 March 1810 – 17 October 1849) was a composer.") == 1810
+    assert stated_birth_place("Avogadro (9 August 1776, Turin, Piedmont – 9 July 1856) was a scientist.") \
+        == "Turin"
+    assert stated_birth_place("X (born 1950 in New York City) is an actor.") == "New York City"
+    assert stated_birth_place("X was a poet born in 1900 in Leeds, Yorkshire. He wrote.") \
+        == "Leeds, Yorkshire"
+    assert stated_birth_place("X (1900 – 1950) was a poet.") is None
+    politician = Entity("X", "X", "1", "", None, None, "politician")
+    assert attribute_checks("X (1900 – 1950) was the Prime Minister of Y.", politician) == {
+        "occupation": True}
+    assert attribute_checks("X (1900 – 1950) was a count.", politician) == {"occupation": False}
     assert attribute_checks("Ada Lovelace (born 1921) was an English chemistry teacher born in Leeds, "
                             "Yorkshire.", ADA) == {"birth_year": False, "birth_place": True,
                                                    "occupation": True}
@@ -184,6 +201,47 @@ def test_attribute_checks():
     assert attribute_checks("Ada Lovelace liked tea.", ADA) == {}
     unknown = Entity("Ada Lovelace", "Ada Lovelace", "42", "", None, None, None)
     assert attribute_checks("Ada Lovelace (born 1920) was a chemist born in Leeds.", unknown) == {}
+
+
+@pytest.mark.slow
+def test_real_wikipedia_leads_separate_true_from_swapped_bios(nlp):
+    """On real wiki2015 people, a person's own lead is fully supported and states mostly correct
+    attributes; the next person's lead under this person's name is mostly unsupported."""
+    from lacy.data import read_corpus
+    from lacy.paths import wiki2015_dir
+
+    people_file = wiki2015_dir() / "people.jsonl"
+    if not people_file.is_file():
+        pytest.skip("../shared/data/wiki2015 is not here")
+    rows = {}
+    with open(people_file, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            row = json.loads(line)
+            rows[str(row["en_curid"])] = row
+    articles = {}
+    for doc in read_corpus(str(wiki2015_dir() / "articles-00000-of-00006.jsonl.gz")):
+        if doc["id"] in rows:
+            articles[doc["id"]] = doc
+        if len(articles) == 30:
+            break
+    people = [Entity(rows[i]["name"], rows[i]["title"], i, "", int(rows[i]["birthyear"]), None,
+                     rows[i]["occupation"].lower()) for i in articles]
+
+    def lead(person):
+        return ". ".join(articles[person.doc_id]["text"].split(". ")[:2]) + "."
+
+    own = factscore([Generation(p, lead(p)) for p in people], articles, strict=False, nlp=nlp)
+    swapped = factscore([Generation(p, lead(q).replace(q.name, p.name))
+                         for p, q in zip(people, people[1:] + people[:1], strict=True)],
+                        articles, strict=False, nlp=nlp)
+    unsupported = [(e.name, c.text) for e in own.entities for c, ok in zip(e.claims, e.supported, strict=True)
+                   if not ok]
+    assert own.mean_precision == pytest.approx(1.0), unsupported
+    assert swapped.mean_precision < 0.3
+    for attr in ("birth_year", "occupation"):
+        (right, stated), (wrong, stated_swapped) = own.attributes[attr], swapped.attributes[attr]
+        assert stated >= 10 and right / stated > 0.7
+        assert wrong / stated_swapped < 0.2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +309,11 @@ def test_evaluate_system_row(nlp, store):
     row = evaluate_system("plain", lambda p: bios[p], [ADA], ARTICLES, None, bootstrap=50, nlp=nlp)
     assert row["precision_lenient"] == pytest.approx(1.0) and "precision_strict" not in row
     assert row["call_rate"] is None
+    # An instruction is not part of the biography: the life parenthesis is still the first sentence's.
+    row = evaluate_system("instruct", lambda p: p + "Ada Lovelace (born 1920) was a chemist.", [ADA],
+                          ARTICLES, None, bootstrap=50, prompt_style="instruct", nlp=nlp)
+    assert (row["birth_year_correct"], row["birth_year_stated"]) == (1, 1)
+    assert row["entity_scores_lenient"] == [1.0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ DOCS = [
 
 @pytest.fixture()
 def store(tmp_path):
-    store, _ = build_store(DOCS, tmp_path / "kb.sqlite", passage_words=8)
+    build_store(DOCS, tmp_path / "kb.sqlite", passage_words=8)
+    store = SqlitePassageStore(tmp_path / "kb.sqlite")
     yield store
     store.close()
 
@@ -56,7 +57,8 @@ def test_split_passages_are_exact_word_windows():
 
 
 def test_build_report_and_passages_of(tmp_path):
-    store, report = build_store(DOCS, tmp_path / "kb.sqlite", passage_words=8)
+    report = build_store(DOCS, tmp_path / "kb.sqlite", passage_words=8)
+    store = SqlitePassageStore(tmp_path / "kb.sqlite")
     # Hand count: 26, 14, 12 and 13 words -> 4 + 2 + 2 + 2 windows of 8 words.
     assert (report.docs, report.passages) == (4, 10)
     assert report.bytes == (tmp_path / "kb.sqlite").stat().st_size > 0
@@ -98,7 +100,8 @@ def test_topic_passages_by_id_or_title_with_lead_fallback(store):
 
 def test_add_replaces_changed_documents_and_persists(tmp_path):
     path = tmp_path / "kb.sqlite"
-    store, _ = build_store(DOCS, path, passage_words=8)
+    build_store(DOCS, path, passage_words=8)
+    store = SqlitePassageStore(path)
     changed = dict(DOCS[2], text="Warsaw is the capital of Poland on the Oder river.")
     krakow = {"id": "5", "title": "Kraków", "text": "Kraków lies on the Vistula."}
     report = store.add([changed, DOCS[1], krakow])
@@ -122,7 +125,7 @@ def test_bad_document_names_itself_and_keeps_good_ones(store):
 
 def test_failed_build_keeps_the_existing_store(tmp_path):
     path = tmp_path / "kb.sqlite"
-    build_store(DOCS, path, passage_words=8)[0].close()
+    build_store(DOCS, path, passage_words=8)
     with pytest.raises(KnowledgeError, match="document #1"):
         build_store([DOCS[0], "not a dict"], path, passage_words=8)
     with SqlitePassageStore(path) as again:
@@ -147,7 +150,8 @@ def test_real_wikipedia_leads_find_their_article(tmp_path):
     with open(f"{folder}/data/summaries_en-us.json") as f:
         entries = list(json.load(f).values())[::25]  # sorted by topic: a spread
     docs = [{"id": str(i), "title": e["title"], "text": e["extract"]} for i, e in enumerate(entries)]
-    store, report = build_store(docs, tmp_path / "leads.sqlite", passage_words=60)
+    report = build_store(docs, tmp_path / "leads.sqlite", passage_words=60)
+    store = SqlitePassageStore(tmp_path / "leads.sqlite")
     assert report.docs == len({d["id"] for d in docs})
     people = [d for d, e in zip(docs, entries, strict=True) if e.get("topic") == "People"][:20]
     assert people
@@ -181,15 +185,18 @@ def test_operators_are_plain_words(store):
     assert match_terms("the of") == ["the", "of"]  # only stopwords: kept
 
 
-def test_common_words_are_left_out_when_rarer_ones_occur(tmp_path):
-    store, _ = build_store(DOCS, tmp_path / "kb.sqlite", passage_words=8)
-    store.close()
-    # "curie" is in 8 of the 10 passages (titles included), "vistula" in 1, "qqq" in none.
-    with SqlitePassageStore(tmp_path / "kb.sqlite", common_share=0.5) as pruned:
-        assert pruned._informative(["curie", "vistula"]) == ["vistula"]
-        assert pruned.search("curie vistula", k=5) == pruned.search("vistula", k=5)
-        assert pruned._informative(["curie", "qqq"]) == ["curie", "qqq"]  # nothing rarer occurs
-        assert pruned.search("Curie", k=5)  # a lone common word is kept
+def test_common_words_are_left_out_of_long_queries(tmp_path):
+    build_store(DOCS, tmp_path / "kb.sqlite", passage_words=8)
+    # Passages holding each word (titles included): curie 8 of 10, marie 5, pierre 4,
+    # vistula, river and poland 1, qqq... none. Over 30% is common.
+    with SqlitePassageStore(tmp_path / "kb.sqlite", common_share=0.3) as pruned:
+        long_query = ["curie", "marie", "pierre", "vistula", "river", "poland"]
+        # The most common go first, down to 4 terms: "pierre" stays although common.
+        assert pruned._informative(long_query) == ["pierre", "vistula", "river", "poland"]
+        assert pruned.search(" ".join(long_query), k=5) == pruned.search("pierre vistula river poland", k=5)
+        assert pruned._informative(["curie", "marie", "vistula"]) == ["curie", "marie", "vistula"]  # short
+        unknown = ["curie", "marie", "qqq", "zzz", "yyy", "www"]
+        assert pruned._informative(unknown) == unknown  # nothing left that occurs: keep all
         pruned.add([{"id": "9", "title": "Vistula", "text": " ".join(["Vistula"] * 20)}])
         assert pruned._doc_freq == {}  # the cache is dropped on writes
     with pytest.raises(KnowledgeError, match="common_share"):
@@ -295,3 +302,13 @@ def test_real_big_model_reads_the_retrieved_passage(store):
     assert rbig.retrievals == 1
     # The cascade reads the wrapped model's counters through the wrapper.
     assert rbig.tokens_processed == rbig.big.tokens_processed > 0 and rbig.tokens_generated == 6
+
+
+def test_build_from_a_named_corpus_and_config_validation(tmp_path):
+    from lacy.config import ConfigError, KnowledgeConfig
+
+    report = build_store("embedded", tmp_path / "emb.sqlite", passage_words=50, max_docs=30)
+    assert report.docs == 30 and report.passages >= 30
+    for bad in ({"query": "bogus"}, {"passage_chars": 0}, {"common_share": 1.5}):
+        with pytest.raises(ConfigError, match="knowledge."):
+            KnowledgeConfig(**bad)

@@ -234,6 +234,19 @@ def test_reference_and_judge_columns_match_single_process(corpus, ray_session, m
     assert batch["ref_loss"].dtype.is_floating_point
 
 
+def test_arrow_lists_survive_sliced_batches():
+    """Ray Data hands actors slices of blocks: list offsets then start past zero."""
+    import pyarrow as pa
+
+    from jobs.score import _list_array, _list_values
+
+    rows = [np.arange(n, dtype=np.int32) for n in (2, 0, 3, 1)]
+    pairs = [np.arange(2 * n, dtype=np.int32).reshape(n, 2) + 10 * n for n in (1, 2, 0, 3)]
+    table = pa.table({"x": _list_array(rows, pa.int32()), "p": _list_array(pairs, pa.int32())}).slice(1)
+    assert [v.tolist() for v in _list_values(table, "x")] == [r.tolist() for r in rows[1:]]
+    assert [v.tolist() for v in _list_values(table, "p", 2)] == [p.tolist() for p in pairs[1:]]
+
+
 # ----------------------------------------------------------------------------------------------
 # lacy.tracking
 

@@ -1,0 +1,54 @@
+"""Batched big-model continuation equals one-at-a-time `continue_text`, and keeps per-session caches."""
+
+import pytest
+
+from lacy.batched import continue_batch
+from lacy.cascade import BigLM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from lacy.model import load_big_model
+
+    return load_big_model("smollm2")
+
+
+def test_batched_equals_sequential_and_reuses_caches(smollm2):
+    model, tok = smollm2
+    texts = ["The capital of France is", "Albert Einstein was born in the year", "Water boils at"]
+    contexts = ["", "Einstein was born in Ulm in 1879.\n", ""]
+    sequential = []
+    for text, context in zip(texts, contexts, strict=True):
+        lm = BigLM(model, tok)
+        sequential.append((lm.continue_text(text, unit="word", max_tokens=8, context=context),
+                           lm.continue_text(text + " and", unit="tokens", max_tokens=4, context=context)))
+    lms = [BigLM(model, tok) for _ in texts]
+    first = continue_batch(lms, texts, units=["word"] * 3, max_tokens=[8] * 3, contexts=contexts)
+    processed = [lm.tokens_processed for lm in lms]
+    second = continue_batch(lms, [t + " and" for t in texts], units=["tokens"] * 3, max_tokens=[4] * 3,
+                            contexts=contexts)
+    assert list(zip(first, second, strict=True)) == sequential
+    assert "Paris" in first[0] and "1879" in first[1]
+    # The second call re-encodes only " and" (1 token) and feeds the 4 new tokens per session.
+    assert [lm.tokens_processed - p for lm, p in zip(lms, processed, strict=True)] == [5, 5, 5]
+
+
+def test_mixed_units_and_early_stops(smollm2):
+    model, tok = smollm2
+    lms = [BigLM(model, tok) for _ in range(2)]
+    out = continue_batch(lms, ["The capital of France is", "One, two, three,"], units=["word", "tokens"],
+                         max_tokens=[8, 6])
+    ref = [BigLM(model, tok).continue_text("The capital of France is", unit="word", max_tokens=8),
+           BigLM(model, tok).continue_text("One, two, three,", unit="tokens", max_tokens=6)]
+    assert out == ref
+
+
+def test_rejects_bad_batches(smollm2):
+    model, tok = smollm2
+    lm = BigLM(model, tok)
+    with pytest.raises(ValueError, match="twice"):
+        continue_batch([lm, lm], ["a", "b"], units=["word"] * 2, max_tokens=[2, 2])
+    with pytest.raises(ValueError, match="unit"):
+        continue_batch([lm], ["a"], units=["sentence"], max_tokens=[2])
