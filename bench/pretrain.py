@@ -1,7 +1,9 @@
 """Tokens/s of the Ray Train + DeepSpeed job (jobs.pretrain) against the plain loop (lacy.train).
 
 Same model preset, data, rule, batch and thread count, in the same run; start-up is excluded (the
-first logging window of each, which holds Ray/DeepSpeed start-up and the first steps, is dropped):
+first logging window of each, which holds Ray/DeepSpeed start-up and the first steps, is dropped).
+The plain loop runs before and after the job and the baseline is their mean, so load that changes
+during the run (a shared machine) biases neither side:
 
     .venv/bin/python -m bench.pretrain --docs 150 --steps 60 --threads 1
 
@@ -107,7 +109,7 @@ def main() -> None:
     shards = build_shards(work / "shards", args.docs, args.seq_len)
     ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
     results = {}
-    for name in ("plain", "ray_deepspeed"):
+    for name in ("plain_before", "ray_deepspeed", "plain_after"):
         cfg = load_config(None, [f"run_dir={work / name}", f"score.output_dir={shards}",
                                  f"model.preset={args.preset}", f"model.seq_len={args.seq_len}",
                                  f"train.batch_size={args.batch}", f"train.max_steps={args.steps}",
@@ -116,7 +118,7 @@ def main() -> None:
                                  f"train.cpus_per_worker={args.threads}",
                                  f"train.zero_stage={args.zero_stage}",
                                  f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}"])
-        if name == "plain":
+        if name.startswith("plain"):
             start = time.perf_counter()
             rates = plain_loop(cfg, args.threads)
             wall = time.perf_counter() - start
@@ -124,7 +126,8 @@ def main() -> None:
             rates, wall = ray_job(cfg)
         results[name] = {"tokens_per_s": steady(rates), "windows": [round(r) for r in rates], "wall_s": wall}
         print(json.dumps({"run": name, **results[name]}), flush=True)
-    ratio = results["ray_deepspeed"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+    plain = (results["plain_before"]["tokens_per_s"] + results["plain_after"]["tokens_per_s"]) / 2
+    ratio = results["ray_deepspeed"]["tokens_per_s"] / plain
     print(json.dumps({"summary": "job/plain tokens/s", "ratio": round(ratio, 3), **vars(args)}))
     ray.shutdown()
 

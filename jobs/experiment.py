@@ -171,7 +171,7 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
     nlp = lacy_eval.load_nlp(cfg.facts.spacy_model)
     evaluate = lambda name, fn: lacy_eval.evaluate_system(  # noqa: E731
         name, fn, entities, articles, store, k=cfg.knowledge.top_k, length_penalty=ecfg.length_penalty,
-        bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=nlp)
+        gamma=ecfg.gamma, bootstrap=ecfg.bootstrap, seed=cfg.seed, prompt_style=ecfg.prompt_style, nlp=nlp)
     rows: list[dict] = []
 
     def cached(name: str, key_payload: dict, compute: Any) -> dict:
@@ -215,7 +215,7 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
     docs = [d for d in read_corpus(cfg.data.corpus, max_docs=cfg.data.max_docs)
             if split_of(d["id"], cfg.data.val_fraction) == "train"]
     probes = lacy_eval.make_leak_probes(docs, nlp, ecfg.leakage_facts, seed=cfg.seed, max_prefix_chars=300)
-    prompts = [lacy_eval.bio_prompt(e) for e in entities]
+    prompts = [lacy_eval.bio_prompt(e, ecfg.prompt_style) for e in entities]
     try:
         for name, path in models.items():
             with start_run(cfg, f"eval-{name}", nested=True, parent_run_id=parent_run_id):
@@ -266,8 +266,8 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
 
 
 def _topic(prompt: str) -> str:
-    """The person a biography prompt is about (`bio_prompt` writes "NAME (")."""
-    return prompt.removesuffix("(").strip()
+    """The person a biography prompt is about ("NAME (" or "Tell me a bio of NAME.")."""
+    return prompt.removeprefix("Tell me a bio of ").strip().removesuffix("(").removesuffix(".").strip()
 
 
 def _prefetched(fn: Any, prompts: list[str], workers: int) -> Any:
@@ -288,7 +288,7 @@ def _write_views(cfg: LacyConfig, client: ServeClient, models: dict[str, str], e
     for name in models:
         blocks = []
         for entity in entities[:xcfg.views]:
-            prompt = bio_prompt(entity)
+            prompt = bio_prompt(entity, cfg.eval.prompt_style)
             out = client.generate(prompt, model=name, call_rate=xcfg.headline_rate,
                                   retrieval=kind == "retrieval", topic=entity.name)
             blocks.append(generation_block([(s["text"], s["source"]) for s in out.spans],

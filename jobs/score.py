@@ -2,10 +2,11 @@
 
     # local: reuses an initialised Ray, else starts one on this machine
     python -m jobs.score --config configs/tiny.yaml [--score.output_dir runs/x/shards]
-    # a CPU cluster started with `ray start --head --num-cpus=16`: connect to it, one spaCy actor a core
-    RAY_ADDRESS=auto python -m jobs.score --config configs/default.yaml --score.spacy_actors 30
+    # a CPU cluster started with `ray start --head --num-cpus=16`: one spaCy actor a core, one core free
+    RAY_ADDRESS=auto python -m jobs.score --config configs/default.yaml \\
+        --score.spacy_actors 15 --score.spacy_actor_cpus 1
     # as a Ray job (the entrypoint connects through the RAY_ADDRESS the job supervisor sets)
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python -m jobs.score --config configs/tiny.yaml
 
 Pipeline: the driver reads the corpus with `lacy.data.read_corpus` (bad records counted with their line
@@ -335,8 +336,9 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
 
     out = Path(cfg.score.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for partial in out.rglob(".part-*.tmp"):  # half-written files of a killed run, never renamed into place
-        partial.unlink()
+    for partial in out.rglob(".*.tmp"):  # half-written files of a killed run, never renamed into place
+        if partial.is_file():
+            partial.unlink()
     save_config(cfg, out / "config.yaml")
     report = ReadReport()
     docs = list(read_corpus(cfg.data.corpus, report, cfg.data.max_docs))

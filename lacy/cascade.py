@@ -124,6 +124,7 @@ class CachedLM:
         return (self.max_positions or 1 << 30) - len(self.ids)
 
     def sync(self, ids: list[int]) -> None:
+        """Cache exactly `ids` (start token included), feeding only what differs from the cache."""
         if self.max_positions is not None and len(ids) > self.max_positions:
             raise ValueError(f"text is {len(ids)} tokens, more than the model's context of "
                              f"{self.max_positions}")
@@ -407,7 +408,12 @@ class Cascade:
                         run.text += words
                         run.spans.append(Span(words, "big"))
                         yield run.spans[-1]
-                        small.sync_text(run.text)
+                        ids = small.encode(run.text)
+                        if small.max_positions is not None and len(ids) > small.max_positions:
+                            # The big model's words filled the small model's context.
+                            run.stop_reason = "context"
+                            break
+                        small.sync(ids)
                         continue
                     # The big model had nothing to add (EOS): the small model writes this step.
             if token == small.eos_id:

@@ -56,6 +56,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         _check(self.max_docs is None or self.max_docs > 0, "data.max_docs", "must be positive")
+        _check(self.min_chars >= 1, "data.min_chars", "must be at least 1")
 
 
 @dataclass
@@ -144,6 +145,7 @@ class LabelConfig:
         _check(0.0 < self.fact_share <= 1.0, "labels.fact_share", "must be in (0, 1]")
         _check(0.0 < self.budget < 1.0, "labels.budget", "must be in (0, 1)")
         _check(self.judge_top_k > 0, "labels.judge_top_k", "must be positive")
+        _check(self.judge_margin >= 0, "labels.judge_margin", "must be 0 or more (nats)")
 
 
 @dataclass
@@ -170,6 +172,9 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         _check(self.docs_per_shard > 0, "score.docs_per_shard", "must be positive")
         _check(self.spacy_actors > 0 and self.model_actors > 0, "score.*_actors", "must be positive")
+        _check(self.spacy_actor_cpus > 0, "score.spacy_actor_cpus", "must be positive (fractions allowed)")
+        _check(self.model_actor_cpus >= 0 and self.model_actor_gpus >= 0, "score.model_actor_*",
+               "CPUs and GPUs per model actor must not be negative")
 
 
 @dataclass
@@ -184,17 +189,24 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a share of the peak."""
     warmup_steps: int = 50
+    """Optimiser steps of linear learning-rate warm-up."""
     weight_decay: float = 0.1
+    """AdamW weight decay, on matrices only (not biases or LayerNorm gains)."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
     max_steps: int = 200
     """Stop after this many optimiser steps ("equal steps")."""
     max_supervised_tokens: int | None = None
     """If set, stop once this many real-token-supervised tokens were trained on ("token
     equalisation"); max_steps then only bounds the schedule."""
     log_every: int = 10
+    """Log training statistics (tokens/s, lr, real_loss, call_share, ...) every this many steps."""
     eval_every: int = 100
+    """Evaluate on the validation split every this many steps (and at the end)."""
     checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many steps (Ray Train job)."""
     seed: int = 0
+    """Model initialisation and data order."""
     num_workers: int = 1
     """Ray Train workers."""
     use_gpu: bool = False
@@ -220,6 +232,14 @@ class TrainConfig:
         _check(self.batch_size > 0, "train.batch_size", "must be positive")
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.max_steps > 0, "train.max_steps", "must be positive")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
+        _check(self.grad_clip > 0, "train.grad_clip", "must be positive")
+        _check(self.max_supervised_tokens is None or self.max_supervised_tokens > 0,
+               "train.max_supervised_tokens", "must be positive")
+        _check(self.log_every > 0, "train.log_every", "must be positive")
+        _check(self.eval_every > 0, "train.eval_every", "must be positive")
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2")
         _check(self.num_workers > 0, "train.num_workers", "must be positive")
         _check(self.batch_size % self.num_workers == 0, "train.batch_size",
@@ -246,8 +266,8 @@ class KnowledgeConfig:
     first) or `first_sentence` (the prompt's first sentence when no topic is given)."""
     passage_chars: int | None = None
     """Cut each retrieved passage to this many characters in the big model's context (None: whole)."""
-    common_share: float = 0.02
-    """Query words in more than this share of passages are dropped when rarer ones occur (latency)."""
+    common_share: float = 0.005
+    """Words in more than this share of passages are dropped from long queries (latency)."""
 
     def __post_init__(self) -> None:
         _check(self.passage_words > 0, "knowledge.passage_words", "must be positive")

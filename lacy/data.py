@@ -16,8 +16,10 @@ import glob as globlib
 import gzip
 import hashlib
 import importlib.util
+import itertools
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -75,7 +77,7 @@ class ReadReport:
                           for p, r in self.files.items()}}
 
 
-def check_document(record: Any) -> tuple[dict | None, str | None]:
+def check_document(record: Any, min_chars: int = 1) -> tuple[dict | None, str | None]:
     """(document, None) for a usable record, else (None, reason). `title` defaults to ""."""
     if not isinstance(record, dict):
         return None, f"not a JSON object but {type(record).__name__}"
@@ -88,6 +90,8 @@ def check_document(record: Any) -> tuple[dict | None, str | None]:
         return None, f"text is {type(text).__name__}, not a string"
     if not text.strip():
         return None, "empty text"
+    if len(text) < min_chars:
+        return None, f"text shorter than {min_chars} characters"
     title = record.get("title")
     doc = dict(record)
     doc["id"] = str(record["id"])
@@ -99,23 +103,23 @@ def check_document(record: Any) -> tuple[dict | None, str | None]:
 # Readers
 
 
-def read_corpus(source: str, report: ReadReport | None = None,
-                max_docs: int | None = None) -> Iterator[dict]:
+def read_corpus(source: str, report: ReadReport | None = None, max_docs: int | None = None,
+                min_chars: int = 1) -> Iterator[dict]:
     """Good documents of `source`: "embedded", "wiki2015", a file, a directory or a glob.
 
-    Files are .jsonl, .jsonl.gz or .parquet, read in sorted order. Raises FileNotFoundError for a
-    missing file/directory or a glob matching nothing, ValueError for an unsupported file type.
+    Files are .jsonl, .jsonl.gz or .parquet, read in sorted order. Texts shorter than `min_chars`
+    characters are rejected like empty ones (`DataConfig.min_chars`). The source is resolved on the
+    call, not on first iteration: FileNotFoundError for a missing file/directory/package or a glob
+    matching nothing, ValueError for an unsupported file type.
     """
     report = ReadReport() if report is None else report
     if source == "embedded":
-        docs = _read_embedded(report)
+        docs = _read_embedded(_embedded_file(), report, min_chars)
     else:
         paths = _wiki2015_files() if source == "wiki2015" else corpus_files(source)
-        docs = (doc for path in paths for doc in _read_file(path, report))
-    for n, doc in enumerate(docs):
-        if max_docs is not None and n >= max_docs:
-            return
-        yield doc
+        docs = (doc for path in paths for doc in _read_file(path, report, min_chars))
+    # islice stops without pulling one more document, so the report counts exactly what was read.
+    return itertools.islice(docs, max_docs)
 
 
 def corpus_files(source: str | Path) -> list[Path]:
@@ -147,11 +151,11 @@ def _wiki2015_files() -> list[Path]:
     return files
 
 
-def _read_file(path: Path, report: ReadReport) -> Iterator[dict]:
+def _read_file(path: Path, report: ReadReport, min_chars: int) -> Iterator[dict]:
     rep = report.file(str(path))
     records = _parquet_records(path) if path.name.endswith(".parquet") else _jsonl_records(path)
     for line_no, record, error in records:
-        doc, reason = (None, error) if error else check_document(record)
+        doc, reason = (None, error) if error else check_document(record, min_chars)
         if doc is None:
             rep.bad += 1
             rep.reasons.append((line_no, reason or "unreadable"))
@@ -161,16 +165,24 @@ def _read_file(path: Path, report: ReadReport) -> Iterator[dict]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, record, error) per non-blank line; decoding errors are per line, not per file."""
+    """(line number, record, error) per non-blank line; decoding errors are per line, not per file.
+
+    A truncated or corrupt .gz ends the file with one bad record; the lines before it are kept."""
     opener = gzip.open if path.name.endswith(".gz") else open
+    line_no = 0
     with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line_no, json.loads(raw.decode("utf-8")), None
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield line_no, None, f"malformed JSON: {e}"
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    yield line_no, None, f"malformed JSON: {e}"
+                    continue
+                yield line_no, record, None
+        except (EOFError, OSError, zlib.error) as e:
+            yield line_no + 1, None, f"unreadable from here on: {type(e).__name__}: {e}"
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -196,8 +208,7 @@ def _embedded_file() -> Path:
     return path
 
 
-def _read_embedded(report: ReadReport) -> Iterator[dict]:
-    path = _embedded_file()
+def _read_embedded(path: Path, report: ReadReport, min_chars: int) -> Iterator[dict]:
     rep = report.file(str(path))
     with open(path, encoding="utf-8") as f:
         entries = json.load(f)  # one 10k-entry JSON object (≈7 MB); it cannot be streamed by line
@@ -207,7 +218,7 @@ def _read_embedded(report: ReadReport) -> Iterator[dict]:
             record["id"] = "ovos:" + title
             record["title"] = record.get("title") or title
             record["text"] = record.pop("extract", None)
-        doc, reason = check_document(record)
+        doc, reason = check_document(record, min_chars)
         if doc is None:
             rep.bad += 1
             rep.reasons.append((n, f"entry {title!r}: {reason}"))

@@ -442,9 +442,11 @@ def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequ
 
     `generate_fn(prompt)` returns the text (prompt included or not) or an object with `.text` and
     `.call_rate` (a `CascadeResult`). The biography scored is prompt + continuation for the lead style
-    and the continuation alone for the instruct style. Row: scalars (precision_{lenient,strict} with _lo/_hi 95% CIs,
-    respond ratios, claims_per_response, call_rate, <attr>_correct/<attr>_stated) plus the per-person
-    scores `entity_scores_{lenient,strict}` for paired bootstraps between systems."""
+    and the continuation alone for the instruct style.
+
+    Row: scalars (precision_{lenient,strict} with _lo/_hi 95% CIs, respond ratios, claims_per_response,
+    call_rate, <attr>_correct/<attr>_stated) plus the per-person scores `entity_scores_{lenient,strict}`
+    for paired bootstraps between systems."""
     generations = []
     for entity in entities:
         prompt = bio_prompt(entity, prompt_style)

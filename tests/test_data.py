@@ -74,6 +74,26 @@ def test_jsonl_bad_lines_are_reported_and_good_neighbours_kept(tmp_path, name):
     assert as_dict["files"][str(path)]["reasons"][0][0] == 2 and as_dict["total_bad"] == 6
 
 
+def test_min_chars_rejects_short_texts(tmp_path):
+    path = write_jsonl(tmp_path / "short.jsonl", MIXED_LINES)
+    report = ReadReport()
+    assert [d["id"] for d in read_corpus(str(path), report=report, min_chars=12)] == ["7"]
+    assert report.files[str(path)].reasons[0] == (1, "text shorter than 12 characters")
+
+
+def test_truncated_gzip_keeps_the_lines_before(tmp_path):
+    lines = [json.dumps({"id": f"d{i}", "text": f"document {i} " * 50}) for i in range(2000)]
+    full = write_jsonl(tmp_path / "full.jsonl.gz", lines).read_bytes()
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(full[: len(full) // 2])
+    report = ReadReport()
+    docs = list(read_corpus(str(path), report=report))
+    rep = report.files[str(path)]
+    assert 0 < len(docs) < 2000 and [d["id"] for d in docs] == [f"d{i}" for i in range(len(docs))]
+    assert rep.bad == 1 and rep.reasons[0][0] == len(docs) + 1
+    assert rep.reasons[0][1].startswith("unreadable from here on: EOFError")
+
+
 def test_invalid_utf8_line_is_one_bad_line(tmp_path):
     path = tmp_path / "bytes.jsonl"
     path.write_bytes(b'{"id": "x", "text": "ok"}\n'
@@ -104,7 +124,9 @@ def test_directory_and_glob_read_sorted_files(tmp_path):
     (tmp_path / "notes.txt").write_text("ignored")
     assert [d["id"] for d in read_corpus(str(tmp_path))] == ["a1", "a2", "b1", "c1"]
     assert [d["id"] for d in read_corpus(str(tmp_path / "*.jsonl*"))] == ["a1", "a2", "b1"]
-    assert [d["id"] for d in read_corpus(str(tmp_path), max_docs=3)] == ["a1", "a2", "b1"]
+    report = ReadReport()
+    assert [d["id"] for d in read_corpus(str(tmp_path), report=report, max_docs=3)] == ["a1", "a2", "b1"]
+    assert report.total_good == 3 and str(tmp_path / "c.parquet") not in report.files
     assert [p.name for p in corpus_files(tmp_path)] == ["a.jsonl", "b.jsonl.gz", "c.parquet"]
 
 
@@ -135,7 +157,7 @@ def test_reading_streams_line_by_line(tmp_path):
 
 def test_missing_or_unknown_sources_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        list(read_corpus(str(tmp_path / "nope.jsonl")))
+        read_corpus(str(tmp_path / "nope.jsonl"))  # raised on the call, before any iteration
     with pytest.raises(FileNotFoundError, match="matches no"):
         list(read_corpus(str(tmp_path / "*.jsonl")))
     with pytest.raises(FileNotFoundError, match="no .jsonl"):

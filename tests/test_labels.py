@@ -235,3 +235,21 @@ def test_lacy_step_names_missing_columns(tiny_gpt2):
         lacy_step(tiny_gpt2, batch, LabelConfig(rule="rho"), STEP_CALL)
     with pytest.raises(ValueError, match="judge_bad"):
         lacy_step(tiny_gpt2, batch, LabelConfig(rule="judge"), STEP_CALL)
+
+
+def test_lacy_step_judge_rejects_exactly_the_unaccepted_predictions(tiny_gpt2):
+    batch = _batch()
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        logits = tiny_gpt2(input_ids=ids[:, :-1]).logits
+    logits[..., STEP_CALL] = -math.inf  # the small model's prediction of a real token: never <CALL>
+    pred = logits.argmax(-1)
+    accept = torch.full((4, 21, 2), -1)
+    accept[:, 1:, 0] = pred  # the judge accepts every prediction ...
+    accept[1, 3 + 1, 0] = (pred[1, 3] + 1) % VOCAB  # ... but two
+    accept[2, 9 + 1, 0] = (pred[2, 9] + 1) % VOCAB
+    accept[2, 9 + 1, 1] = (pred[2, 9] + 2) % VOCAB
+    batch["judge_accept"] = accept
+    _, stats = lacy_step(tiny_gpt2, batch, LabelConfig(rule="judge"), STEP_CALL, eos_id=EOS, pad_id=PAD)
+    assert stats["judge_bad_share"].item() * stats["valid_tokens"].item() == pytest.approx(2)
+    assert stats["call_share"].item() * stats["valid_tokens"].item() == pytest.approx(2)

@@ -124,7 +124,9 @@ def test_resume_from_a_folder_that_is_no_checkpoint(shards_dir, tmp_path, mlflow
 def test_every_rule_trains_end_to_end(rule, shards_dir, tmp_path, mlflow_uri, ray_session) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = job_config(shards_dir, tmp_path / rule, mlflow_uri, max_steps=2)
+    # The DeepSpeed variants ride along: ZeRO-0 once, ZeRO-2 with CPU optimizer offload once.
+    deepspeed = {"plain": {"zero_stage": 0}, "ignore": {"zero_stage": 2, "offload_optimizer": "true"}}
+    cfg = job_config(shards_dir, tmp_path / rule, mlflow_uri, max_steps=2, **deepspeed.get(rule, {}))
     cfg.labels.rule = rule
     final = run(cfg)
 

@@ -174,6 +174,7 @@ def test_resume_after_kill_gives_identical_output(job_a, corpus, ray_session, ml
     committed = {p: p.stat().st_mtime_ns for p in (out_b / "units").glob("part-*.json")}
     assert 0 < len(committed) < GOOD_DOCS // DOCS_PER_SHARD
 
+    (out_b / "train" / ".part-00009.parquet.99999.tmp").write_bytes(b"half a file")  # as a kill leaves it
     cfg_b = load_config(CONFIG, args)
     manifest_b = score.run(cfg_b)
     assert all(p.stat().st_mtime_ns == t for p, t in committed.items()), "committed units were redone"
