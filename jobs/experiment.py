@@ -16,6 +16,7 @@ loses only the stage in flight. Outputs land in `<run_dir>/` (`results/` holds t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -72,7 +73,7 @@ def knowledge_stage(cfg: LacyConfig) -> Path:
         if db.exists():
             db.unlink()
         report = build_store(cfg.data.corpus, db, cfg.knowledge.passage_words)
-        _stage_finish(db.parent / "knowledge", key, report=str(report))
+        _stage_finish(db.parent / "knowledge", key, report=report.summary())
     return db
 
 
@@ -89,7 +90,7 @@ def rule_config(cfg: LacyConfig, rule: str, comparison: str, token_budget: int |
 
 
 def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None,
-                manifest_hash: str) -> dict:
+                manifest_hash: str, parent_run_id: str) -> dict:
     """Pretrain one rule with Ray Train + DeepSpeed (skipped when done for the same config)."""
     from jobs import pretrain
 
@@ -101,7 +102,7 @@ def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int |
         _log(f"train {rule}/{comparison}: done before, reusing {record['final']}")
         return record
     _log(f"train {rule}/{comparison}: starting")
-    final = pretrain.run(rcfg)
+    final = pretrain.run(rcfg, parent_run_id=parent_run_id)
     summary = json.loads((Path(final) / "training_summary.json").read_text())
     return _stage_finish(out, key, final=str(final), rule=rule, comparison=comparison, **summary)
 
@@ -159,6 +160,8 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
     from lacy.data import article_by_id, load_entities, read_corpus, split_of
     from lacy.knowledge import RetrievalBigLM, SqlitePassageStore
     from lacy.model import load_big_model
+    from lacy.shards import read_manifest
+    from lacy.tokenizer import load_tokenizer
     from lacy.tracking import start_run
     from services.cascade import run as serve_run
 
@@ -167,7 +170,7 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
     ecfg, xcfg = cfg.eval, cfg.experiment
     articles = article_by_id(cfg.data.corpus)
     entities = [e for e in load_entities(cfg.data.corpus) if e.doc_id in articles][:ecfg.entities]
-    store = SqlitePassageStore(cfg.knowledge.db_path)
+    store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
     nlp = lacy_eval.load_nlp(cfg.facts.spacy_model)
     evaluate = lambda name, fn: lacy_eval.evaluate_system(  # noqa: E731
         name, fn, entities, articles, store, k=cfg.knowledge.top_k, length_penalty=ecfg.length_penalty,
@@ -195,7 +198,8 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
                 lm: Any = BigLM(big_model, big_tok)
                 kwargs: dict = {"unit": "tokens", "max_tokens": cfg.cascade.max_new_tokens}
                 if kind == "retrieval":
-                    lm = RetrievalBigLM(lm, store, cfg.knowledge.top_k)
+                    lm = RetrievalBigLM(lm, store, cfg.knowledge.top_k, cfg.knowledge.passage_chars,
+                                        cfg.knowledge.query)
                     kwargs["topic"] = _topic(prompt)
                 return prompt + lm.continue_text(prompt, **kwargs)
 
@@ -205,16 +209,17 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
 
     # One Serve app with every small model; requests pick the model, the big model and the policy.
     scfg = copy.deepcopy(cfg)
-    first, *rest = models
-    scfg.serve.small_path = models[first]
-    scfg.serve.models = {name: models[name] for name in rest}
+    scfg.serve.small_path = next(iter(models.values()))
+    scfg.serve.models = dict(models)
     scfg.big.retrieval = "retrieval" in xcfg.big_models
     _log(f"deploying the Serve cascade with {len(models)} small models")
     serve_run(scfg)
     client = ServeClient(f"http://{cfg.serve.host}:{cfg.serve.port}", cfg.cascade.max_new_tokens)
     docs = [d for d in read_corpus(cfg.data.corpus, max_docs=cfg.data.max_docs)
             if split_of(d["id"], cfg.data.val_fraction) == "train"]
-    probes = lacy_eval.make_leak_probes(docs, nlp, ecfg.leakage_facts, seed=cfg.seed, max_prefix_chars=300)
+    tokenizer = load_tokenizer(read_manifest(cfg.score.output_dir).tokenizer_path)
+    probes = [_fit_probe(p, tokenizer, cfg.model.seq_len - 16)
+              for p in lacy_eval.make_leak_probes(docs, nlp, ecfg.leakage_facts, seed=cfg.seed)]
     prompts = [lacy_eval.bio_prompt(e, ecfg.prompt_style) for e in entities]
     try:
         for name, path in models.items():
@@ -263,6 +268,17 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
     finally:
         serve.shutdown()
     return rows
+
+
+def _fit_probe(probe: Any, tokenizer: Any, max_tokens: int) -> Any:
+    """The probe with its prefix cut (at a word border) to the last `max_tokens` tokens, so it fits the
+    small model's context with room to answer."""
+    offsets = tokenizer(probe.prefix, add_special_tokens=False, split_special_tokens=True,
+                        return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return probe
+    tail = probe.prefix[offsets[-max_tokens][0]:]
+    return dataclasses.replace(probe, prefix=tail[tail.find(" ") + 1:] if " " in tail else tail)
 
 
 def _topic(prompt: str) -> str:
@@ -327,7 +343,7 @@ def run(cfg: LacyConfig) -> Path:
                 if comparison == "tokens" and rule == "plain" and "steps" in xcfg.comparisons:
                     trained[f"{rule}-tokens"] = trained[f"{rule}-steps"]
                     continue
-                record = train_stage(cfg, rule, comparison, budget, manifest_hash)
+                record = train_stage(cfg, rule, comparison, budget, manifest_hash, parent_id)
                 if rule == "plain":
                     budget = int(record["supervised_tokens"])
                 val = validation_loss(cfg, record["final"])

@@ -33,6 +33,7 @@ trained sequence to prove it. Cost: each worker holds the training split's token
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -277,8 +278,10 @@ def connect_ray() -> None:
         ray.init()
 
 
-def run(cfg: LacyConfig) -> Path:
-    """Train with Ray Train + DeepSpeed; returns `<train.output_dir>/final` (HF model + tokenizer)."""
+def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
+    """Train with Ray Train + DeepSpeed; returns `<train.output_dir>/final` (HF model + tokenizer, and
+    `training_summary.json`: steps, sequences, tokens and real-token-supervised tokens trained on).
+    `parent_run_id` nests the MLflow run under a parent (the experiment)."""
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -297,7 +300,8 @@ def run(cfg: LacyConfig) -> Path:
     connect_ray()
     env = worker_env(train)
     os.environ.update(env)
-    with start_run(cfg, run_name=f"pretrain-{cfg.labels.rule}") as mlflow_run:
+    with start_run(cfg, run_name=f"pretrain-{cfg.labels.rule}", nested=mlflow.active_run() is not None,
+                   parent_run_id=parent_run_id) as mlflow_run:
         loop_config = {"cfg": to_dict(cfg), "env": env, "shards_dir": cfg.score.output_dir,
                        "tokenizer_dir": manifest.tokenizer_path, "mlflow_uri": tracking_uri(cfg),
                        "mlflow_run_id": mlflow_run.info.run_id}
@@ -320,6 +324,9 @@ def run(cfg: LacyConfig) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             shutil.copytree(Path(ckpt_dir) / FINAL_SUBDIR, final)
+        summary = {k: int(v) for k, v in result.metrics.items() if k in ("step", "rows", "supervised_tokens")}
+        summary["tokens"] = summary["rows"] * cfg.model.seq_len
+        (final / "training_summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in result.metrics.items()})
         mlflow.log_artifacts(str(final), artifact_path="final")
     return final

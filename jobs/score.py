@@ -341,7 +341,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
             partial.unlink()
     save_config(cfg, out / "config.yaml")
     report = ReadReport()
-    docs = list(read_corpus(cfg.data.corpus, report, cfg.data.max_docs))
+    docs = list(read_corpus(cfg.data.corpus, report, cfg.data.max_docs, min_chars=cfg.data.min_chars))
     if not docs:
         raise ValueError(f"corpus {cfg.data.corpus!r} has no readable documents:\n{report.summary()}")
     size = cfg.score.docs_per_shard

@@ -116,8 +116,9 @@ class CachedLM:
         self.logits: torch.Tensor | None = None
 
     def encode(self, text: str) -> list[int]:
-        """Start token + the text's ids (no other special tokens added)."""
-        return [self.start_id] + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Start token + the text's ids; special-token strings in the text stay text."""
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [self.start_id, *ids]
 
     def room(self) -> int:
         """How many more tokens fit in the model's context (a large number if unbounded)."""

@@ -1,5 +1,5 @@
-"""Offline factuality evaluation: FactScore-style precision of biographies, an LLM-judge FActScore,
-fact leakage, and bootstrap confidence intervals.
+"""Offline factuality evaluation: FactScore-style precision of biographies, fact leakage, and
+bootstrap confidence intervals.
 
     entities = load_entities("wiki2015")[:50]
     articles = article_by_id("wiki2015")               # doc_id -> document (lenient source)
@@ -17,25 +17,18 @@ word, in the knowledge source:
 Precision per person = supported / claims; people with no claim abstained and are left out of the
 mean (the respond ratio reports them), as in FActScore.
 
-The LLM-judge protocol (`OpenAIJudge`, `judge_factscore`) is FActScore's: the LLM lists atomic facts
-per sentence, then answers True/False for each against retrieved passages; every call is cached on
-disk by a hash of the request.
+The LLM-judge FActScore (an LLM lists atomic facts and verifies them) lives in `lacy.judge`; it scores
+through `report_from_claims` here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import re
-import sqlite3
 import unicodedata
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -338,9 +331,11 @@ def _article_text(articles: Mapping[str, Any], entity: EntityLike) -> str:
     raise KeyError(f"no article for {entity.name!r} (doc_id {entity.doc_id!r}, title {entity.title!r})")
 
 
-def _report(mode: str, generations: Sequence[Generation], claims: Sequence[list[Claim]],
-            supported_fn: Callable[[Generation, Claim], bool], length_penalty: bool,
-            gamma: float) -> FactReport:
+def report_from_claims(mode: str, generations: Sequence[Generation], claims: Sequence[list[Claim]],
+                       supported_fn: Callable[[Generation, Claim], bool], length_penalty: bool,
+                       gamma: float) -> FactReport:
+    """Score claims already extracted: `claims[i]` are the claims of `generations[i]`,
+    `supported_fn(generation, claim)` decides each one; attributes are checked on the text."""
     results = []
     attributes: dict[str, list[int]] = {a: [0, 0] for a in ("birth_year", "birth_place", "occupation")}
     for gen, gen_claims in zip(generations, claims, strict=True):
@@ -377,7 +372,7 @@ def _score_claims(generations: Sequence[Generation], claims: Sequence[list[Claim
 
         def lenient(gen: Generation, claim: Claim) -> bool:
             return _in_normalized(claim.text, articles[gen.entity.doc_id])
-        return _report("lenient (whole article)", generations, claims, lenient, length_penalty, gamma)
+        return report_from_claims("lenient (whole article)", generations, claims, lenient, length_penalty, gamma)
 
     retrieved: dict[tuple[str, str], str] = {}
 
@@ -388,7 +383,7 @@ def _score_claims(generations: Sequence[Generation], claims: Sequence[list[Claim
             retrieved[key] = f" {normalize(' '.join(p.text for p in passages))} "
         return _in_normalized(claim.text, retrieved[key])
 
-    return _report(f"strict (top-{k} passages)", generations, claims, in_passages, length_penalty, gamma)
+    return report_from_claims(f"strict (top-{k} passages)", generations, claims, in_passages, length_penalty, gamma)
 
 
 def factscore(generations: Sequence[Generation], source: Any, *, strict: bool, k: int = 5,
@@ -543,120 +538,3 @@ def leakage(generate_fn: Callable[[str], str], probes: Sequence[LeakProbe]) -> L
         continuations.append(out)
         hits.append(leaks(out, probe.gold))
     return LeakReport(len(probes), sum(hits), sum(hits) / len(probes), continuations, hits)
-
-
-# ----------------------------------------------------------------------------------------------
-# The FActScore protocol with an LLM judge behind an OpenAI-compatible completions endpoint
-
-_FACTS_DEMO = (
-    "Please breakdown the following sentence into independent facts: He made his acting debut in the "
-    "film The Moon is the Sun's Dream (1992), and continued to appear in small and supporting roles "
-    "throughout the 1990s.\n- He made his acting debut in the film.\n- He made his acting debut in The "
-    "Moon is the Sun's Dream.\n- The Moon is the Sun's Dream is a film.\n- The Moon is the Sun's Dream "
-    "was released in 1992.\n- After his acting debut, he appeared in small and supporting roles.\n"
-    "- After his acting debut, he appeared in small and supporting roles throughout the 1990s.\n\n")
-
-
-class JudgeError(RuntimeError):
-    """The judge endpoint failed or answered something unusable; the message names the URL."""
-
-
-def parse_facts(completion: str) -> list[str]:
-    """Atomic facts from a completion: its leading "- fact" lines, up to the first other line, each
-    once (small judges repeat their list until the token limit)."""
-    facts: list[str] = []
-    for line in completion.strip().splitlines():
-        if not line.startswith("- "):
-            break
-        fact = line[2:].strip()
-        if fact and fact not in facts:
-            facts.append(fact)
-    return facts
-
-
-def parse_verdict(completion: str) -> bool:
-    """FActScore's reading of a True/False answer: the one that occurs (the later one if both);
-    with neither, supported unless it says not / cannot / unknown / information."""
-    answer = completion.lower()
-    if "true" in answer or "false" in answer:
-        if "true" in answer and "false" in answer:
-            return answer.index("true") > answer.index("false")
-        return "true" in answer
-    return all(word not in answer for word in ("not", "cannot", "unknown", "information"))
-
-
-class OpenAIJudge:
-    """Greedy completions from `base_url` (".../v1" or the server root), every call cached in the
-    SQLite file `cache_path` keyed by sha256 of the request; `http_calls` counts real requests."""
-
-    def __init__(self, base_url: str, model: str, cache_path: str | Path, timeout: float = 120.0,
-                 api_key: str | None = None) -> None:
-        root = base_url.rstrip("/")
-        self.url = root + ("/completions" if root.endswith("/v1") else "/v1/completions")
-        self.model, self.timeout, self.api_key = model, timeout, api_key
-        self.http_calls = 0
-        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-        self._cache = sqlite3.connect(cache_path, check_same_thread=False)
-        with self._cache:
-            self._cache.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, request TEXT, "
-                                "completion TEXT)")
-
-    def complete(self, prompt: str, max_tokens: int = 128, stop: list[str] | None = None) -> str:
-        request = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                   "stop": stop}
-        body = json.dumps(request, sort_keys=True)
-        key = hashlib.sha256(body.encode()).hexdigest()
-        row = self._cache.execute("SELECT completion FROM calls WHERE key = ?", (key,)).fetchone()
-        if row is not None:
-            return row[0]
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode("utf-8", "replace")
-            raise JudgeError(f"{self.url} answered HTTP {exc.code}: {detail}") from exc
-        except TimeoutError as exc:
-            raise JudgeError(f"no answer from {self.url} within {self.timeout} s") from exc
-        except (urllib.error.URLError, ConnectionError) as exc:
-            raise JudgeError(f"cannot reach {self.url}: {exc}") from exc
-        self.http_calls += 1
-        try:
-            completion = json.loads(raw)["choices"][0]["text"]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise JudgeError(f"{self.url} answered no completion text: {raw[:300]!r}") from exc
-        if not isinstance(completion, str):
-            raise JudgeError(f"{self.url} answered a non-string completion: {completion!r}")
-        with self._cache:
-            self._cache.execute("INSERT OR REPLACE INTO calls VALUES (?, ?, ?)", (key, body, completion))
-        return completion
-
-    def atomic_facts(self, sentence: str) -> list[str]:
-        prompt = f"{_FACTS_DEMO}Please breakdown the following sentence into independent facts: {sentence}\n"
-        return parse_facts(self.complete(prompt, max_tokens=128, stop=["\n\n"]))
-
-    def verify(self, fact: str, topic: str, passages: Sequence[Any]) -> bool:
-        """FActScore's prompt: the passages (best last), then "Input: <fact> True or False?"."""
-        context = "".join(f"Title: {p.title}\nText: {p.text}\n\n" for p in reversed(passages))
-        definition = f"Answer the question about {topic} based on the given context.\n\n{context.strip()}"
-        prompt = f"{definition.strip()}\n\nInput: {fact.strip()} True or False?\nOutput:"
-        return parse_verdict(self.complete(prompt, max_tokens=8))
-
-
-def judge_factscore(judge: OpenAIJudge, generations: Sequence[Generation], store: PassageSearch, *,
-                    k: int = 5, length_penalty: bool = False, gamma: float = 10) -> FactReport:
-    """FActScore with an LLM: atomic facts per sentence, each verified against the top-k passages of
-    the person's article retrieved for the fact."""
-    claims = []
-    for gen in generations:
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+", gen.text.strip()) if s]
-        claims.append([Claim(fact, "ATOMIC", -1, -1, s) for s in sentences for fact in judge.atomic_facts(s)])
-
-    def verified(gen: Generation, claim: Claim) -> bool:
-        passages = store.search(claim.text, k, title=gen.entity.title)
-        return judge.verify(claim.text, gen.entity.title, passages)
-
-    return _report(f"llm-judge (top-{k} passages)", generations, claims, verified, length_penalty, gamma)

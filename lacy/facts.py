@@ -186,7 +186,8 @@ class FactTagger:
     def tag(self, texts: list[str], tokenizer: PreTrainedTokenizerFast) -> list[TaggedText]:
         """Tokenise `texts` (no special tokens) and flag the tokens that overlap fact words."""
         spans = self.fact_spans(texts)
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+        # split_special_tokens: a literal "<CALL>" in a corpus is text, never the delegation token.
+        enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True,
                         return_attention_mask=False, verbose=False)
         tagged = []
         for ids, offsets, text_spans in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):

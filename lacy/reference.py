@@ -54,7 +54,8 @@ class _CharAlignedLM:
 
     def encode(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids int64 [m], offsets int64 [m, 2]) per text, in the model's tokenisation, no specials."""
-        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True,
+        enc = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True,
+                             return_offsets_mapping=True,
                              return_attention_mask=False, verbose=False)
         return [(np.asarray(ids, dtype=np.int64), np.asarray(off, dtype=np.int64).reshape(-1, 2))
                 for ids, off in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
@@ -213,7 +214,8 @@ class JudgeLabeler(_CharAlignedLM):
         return out
 
     def _our_ids(self, texts: Sequence[str], offsets: Sequence[np.ndarray]) -> list[np.ndarray]:
-        enc = self.our_tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True,
+        enc = self.our_tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True,
+                                 return_offsets_mapping=True,
                                  return_attention_mask=False, verbose=False)
         for got, want in zip(enc["offset_mapping"], offsets, strict=True):
             if not np.array_equal(np.asarray(got).reshape(-1, 2), want):

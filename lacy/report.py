@@ -52,6 +52,8 @@ def generation_block(spans: Iterable[tuple[str, str]], meta: str = "") -> str:
 
 
 def _fmt(value: object) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return "–" if math.isnan(value) else f"{value:.3f}"
     return str(value)

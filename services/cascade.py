@@ -104,7 +104,8 @@ class BigModel:
         if self.cfg.big.retrieval:
             from lacy.knowledge import SqlitePassageStore
 
-            self.store = SqlitePassageStore(self.cfg.knowledge.db_path)
+            self.store = SqlitePassageStore(self.cfg.knowledge.db_path,
+                                            common_share=self.cfg.knowledge.common_share)
         self.sessions: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -119,7 +120,8 @@ class BigModel:
                                          "(deploy with big.retrieval: true)")
                     from lacy.knowledge import RetrievalBigLM
 
-                    lm = RetrievalBigLM(lm, self.store, self.cfg.knowledge.top_k)
+                    k = self.cfg.knowledge
+                    lm = RetrievalBigLM(lm, self.store, k.top_k, k.passage_chars, k.query)
                 self.sessions[key] = lm
                 while len(self.sessions) > self.cfg.serve.big_sessions:
                     self.sessions.popitem(last=False)
@@ -201,9 +203,11 @@ class SmallModel:
         self.big = big
         self.models: dict[str, tuple[Any, Any]] = {}
         paths = {DEFAULT_MODEL: self.cfg.serve.small_path, **self.cfg.serve.models}
+        loaded: dict[str, tuple[Any, Any]] = {}
         for name, path in paths.items():
-            model, tokenizer = load_big_model(path)  # any local HF dir, safetensors only
-            self.models[name] = (model, tokenizer)
+            if path not in loaded:  # a path served under two names is loaded once
+                loaded[path] = load_big_model(path)  # any local HF dir, safetensors only
+            self.models[name] = loaded[path]
         # Running quantiles of P(<CALL>) per (model, rate), shared by all requests so a requested
         # call rate holds across requests, not only within one.
         self.quantiles: dict[str, dict] = {name: {} for name in self.models}

@@ -290,3 +290,16 @@ def test_explicit_full_pipeline_agrees_with_the_reduced_one(tagger):
     full = FactTagger(FactsConfig(), nlp=load_spacy("en_core_web_sm"))
     assert len(full.nlp.pipe_names) == 6
     assert full.fact_spans(SENTENCES) == tagger.fact_spans(SENTENCES)
+
+
+def test_literal_special_token_text_stays_text(tiny_tokenizer):
+    """A corpus that mentions "<CALL>" or "<|endoftext|>" must not inject those ids into training."""
+    from lacy.config import FactsConfig
+    from lacy.facts import FactTagger
+    from lacy.tokenizer import CALL_TOKEN, EOS_TOKEN
+
+    text = "The token <CALL> and <|endoftext|> appear in Paris."
+    (tagged,) = FactTagger(FactsConfig()).tag([text], tiny_tokenizer)
+    special = {tiny_tokenizer.convert_tokens_to_ids(t) for t in (CALL_TOKEN, EOS_TOKEN)}
+    assert not special & set(tagged.ids.tolist())
+    assert tagged.offsets[-1, 1] == len(text)

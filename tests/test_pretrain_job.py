@@ -65,17 +65,29 @@ def job_config(shards: Path, out: Path, mlflow_uri: str, **train: object) -> Lac
     return load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml", overrides)
 
 
+def newest_run(mlflow_uri: str, experiment: str, run_name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
 def run_metrics(mlflow_uri: str, experiment: str, run_name: str) -> dict[str, list[tuple[int, float]]]:
     """Per-metric histories [(step, value)] of the newest run of that name."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    run_id = runs[0].info.run_id
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-            for key in runs[0].data.metrics}
+    latest = newest_run(mlflow_uri, experiment, run_name)
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(latest.info.run_id, key))
+            for key in latest.data.metrics}
+
+
+def artifact_paths(mlflow_uri: str, run_id: str, folder: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    return [a.path for a in MlflowClient(tracking_uri=mlflow_uri).list_artifacts(run_id, folder)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,6 +153,10 @@ def test_every_rule_trains_end_to_end(rule, shards_dir, tmp_path, mlflow_uri, ra
         assert 0 < call_share <= 0.151 or rule == "lacy" and 0 < call_share < 0.6
     tokens = metrics["supervised_tokens"][-1][1]
     assert 0 < tokens <= 2 * 4 * SEQ_LEN
+    assert metrics["final_step"] == [(0, 2.0)] and metrics["final_supervised_tokens"][0][1] == tokens
+    mlflow_run = newest_run(mlflow_uri, cfg.mlflow.experiment, f"pretrain-{rule}")
+    assert mlflow_run.data.params["labels.rule"] == rule
+    assert "final/model.safetensors" in artifact_paths(mlflow_uri, mlflow_run.info.run_id, "final")
 
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
