@@ -72,7 +72,7 @@ def knowledge_stage(cfg: LacyConfig) -> Path:
     if _stage_done(db.parent / "knowledge", key) is None:
         if db.exists():
             db.unlink()
-        report = build_store(cfg.data.corpus, db, cfg.knowledge.passage_words)
+        report = build_store(cfg.data.corpus, db, cfg.knowledge.passage_words, max_docs=cfg.data.max_docs)
         _stage_finish(db.parent / "knowledge", key, report=report.summary())
     return db
 
@@ -157,7 +157,7 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
 
     from lacy import eval as lacy_eval
     from lacy.cascade import BigLM
-    from lacy.data import article_by_id, load_entities, read_corpus, split_of
+    from lacy.data import load_entities, read_corpus, split_of
     from lacy.knowledge import RetrievalBigLM, SqlitePassageStore
     from lacy.model import load_big_model
     from lacy.shards import read_manifest
@@ -168,7 +168,9 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
     results_dir = Path(cfg.run_dir) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     ecfg, xcfg = cfg.eval, cfg.experiment
-    articles = article_by_id(cfg.data.corpus)
+    # The documents the models were trained on: evaluation people must have their article among them.
+    corpus = list(read_corpus(cfg.data.corpus, max_docs=cfg.data.max_docs, min_chars=cfg.data.min_chars))
+    articles = {doc["id"]: doc for doc in corpus}
     entities = [e for e in load_entities(cfg.data.corpus) if e.doc_id in articles][:ecfg.entities]
     store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
     nlp = lacy_eval.load_nlp(cfg.facts.spacy_model)
@@ -215,8 +217,7 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
     _log(f"deploying the Serve cascade with {len(models)} small models")
     serve_run(scfg)
     client = ServeClient(f"http://{cfg.serve.host}:{cfg.serve.port}", cfg.cascade.max_new_tokens)
-    docs = [d for d in read_corpus(cfg.data.corpus, max_docs=cfg.data.max_docs)
-            if split_of(d["id"], cfg.data.val_fraction) == "train"]
+    docs = [d for d in corpus if split_of(d["id"], cfg.data.val_fraction) == "train"]
     tokenizer = load_tokenizer(read_manifest(cfg.score.output_dir).tokenizer_path)
     probes = [_fit_probe(p, tokenizer, cfg.model.seq_len - 16)
               for p in lacy_eval.make_leak_probes(docs, nlp, ecfg.leakage_facts, seed=cfg.seed)]

@@ -212,7 +212,11 @@ def _read_embedded(path: Path, report: ReadReport, min_chars: int) -> Iterator[d
     rep = report.file(str(path))
     with open(path, encoding="utf-8") as f:
         entries = json.load(f)  # one 10k-entry JSON object (≈7 MB); it cannot be streamed by line
-    for n, (title, entry) in enumerate(entries.items(), start=1):
+    # The file is grouped by topic; a stable hashed order makes every prefix (`max_docs`) a fair
+    # sample, people included. `n` stays the entry's position in the file, for reports.
+    numbered = sorted(enumerate(entries.items(), start=1),
+                      key=lambda item: hashlib.sha1(item[1][0].encode()).digest())
+    for n, (title, entry) in numbered:
         record = dict(entry) if isinstance(entry, dict) else entry
         if isinstance(record, dict):
             record["id"] = "ovos:" + title
