@@ -10,27 +10,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from people import ADA, ADA_ARTICLE, ARTICLES, BOB_ARTICLE
 
-from lacy.data import Entity
 from lacy.eval import Generation
 from lacy.judge import JudgeError, OpenAIJudge, judge_factscore, parse_facts, parse_verdict
 from lacy.knowledge import SqlitePassageStore
-
-ADA = Entity(name="Ada Lovelace", title="Ada Lovelace", doc_id="42",
-             description="British chemist (1920–1990)", birth_year=1920,
-             birth_place="Leeds, United Kingdom", occupation="chemist")
-ADA_ARTICLE = ("Ada Lovelace (born 1920) was a British chemist born in Leeds. She studied chemistry at "
-               "Oxford and won many prizes. In 1950 she moved to Paris where she founded a laboratory "
-               "of her own.")
-BOB_ARTICLE = "Bob Marley (6 February 1945 – 11 May 1981) was a Jamaican singer born in Nine Mile."
-ARTICLES = [{"id": "42", "title": "Ada Lovelace", "text": ADA_ARTICLE},
-            {"id": "7", "title": "Bob Marley", "text": BOB_ARTICLE}]
 
 
 @pytest.fixture()
 def store(tmp_path):
     with SqlitePassageStore(tmp_path / "kb.sqlite", passage_words=12) as s:
-        s.add(ARTICLES)
+        s.add(ARTICLES.values())
         yield s
 
 
