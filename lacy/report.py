@@ -150,20 +150,19 @@ def method_summary(rows: Sequence[dict], trained: dict[str, dict], xcfg: Experim
                 p = casc.get("precision_strict")
                 table.append({
                     "rule": model.removesuffix(f"-{comparison}"),
-                    "val loss": rec.get("val_real_loss", float("nan")),
+                    "val loss": rec.get("val_real_loss"),
                     "train tokens": rec.get("tokens", "–"), "supervised": rec.get("supervised_tokens", "–"),
-                    "small alone": alone.get("precision_strict", float("nan")),
-                    "cascade": float("nan") if p is None else p,
-                    "CI": f"[{_fmt(casc.get('precision_strict_lo') or float('nan'))}, "
-                          f"{_fmt(casc.get('precision_strict_hi') or float('nan'))}]",
-                    "call rate": casc.get("call_rate") or float("nan"),
+                    "small alone": alone.get("precision_strict"),
+                    "cascade": p,
+                    "CI": f"[{_fmt(casc.get('precision_strict_lo'))}, {_fmt(casc.get('precision_strict_hi'))}]",
+                    "call rate": casc.get("call_rate"),
                     "gap closed": gap_closed(p, alone.get("precision_strict"),
                                              big_row.get("precision_strict")),
-                    "lenient": casc.get("precision_lenient") or float("nan"),
-                    "leakage": alone.get("leakage", float("nan")),
+                    "lenient": casc.get("precision_lenient"),
+                    "leakage": alone.get("leakage"),
                 })
             lines += [f"## {comparison}-equalised, big model: {big} "
-                      f"(big alone: {_fmt(big_row.get('precision_strict') or float('nan'))})", "",
+                      f"(big alone: {_fmt(big_row.get('precision_strict'))})", "",
                       markdown_table(table, list(table[0]) if table else ["rule"]), ""]
             lacy_row = _nearest(rows, f"lacy-{comparison}", big, rate)
             diffs = []

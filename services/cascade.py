@@ -20,6 +20,7 @@ with delegated spans coloured), GET /healthz, GET /v1/models.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import shlex
 import threading
@@ -369,17 +370,17 @@ class SmallModel:
     @api.get("/view", response_class=HTMLResponse)
     async def view(self, prompt: str = Query("", max_length=4000), max_tokens: int = 32,
                    call_rate: float | None = None, call_threshold: float | None = None,
-                   model: str = DEFAULT_MODEL) -> str:
+                   topic: str | None = Query(None, max_length=200), model: str = DEFAULT_MODEL) -> str:
         """A page for a person: a prompt form, and the generation with delegated spans coloured."""
-        form = ("<form method='get'><input name='prompt' size='60' value='{p}'> "
-                "<input name='max_tokens' size='4' value='{m}'> call rate "
-                "<input name='call_rate' size='4' value='{r}'> <button>generate</button></form>").format(
-                    p=prompt.replace("'", "&#39;").replace("<", "&lt;"), m=max_tokens,
-                    r="" if call_rate is None else call_rate)
+        attr = lambda v: html.escape("" if v is None else str(v), quote=True)  # noqa: E731
+        form = (f"<form method='get'><input name='prompt' size='40' value='{attr(prompt)}'> "
+                f"topic <input name='topic' size='16' value='{attr(topic)}'> "
+                f"<input name='max_tokens' size='3' value='{attr(max_tokens)}'> call rate "
+                f"<input name='call_rate' size='4' value='{attr(call_rate)}'> <button>generate</button></form>")
         if not prompt:
             return page_html("lacy cascade", form)
         try:
-            req = CompletionRequest(prompt=prompt, max_tokens=max_tokens, call_rate=call_rate,
+            req = CompletionRequest(prompt=prompt, max_tokens=max_tokens, call_rate=call_rate, topic=topic or None,
                                     call_threshold=call_threshold, model=model, allow_undelegated=True)
         except ValueError as err:
             raise HTTPException(422, str(err)) from err
