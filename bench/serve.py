@@ -64,10 +64,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--load-max-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads per replica (in-process uses torch's default)")
     args = parser.parse_args()
 
     import httpx
     import ray
+    import torch
     from ray import serve
 
     from lacy.cascade import BigLM, Cascade, SmallLM, calibrate
@@ -78,7 +81,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     small_dir = Path(args.small) if args.small else _tiny_small_model(work / "small")
     cfg = load_config(None, ["--run_dir", str(work), "--serve.small_path", str(small_dir),
-                             "--serve.port", str(_free_port()), "--cascade.max_new_tokens", str(args.max_tokens)])
+                             "--serve.port", str(_free_port()), "--cascade.max_new_tokens", str(args.max_tokens),
+                             # Small and big replicas compute in turn for a request, as in-process.
+                             "--serve.torch_threads", str(args.threads)])
     small_model, small_tok = load_big_model(str(small_dir))
     big_model, big_tok = load_big_model(cfg.big.path)
 
@@ -110,12 +115,16 @@ def main() -> None:
         with httpx.Client(base_url=url, timeout=600) as c:
             return sum(_tokens(c.post("/generate", json=body(p)).json()) for p in PROMPTS[:n_prompts])
 
-    throughput = {}
+    throughput, batch_size = {}, {}
     for streams in (1, 8):
+        before = http.get("/healthz").json()
         start = time.perf_counter()
         with ThreadPoolExecutor(streams) as pool:
             total = sum(pool.map(stream, [len(PROMPTS)] * streams))
         throughput[streams] = total / (time.perf_counter() - start)
+        after = http.get("/healthz").json()
+        batch_size[streams] = (after["small_steps"] - before["small_steps"]) / max(
+            1, after["small_passes"] - before["small_passes"])
 
     # 3. Load: N short requests at concurrency 16, bounded by a deadline.
     deadline = time.monotonic() + 1200
@@ -146,6 +155,8 @@ def main() -> None:
         "serve_over_in_process": via_serve / in_process,
         "tokens_per_s_1_stream": throughput[1], "tokens_per_s_8_streams": throughput[8],
         "throughput_8_over_1": throughput[8] / throughput[1],
+        "small_batch_1_stream": batch_size[1], "small_batch_8_streams": batch_size[8],
+        "torch_threads_per_replica": args.threads, "in_process_torch_threads": torch.get_num_threads(),
         "load_requests": len(done), "load_errors": sum(s != 200 for s, _ in done),
         "load_seconds": load_seconds, "load_p50_s": statistics.median(latencies),
         "load_p99_s": latencies[int(0.99 * (len(latencies) - 1))],

@@ -1,5 +1,10 @@
-"""Batched greedy continuation for many big-model sessions at once (what the Serve BigModel batches).
+"""Batched decoding across request sessions, each with its own KV cache (what the Serve replicas batch).
 
+`continue_batch`: greedy continuation for many big-model sessions at once (the BigModel deployment).
+`FeedBatcher` + `feed_many`: concurrent small-model steps of many cascades as one forward pass (the
+SmallModel deployment): continuous batching, where what arrives during one pass forms the next.
+
+`continue_batch` in detail:
 Each session is a `BigLM` whose KV cache holds its own text between calls. A batched call first brings
 every session up to date on its text (only the new suffix is encoded, exactly as `continue_text`
 does), then decodes all sessions together: their caches are left-padded to one length and stacked
@@ -10,12 +15,17 @@ the end every session takes back exactly its own slice of the cache. Results equ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from lacy.cascade import BigLM, _ends_unit
+from lacy.cascade import BigLM, CachedLM, _ends_unit
 
 
 def _decide(lm: BigLM, out: str, generated: list[int], unit: str, max_tokens: int) -> tuple[int | None, str]:
@@ -106,3 +116,179 @@ def continue_batch(lms: Sequence[BigLM], texts: Sequence[str], *, units: Sequenc
             for layer in cache.layers])
         lm.ids = lm.ids + generated[i]
     return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# Small-model steps of many sessions as one forward pass
+
+
+def _stack(caches: Sequence[Any], kept: Sequence[int]) -> DynamicCache | None:
+    """The first kept[i] cached positions of every session, left-padded to one length: [B, H, C, d]."""
+    width = max(kept)
+    if width == 0:
+        return None
+    ref = next(c for c, k in zip(caches, kept, strict=True) if k > 0)
+    stacked = []
+    for layer in range(len(ref.layers)):
+        keys, values = [], []
+        for cache, k in zip(caches, kept, strict=True):
+            shape = list(ref.layers[layer].keys.shape)
+            if k == 0:
+                shape[2] = width
+                keys.append(ref.layers[layer].keys.new_zeros(shape))
+                values.append(ref.layers[layer].values.new_zeros(shape))
+                continue
+            pad = (0, 0, width - k, 0)
+            keys.append(torch.nn.functional.pad(cache.layers[layer].keys[:, :, :k], pad))
+            values.append(torch.nn.functional.pad(cache.layers[layer].values[:, :, :k], pad))
+        stacked.append((torch.cat(keys), torch.cat(values)))
+    return DynamicCache(ddp_cache_data=stacked)
+
+
+@torch.inference_mode()
+def feed_many(lms: Sequence[CachedLM], new_ids: Sequence[list[int]]) -> None:
+    """`lm.forward(ids)` for every session, sessions of one model run as one forward pass.
+
+    Every session of a pass feeds the same number of tokens, the longest suffix among them: a session
+    with a shorter one feeds its last cached tokens again (cropped from its cache), so no padding sits
+    between a session's cache and its input, and each session's valid cache ends up one contiguous
+    slice. Caches are left-padded (masked) and positions are explicit, so results equal separate
+    passes up to float rounding. A session with fewer tokens in all than the pass feeds runs alone."""
+    if len(lms) != len(new_ids):
+        raise ValueError(f"feed_many: {len(lms)} sessions but {len(new_ids)} id lists")
+    groups: dict[int, list[int]] = {}
+    for i, lm in enumerate(lms):
+        groups.setdefault(id(lm.model), []).append(i)
+    for members in groups.values():
+        width = max(len(new_ids[i]) for i in members)
+        batch = [i for i in members if len(lms[i].ids) + len(new_ids[i]) >= width]
+        for i in members:
+            if i not in batch or len(batch) == 1:
+                lms[i].forward(new_ids[i])
+        if len(batch) < 2:
+            continue
+        start = time.perf_counter()
+        model = lms[batch[0]].model
+        kept = [len(lms[i].ids) + len(new_ids[i]) - width for i in batch]
+        cache = _stack([lms[i].cache for i in batch], kept)
+        prefix = max(kept)
+        device = model.device
+        input_ids = torch.tensor([(lms[i].ids + new_ids[i])[-width:] for i in batch], device=device)
+        mask = torch.zeros(len(batch), prefix + width, dtype=torch.long, device=device)
+        for b, k in enumerate(kept):
+            mask[b, prefix - k:] = 1
+        positions = torch.tensor([[k + j for j in range(width)] for k in kept], device=device)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        seconds = time.perf_counter() - start
+        for b, (i, k) in enumerate(zip(batch, kept, strict=True)):
+            lm = lms[i]
+            lm.cache = DynamicCache(ddp_cache_data=[
+                (layer.keys[b:b + 1, :, prefix - k:].contiguous(),
+                 layer.values[b:b + 1, :, prefix - k:].contiguous())
+                for layer in out.past_key_values.layers])
+            lm.logits = out.logits[b, -1].float()
+            lm.ids = lm.ids + list(new_ids[i])
+            lm.tokens_processed += width
+            lm.seconds += seconds
+
+
+@dataclass
+class _Feed:
+    lm: CachedLM
+    ids: list[int]
+    before: int
+    """How many ids the session had cached when it asked."""
+    since: float = field(default_factory=time.monotonic)
+    done: bool = False
+    error: BaseException | None = None
+
+
+class FeedBatcher:
+    """Runs the forward passes of concurrently decoding sessions as batches (set `lm.feeder = batcher`).
+
+    A decoding thread's `feed(lm, ids)` blocks until its logits are ready. One pass runs at a time and
+    what arrives meanwhile forms the next; a batch goes as soon as every decoding session has
+    submitted (so a lone stream never waits) or the oldest step has waited `max_wait_s`. Sessions say
+    they are decoding with `with batcher.session():` and that they wait on something else (the big
+    model) with `with batcher.paused():`. If a batch fails, its steps run one by one so only the
+    failing session sees the error."""
+
+    def __init__(self, max_batch: int = 32, max_wait_s: float = 0.002) -> None:
+        if max_batch <= 0 or max_wait_s < 0:
+            raise ValueError(f"max_batch must be positive and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self._cond = threading.Condition()
+        self._pending: list[_Feed] = []
+        self._busy = False
+        self.active = 0
+        """Sessions decoding now (not paused)."""
+        self.batches = 0
+        self.steps = 0
+        """Passes run and steps fed (their ratio is the mean batch size)."""
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        with self._cond:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        with self._cond:
+            self.active -= 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.active += 1
+
+    def _ready(self) -> bool:
+        return bool(self._pending) and not self._busy and (
+            len(self._pending) >= max(self.active, 1) or len(self._pending) >= self.max_batch
+            or time.monotonic() >= self._pending[0].since + self.max_wait_s)
+
+    def feed(self, lm: CachedLM, ids: list[int]) -> None:
+        item = _Feed(lm, list(ids), len(lm.ids))
+        with self._cond:
+            self._pending.append(item)
+            self._cond.notify_all()
+            while not item.done:
+                if not self._ready():
+                    wait = None if self._busy or not self._pending else \
+                        max(0.0, self._pending[0].since + self.max_wait_s - time.monotonic())
+                    self._cond.wait(wait)
+                    continue
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                self._busy = True
+                self._cond.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self.batches += 1
+                    self.steps += len(batch)
+                    for fed in batch:
+                        fed.done = True
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+
+    @staticmethod
+    def _run(batch: list[_Feed]) -> None:
+        try:
+            feed_many([f.lm for f in batch], [f.ids for f in batch])
+        except Exception:
+            for fed in batch:  # each session not yet fed redoes its own step alone
+                try:
+                    if len(fed.lm.ids) == fed.before:  # feed_many updates a session whole or not at all
+                        fed.lm.forward(fed.ids)
+                except Exception as err:
+                    fed.error = err

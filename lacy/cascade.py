@@ -107,6 +107,9 @@ class CachedLM:
         """Tokens fed through the model since construction (never reset: callers take differences)."""
         self.seconds = 0.0
         """Time spent in forward passes since construction."""
+        self.feeder: Any = None
+        """Something with `feed(lm, ids)` that runs this LM's forward passes, e.g. batched with other
+        sessions' (`lacy.batched.FeedBatcher`); None: each pass runs alone."""
         self.reset()
 
     def reset(self) -> None:
@@ -148,8 +151,15 @@ class CachedLM:
     def append(self, token_id: int) -> None:
         self._feed([token_id])
 
-    @torch.inference_mode()
     def _feed(self, new_ids: list[int]) -> None:
+        if self.feeder is not None:
+            self.feeder.feed(self, new_ids)
+        else:
+            self.forward(new_ids)
+
+    @torch.inference_mode()
+    def forward(self, new_ids: list[int]) -> None:
+        """Feed `new_ids` after the cached ones, alone (what `_feed` does without a feeder)."""
         start = time.perf_counter()
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)

@@ -366,12 +366,25 @@ class ServeConfig:
     """A big-model call that takes longer counts as the big model being unavailable (503)."""
     big_sessions: int = 64
     """Per-request big-model KV caches kept per replica (least recently used evicted)."""
+    torch_threads: int | None = None
+    """Intra-op threads per replica (None: Ray's default, the replica's whole CPUs and at least one).
+    Small and big replicas compute in turn for one request, so each may use every core."""
+    concurrency: int = 32
+    """Requests a SmallModel replica decodes at once (its ongoing-request limit and decoding threads)."""
+    small_batch: int = 32
+    """Most concurrent requests whose small-model steps run as one forward pass."""
+    small_batch_wait_s: float = 0.002
+    """How long a step waits for other requests' steps when some are still computing theirs."""
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "serve.port", "must be a TCP port")
         _check(self.small_replicas > 0 and self.big_replicas > 0, "serve.*_replicas", "must be positive")
         _check(self.big_timeout_s > 0, "serve.big_timeout_s", "must be positive")
         _check(self.max_tokens_limit > 0 and self.max_prompt_chars > 0, "serve.max_*", "must be positive")
+        _check(self.torch_threads is None or self.torch_threads > 0, "serve.torch_threads", "must be positive")
+        _check(self.concurrency > 0 and self.small_batch > 0, "serve.concurrency/small_batch",
+               "must be positive")
+        _check(self.small_batch_wait_s >= 0, "serve.small_batch_wait_s", "must be >= 0")
 
 
 @dataclass

@@ -177,9 +177,12 @@ def method_summary(rows: Sequence[dict], trained: dict[str, dict], xcfg: Experim
                 except ValueError:
                     continue
                 name = model.removesuffix(f"-{comparison}")
-                diffs.append(f"lacy − {name}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                both = sum(x is not None and y is not None for x, y in
+                           zip(lacy_row["entity_scores_strict"], other["entity_scores_strict"], strict=True))
+                diffs.append(f"lacy − {name}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={both})")
             if diffs:
-                lines += ["Paired differences in cascade precision (LaCy minus rule, 95 % CI): "
+                lines += ["Paired differences in cascade precision (LaCy minus rule, 95 % CI, over the n people "
+                          "both answered): "
                           + "; ".join(diffs), ""]
             plot_rows = [{**r, "rule": r["rule"].removesuffix(f"-{comparison}"),
                           "precision": r.get("precision_strict") or 0.0,

@@ -27,7 +27,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from lacy.batched import continue_batch
+from lacy.batched import FeedBatcher, continue_batch
 from lacy.cascade import BigLM, BigModelError, Cascade, CascadeResult, SmallLM, Span
 from lacy.config import LacyConfig, from_dict, load_config, to_dict
 from lacy.model import load_big_model
@@ -87,6 +88,11 @@ def _cut_at_stop(completion: str, stops: list[str]) -> tuple[str, bool]:
     return (completion[:cut], True) if cut >= 0 else (completion, False)
 
 
+def _set_threads(cfg: LacyConfig) -> None:
+    if cfg.serve.torch_threads is not None:
+        torch.set_num_threads(cfg.serve.torch_threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # The big model
 
@@ -97,6 +103,7 @@ class BigModel:
 
     def __init__(self, config: dict) -> None:
         self.cfg = from_dict(LacyConfig, config)
+        _set_threads(self.cfg)
         dtype = torch.bfloat16 if self.cfg.big.dtype == "bfloat16" else torch.float32
         self.model, self.tokenizer = load_big_model(self.cfg.big.path, dtype)
         if torch.cuda.is_available():
@@ -168,8 +175,9 @@ class BigModel:
 class RemoteBig:
     """The cascade's big model as calls to the BigModel deployment, one KV-cache session per request."""
 
-    def __init__(self, handle: DeploymentHandle | None, retrieval: bool, timeout_s: float) -> None:
-        self.handle, self.retrieval, self.timeout_s = handle, retrieval, timeout_s
+    def __init__(self, handle: DeploymentHandle | None, retrieval: bool, timeout_s: float,
+                 waiting: Callable[[], Any]) -> None:
+        self.handle, self.retrieval, self.timeout_s, self.waiting = handle, retrieval, timeout_s, waiting
         self.session = uuid.uuid4().hex
         self.tokens_processed = 0
         self.tokens_generated = 0
@@ -180,7 +188,8 @@ class RemoteBig:
             raise BigModelError("no big model is deployed (serve.big_enabled is false)")
         response = self.handle.continue_text.remote(self.session, text, unit, max_tokens,
                                                     self.retrieval, topic)
-        out = response.result(timeout_s=self.timeout_s)
+        with self.waiting():  # other requests' small-model steps need not wait for this one
+            out = response.result(timeout_s=self.timeout_s)
         self.tokens_processed += out["processed"]
         self.tokens_generated += out["generated"]
         return out["text"]
@@ -201,7 +210,11 @@ api = FastAPI(title="lacy cascade", description="A small LM that delegates facts
 class SmallModel:
     def __init__(self, big: DeploymentHandle | None, config: dict) -> None:
         self.cfg = from_dict(LacyConfig, config)
+        _set_threads(self.cfg)
         self.big = big
+        # Each request decodes in its own thread; their small-model steps meet in one batcher.
+        self.pool = ThreadPoolExecutor(self.cfg.serve.concurrency, thread_name_prefix="cascade")
+        self.batcher = FeedBatcher(self.cfg.serve.small_batch, self.cfg.serve.small_batch_wait_s)
         self.models: dict[str, tuple[Any, Any]] = {}
         paths = {DEFAULT_MODEL: self.cfg.serve.small_path, **self.cfg.serve.models}
         loaded: dict[str, tuple[Any, Any]] = {}
@@ -227,9 +240,10 @@ class SmallModel:
         model, tokenizer = self.models[req.model]
         retrieval = self.cfg.big.retrieval if req.retrieval is None else req.retrieval
         big = RemoteBig(self.big if self.cfg.serve.big_enabled else None, retrieval,
-                        self.cfg.serve.big_timeout_s)
-        cascade = Cascade(SmallLM(model, tokenizer), big, self.cfg.cascade,
-                          quantiles=self.quantiles[req.model])
+                        self.cfg.serve.big_timeout_s, self.batcher.paused)
+        small = SmallLM(model, tokenizer)
+        small.feeder = self.batcher
+        cascade = Cascade(small, big, self.cfg.cascade, quantiles=self.quantiles[req.model])
         return cascade, big
 
     def _policy(self, req: CompletionRequest, allow_calls: bool) -> dict:
@@ -241,11 +255,13 @@ class SmallModel:
         """The cascade's result, and why it is undelegated (None when the big model answered)."""
         cascade, big = self._cascade(req)
         try:
-            return cascade.generate(req.prompt, **self._policy(req, True)), None
+            with self.batcher.session():
+                return cascade.generate(req.prompt, **self._policy(req, True)), None
         except BigModelError as err:
             if not req.allow_undelegated:
                 raise HTTPException(503, f"big model unavailable: {err}") from err
-            return cascade.generate(req.prompt, **self._policy(req, False)), str(err)
+            with self.batcher.session():
+                return cascade.generate(req.prompt, **self._policy(req, False)), str(err)
         except ValueError as err:  # e.g. a prompt longer than the small model's context
             raise HTTPException(422, str(err)) from err
         finally:
@@ -267,11 +283,16 @@ class SmallModel:
                 "tokens_processed": result.tokens_processed, "timings": result.timings,
                 "stop_reason": result.stop_reason}
 
+    async def _in_pool(self, req: CompletionRequest) -> tuple[CascadeResult, str | None]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._run, req)
+
     # -- endpoints -------------------------------------------------------------------------------
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "models": sorted(self.models), "big_enabled": self.cfg.serve.big_enabled}
+        b = self.batcher  # how well concurrent requests' small-model steps share forward passes
+        return {"status": "ok", "models": sorted(self.models), "big_enabled": self.cfg.serve.big_enabled,
+                "small_passes": b.batches, "small_steps": b.steps, "decoding": b.active}
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
@@ -291,7 +312,7 @@ class SmallModel:
         if req.stream:
             raise HTTPException(422, "/generate does not stream; use /v1/completions with stream: true")
         start = time.perf_counter()
-        result, undelegated = await asyncio.to_thread(self._run, req)
+        result, undelegated = await self._in_pool(req)
         out = self._summary(result, req.prompt, _stops(req.stop))
         out.update(text=req.prompt + out["completion"], model=req.model, delegated=undelegated is None,
                    undelegated_reason=undelegated)
@@ -304,7 +325,7 @@ class SmallModel:
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
             return StreamingResponse(self._sse(req, cid, created), media_type="text/event-stream")
-        result, undelegated = await asyncio.to_thread(self._run, req)
+        result, undelegated = await self._in_pool(req)
         out = self._summary(result, req.prompt, _stops(req.stop))
         tokenizer = self.models[req.model][1]
         prompt_tokens = len(tokenizer(req.prompt)["input_ids"])
@@ -329,8 +350,9 @@ class SmallModel:
 
         def produce() -> None:
             try:
-                for span in cascade.generate_stream(req.prompt, **self._policy(req, True)):
-                    loop.call_soon_threadsafe(queue.put_nowait, span)
+                with self.batcher.session():
+                    for span in cascade.generate_stream(req.prompt, **self._policy(req, True)):
+                        loop.call_soon_threadsafe(queue.put_nowait, span)
             except Exception as err:  # reported to the client as an error event
                 loop.call_soon_threadsafe(queue.put_nowait, err)
             finally:
@@ -345,8 +367,7 @@ class SmallModel:
                 body["lacy"] = extra
             return f"data: {json.dumps(body)}\n\n"
 
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
+        self.pool.submit(produce)
         stops, written, stopped = _stops(req.stop), "", False
         while (item := await queue.get()) is not done:
             if isinstance(item, Exception):
@@ -384,7 +405,7 @@ class SmallModel:
                                     call_threshold=call_threshold, model=model, allow_undelegated=True)
         except ValueError as err:
             raise HTTPException(422, str(err)) from err
-        result, undelegated = await asyncio.to_thread(self._run, req)
+        result, undelegated = await self._in_pool(req)
         meta = (f"{result.calls} calls, realised call rate {result.call_rate:.2f}, "
                 f"{result.small_tokens} small + {result.big_tokens} big tokens"
                 + (f" — undelegated: {undelegated}" if undelegated else ""))
@@ -401,9 +422,9 @@ def build_app(cfg: LacyConfig) -> Any:
     s, config = cfg.serve, to_dict(cfg)
     big = None
     if s.big_enabled:
-        big = BigModel.options(num_replicas=s.big_replicas, ray_actor_options={
+        big = BigModel.options(num_replicas=s.big_replicas, max_ongoing_requests=s.concurrency, ray_actor_options={
             "num_cpus": s.big_cpus, "num_gpus": s.big_gpus}).bind(config)
-    return SmallModel.options(num_replicas=s.small_replicas, ray_actor_options={
+    return SmallModel.options(num_replicas=s.small_replicas, max_ongoing_requests=s.concurrency, ray_actor_options={
         "num_cpus": s.small_cpus, "num_gpus": s.small_gpus}).bind(big, config)
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -83,6 +84,25 @@ def test_generate_without_calls_is_small_only(base_url):
     out = r.json()
     assert r.status_code == 200 and out["calls"] == 0
     assert {s["source"] for s in out["spans"]} <= {"prompt", "small"}
+
+
+def test_concurrent_requests_share_small_model_passes(base_url):
+    prompts = ["Marie Curie was", "The river", "Albert Einstein", "In 1905 the", "She was born", "A city"]
+
+    def body(prompt: str) -> dict:
+        return {"prompt": prompt, "max_tokens": 12, "call_threshold": 0.999}  # a few calls at most
+
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        alone = [http.post("/generate", json=body(p)).json()["text"] for p in prompts]
+        before = http.get("/healthz").json()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(lambda p: httpx.post(f"{base_url}/generate", json=body(p),
+                                                          timeout=120).json()["text"], prompts))
+        after = http.get("/healthz").json()
+    assert together == alone
+    passes, steps = after["small_passes"] - before["small_passes"], after["small_steps"] - before["small_steps"]
+    assert steps >= len(prompts) * 12 and passes < steps, (passes, steps)
+    assert after["decoding"] == 0
 
 
 def test_openai_completions_shape(base_url):

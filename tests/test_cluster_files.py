@@ -1,0 +1,83 @@
+"""The cluster files a user hands to Ray, KubeRay and Serve: valid for their tools, and pointing at
+entrypoints and configs that exist in this checkout."""
+import importlib.util
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from lacy.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entrypoint_ok(command: str) -> None:
+    """`python -m MODULE --config FILE [overrides]`: the module exists and the config loads with them."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-m"], command
+    assert importlib.util.find_spec(argv[2]) is not None, f"no module {argv[2]}"
+    rest = argv[3:]
+    assert rest[0] == "--config", command
+    load_config(ROOT / rest[1], rest[2:])
+
+
+def _app_config_ok(args: dict) -> None:
+    """A Serve application's args as services.cascade:app reads them: a config and its overrides."""
+    overrides = args.get("overrides", [])
+    load_config(ROOT / args["config"], shlex.split(overrides) if isinstance(overrides, str) else overrides)
+
+
+def test_ray_cluster_yaml_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(raw))
+    types = raw["available_node_types"]
+    assert raw["head_node_type"] in types
+    # AWS fills each type's CPU/GPU resources from its instance type; the GPU type runs the CUDA image.
+    assert any("gpu" in t.get("docker", {}).get("worker_image", "") for t in types.values()), "no GPU type"
+    # The launcher installs the project with the same pins as the Makefile.
+    setup = " ".join(raw["setup_commands"])
+    for needle in ("torch==2.13.0", "requirements.txt", "--no-deps -r requirements-nodeps.txt"):
+        assert needle in setup
+
+
+def test_ray_cluster_yaml_rejects_a_broken_copy():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    raw["available_node_types"][raw["head_node_type"]]["max_workers"] = "many"
+    with pytest.raises(jsonschema.ValidationError, match="many"):
+        validate_config(prepare_config(raw))
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "rayservice.yaml"])
+def test_kuberay_manifests(name):
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == {"rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}[name]
+    spec = doc["spec"]
+    cluster = spec["rayClusterSpec" if name == "rayjob.yaml" else "rayClusterConfig"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert cluster["workerGroupSpecs"], "no worker groups"
+    if name == "rayjob.yaml":
+        _entrypoint_ok(spec["entrypoint"])
+    else:
+        serve = yaml.safe_load(spec["serveConfigV2"])
+        for app in serve["applications"]:
+            module, attr = app["import_path"].split(":")
+            assert attr == "app" and importlib.util.find_spec(module) is not None
+            _app_config_ok(app["args"])
+
+
+def test_serve_config_yaml_is_a_valid_serve_deploy_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "services" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    for app in raw["applications"]:
+        _app_config_ok(app["args"])
