@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +32,7 @@ from lacy.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
 # Content-addressed stages
 
 
-def _stage_done(directory: Path, key: str) -> dict | None:
+def stage_done(directory: Path, key: str) -> dict | None:
     """The record of a finished stage with this key, else None."""
     path = directory / "stage.json"
     if path.is_file():
@@ -41,13 +42,17 @@ def _stage_done(directory: Path, key: str) -> dict | None:
     return None
 
 
-def _stage_finish(directory: Path, key: str, **record: Any) -> dict:
+def stage_finish(directory: Path, key: str, **record: Any) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     record = {"key": key, **record}
     tmp = directory / "stage.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, directory / "stage.json")
     return record
+
+
+ROW_VERSION = 2
+"""Bump when an evaluation row's meaning changes, so cached rows are recomputed (2: pooled call rate)."""
 
 
 def _log(msg: str) -> None:
@@ -69,11 +74,11 @@ def knowledge_stage(cfg: LacyConfig) -> Path:
 
     db = Path(cfg.knowledge.db_path)
     key = config_hash({"data": to_dict(cfg.data), "passage_words": cfg.knowledge.passage_words})
-    if _stage_done(db.parent / "knowledge", key) is None:
+    if stage_done(db.parent / "knowledge", key) is None:
         if db.exists():
             db.unlink()
         report = build_store(cfg.data.corpus, db, cfg.knowledge.passage_words, max_docs=cfg.data.max_docs)
-        _stage_finish(db.parent / "knowledge", key, report=report.summary())
+        stage_finish(db.parent / "knowledge", key, report=report.summary())
     return db
 
 
@@ -89,22 +94,41 @@ def rule_config(cfg: LacyConfig, rule: str, comparison: str, token_budget: int |
     return rcfg
 
 
-def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None,
-                manifest_hash: str, parent_run_id: str) -> dict:
-    """Pretrain one rule with Ray Train + DeepSpeed (skipped when done for the same config)."""
-    from jobs import pretrain
+def train_key(rcfg: LacyConfig, manifest_hash: str) -> str:
+    """What makes one training run the same: model, training and labelling config, and the shards."""
+    return config_hash({"model": to_dict(rcfg.model), "train": {**to_dict(rcfg.train), "output_dir": ""},
+                        "labels": to_dict(rcfg.labels), "shards": manifest_hash})
 
+
+def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None,
+                manifest_hash: str, fit: Callable[[LacyConfig], Path]) -> dict:
+    """Pretrain one rule with `fit(rule config) -> final model dir` (skipped when done for the same
+    config, by whichever trainer: `jobs.pretrain_single` writes the same records)."""
     rcfg = rule_config(cfg, rule, comparison, token_budget)
     out = Path(rcfg.train.output_dir)
-    key = config_hash({"model": to_dict(rcfg.model), "train": {**to_dict(rcfg.train), "output_dir": ""},
-                       "labels": to_dict(rcfg.labels), "shards": manifest_hash})
-    if (record := _stage_done(out, key)) is not None:
-        _log(f"train {rule}/{comparison}: done before, reusing {record['final']}")
-        return record
+    key = train_key(rcfg, manifest_hash)
+    if (record := stage_done(out, key)) is not None:
+        _log(f"train {rule}/{comparison}: done before ({record.get('trainer', 'jobs.pretrain')}), reusing it")
+        return {**record, "final": str(out / "final")}  # the record may come from another machine
     _log(f"train {rule}/{comparison}: starting")
-    final = pretrain.run(rcfg, parent_run_id=parent_run_id)
+    final = fit(rcfg)
     summary = json.loads((Path(final) / "training_summary.json").read_text())
-    return _stage_finish(out, key, final=str(final), rule=rule, comparison=comparison, **summary)
+    return stage_finish(out, key, final=str(final), rule=rule, comparison=comparison, **summary)
+
+
+def train_all(cfg: LacyConfig, train_one: Callable[[str, str, int | None], dict]) -> dict[str, dict]:
+    """`train_one(rule, comparison, token budget)` for every rule x comparison, keyed "rule-comparison".
+    `plain` trains first: its real-token-supervised tokens are the budget of the token comparison."""
+    xcfg, trained, budget = cfg.experiment, {}, None
+    for comparison in xcfg.comparisons:
+        for rule in sorted(xcfg.rules, key=lambda r: r != "plain"):
+            if comparison == "tokens" and rule == "plain" and "steps" in xcfg.comparisons:
+                trained[f"{rule}-tokens"] = trained[f"{rule}-steps"]
+                continue
+            trained[f"{rule}-{comparison}"] = record = train_one(rule, comparison, budget)
+            if rule == "plain" and "supervised_tokens" in record:
+                budget = int(record["supervised_tokens"])
+    return trained
 
 
 def validation_loss(cfg: LacyConfig, model_dir: str) -> dict:
@@ -142,7 +166,7 @@ class ServeClient:
             raise RuntimeError(f"/generate answered {r.status_code}: {r.text[:300]}")
         out = r.json()
         return SimpleNamespace(text=out["text"], call_rate=out["call_rate"], spans=out["spans"],
-                               calls=out["calls"])
+                               calls=out["calls"], decision_points=out["decision_points"])
 
 
 def _parallel(fn: Any, items: list, workers: int) -> list:
@@ -190,7 +214,7 @@ def evaluate_models(cfg: LacyConfig, models: dict[str, str], parent_run_id: str)
         return row
 
     eval_key = {"eval": to_dict(ecfg), "cascade": to_dict(cfg.cascade), "big": to_dict(cfg.big),
-                "knowledge": to_dict(cfg.knowledge), "seed": cfg.seed}
+                "knowledge": to_dict(cfg.knowledge), "seed": cfg.seed, "row_version": ROW_VERSION}
 
     # Big alone, plain and with retrieval, in process (no small model involved).
     with start_run(cfg, "eval-big-alone", nested=True, parent_run_id=parent_run_id):
@@ -322,6 +346,7 @@ def _write_views(cfg: LacyConfig, client: ServeClient, models: dict[str, str], e
 def run(cfg: LacyConfig) -> Path:
     import mlflow
 
+    from jobs import pretrain
     from lacy.report import method_summary
     from lacy.tracking import start_run
 
@@ -337,19 +362,14 @@ def run(cfg: LacyConfig) -> Path:
         _log("stage 2/4: knowledge store")
         knowledge_stage(cfg)
         _log(f"stage 3/4: pretraining {xcfg.rules} x {xcfg.comparisons} (Ray Train + DeepSpeed)")
-        trained: dict[str, dict] = {}
-        budget = None
-        for comparison in xcfg.comparisons:
-            for rule in sorted(xcfg.rules, key=lambda r: r != "plain"):  # plain first: it sets the budget
-                if comparison == "tokens" and rule == "plain" and "steps" in xcfg.comparisons:
-                    trained[f"{rule}-tokens"] = trained[f"{rule}-steps"]
-                    continue
-                record = train_stage(cfg, rule, comparison, budget, manifest_hash, parent_id)
-                if rule == "plain":
-                    budget = int(record["supervised_tokens"])
-                val = validation_loss(cfg, record["final"])
-                record = {**record, **{f"val_{k}": v for k, v in val.items()}}
-                trained[f"{rule}-{comparison}"] = record
+
+        def train_one(rule: str, comparison: str, budget: int | None) -> dict:
+            record = train_stage(cfg, rule, comparison, budget, manifest_hash,
+                                 lambda rcfg: pretrain.run(rcfg, parent_run_id=parent_id))
+            val = validation_loss(cfg, record["final"])
+            return {**record, **{f"val_{k}": v for k, v in val.items()}}
+
+        trained = train_all(cfg, train_one)
         _log("stage 4/4: evaluation through Ray Serve")
         models = {name: rec["final"] for name, rec in trained.items()}
         rows = evaluate_models(cfg, models, parent_id)

@@ -285,6 +285,9 @@ class Generation:
     text: str
     """The whole biography, prompt included (claims naming the person are excluded anyway)."""
     call_rate: float | None = None
+    calls: int | None = None
+    decision_points: int | None = None
+    """Calls and the decision points they were chosen among (a `CascadeResult`'s), when known."""
 
 
 @dataclass
@@ -429,6 +432,19 @@ def paired_bootstrap(a: Sequence[float | None], b: Sequence[float | None], n: in
 # Whole systems
 
 
+def call_rates(generations: Sequence[Generation]) -> dict[str, float | None]:
+    """`call_rate`: all calls over all decision points (what a running quantile holds), when every
+    generation says both, else the mean of the per-generation rates; `call_rate_mean`: that mean,
+    which a few short generations that call at every step pull up."""
+    rates = [g.call_rate for g in generations if g.call_rate is not None]
+    mean = float(np.mean(rates)) if rates else None
+    if generations and all(g.calls is not None and g.decision_points is not None for g in generations):
+        decisions = sum(g.decision_points for g in generations)
+        pooled = sum(g.calls for g in generations) / decisions if decisions else 0.0
+        return {"call_rate": pooled, "call_rate_mean": mean}
+    return {"call_rate": mean, "call_rate_mean": mean}
+
+
 def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequence[EntityLike],
                     articles: Mapping[str, Any], store: PassageSearch | None, *, k: int = 5,
                     length_penalty: bool = False, gamma: float = 10, bootstrap: int = 1000,
@@ -436,12 +452,13 @@ def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequ
     """Generate a biography per person and score it; returns one row.
 
     `generate_fn(prompt)` returns the text (prompt included or not) or an object with `.text` and
-    `.call_rate` (a `CascadeResult`). The biography scored is prompt + continuation for the lead style
+    `.call_rate` (a `CascadeResult`; with `.calls` and `.decision_points` too, the row's call rate is
+    pooled over people: see `call_rates`). The biography scored is prompt + continuation for the lead style
     and the continuation alone for the instruct style.
 
     Row: scalars (precision_{lenient,strict} with _lo/_hi 95% CIs, respond ratios, claims_per_response,
-    call_rate, <attr>_correct/<attr>_stated) plus the per-person scores `entity_scores_{lenient,strict}`
-    for paired bootstraps between systems."""
+    call_rate, call_rate_mean, <attr>_correct/<attr>_stated) plus the per-person scores
+    `entity_scores_{lenient,strict}` for paired bootstraps between systems."""
     generations = []
     for entity in entities:
         prompt = bio_prompt(entity, prompt_style)
@@ -452,12 +469,11 @@ def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequ
             text = text.removeprefix(prompt)
         elif not text.startswith(prompt):
             text = prompt + text
-        generations.append(Generation(entity, text, getattr(out, "call_rate", None)))
+        generations.append(Generation(entity, text, getattr(out, "call_rate", None), getattr(out, "calls", None),
+                                      getattr(out, "decision_points", None)))
     nlp = load_nlp() if nlp is None else nlp
     claims = _all_claims(generations, nlp)
-    rates = [g.call_rate for g in generations if g.call_rate is not None]
-    row: dict[str, Any] = {"system": name, "entities": len(generations),
-                           "call_rate": float(np.mean(rates)) if rates else None}
+    row: dict[str, Any] = {"system": name, "entities": len(generations), **call_rates(generations)}
     modes = [("lenient", articles, False)] + ([("strict", store, True)] if store is not None else [])
     for label, source, strict in modes:
         report = _score_claims(generations, claims, source, strict=strict, k=k,

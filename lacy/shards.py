@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -320,6 +320,26 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise ValueError(f"{path}: schema version {data.get('schema_version')}, this code reads "
                          f"{SCHEMA_VERSION}; rebuild the shards with jobs.score")
     return Manifest(**data)
+
+
+def load_shard_tokenizer(directory: str | Path, also: Sequence[str | Path | None] = ()) -> Any:
+    """The tokenizer the shards at `directory` were made with: the manifest's path, else a folder of
+    `also`, else `<directory>/../tokenizer` (where `jobs.score` puts it: shards copied to another
+    machine keep it beside them). Whichever loads must have the manifest's tokenizer hash."""
+    from lacy.tokenizer import load_tokenizer, tokenizer_hash
+
+    manifest = read_manifest(directory)
+    tried = []
+    for candidate in (manifest.tokenizer_path, *also, Path(directory).resolve().parent / "tokenizer"):
+        if candidate is None or not (Path(candidate) / "tokenizer.json").is_file():
+            tried.append(str(candidate))
+            continue
+        tok = load_tokenizer(candidate)
+        if tokenizer_hash(tok) != manifest.tokenizer_hash:
+            raise ValueError(f"the tokenizer at {candidate} is not the one the shards at {directory} were "
+                             f"made with (hash {tokenizer_hash(tok)}, manifest {manifest.tokenizer_hash})")
+        return tok
+    raise FileNotFoundError(f"no tokenizer for the shards at {directory}: tried {', '.join(tried)}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -161,20 +161,21 @@ def train(cfg: LacyConfig, model: torch.nn.Module, train_batches: Iterator[dict]
             "history": history}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train from the scoring job's shards at cfg.score.output_dir; save the final model and config."""
+def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
+                      max_shard_mb: float | None = None) -> dict:
+    """Train from the scoring job's shards at cfg.score.output_dir; write `<train.output_dir>/final`
+    (safetensors model + tokenizer; in `save_dtype` and files of at most `max_shard_mb` when given),
+    config.yaml, metrics.jsonl and summary.json there. Returns the summary."""
     from lacy.model import build_model
-    from lacy.shards import read_batches, read_manifest
+    from lacy.shards import load_shard_tokenizer, read_batches, read_manifest
     from lacy.tokenizer import call_id as find_call_id
-    from lacy.tokenizer import load_tokenizer
 
-    cfg = parse_cli(argv, description=__doc__ or "")
     shards = Path(cfg.score.output_dir)
     manifest = read_manifest(shards)
     if manifest.seq_len != cfg.model.seq_len:
         raise ValueError(f"model.seq_len {cfg.model.seq_len} differs from the shards' seq_len "
                          f"{manifest.seq_len} ({shards}); set --model.seq_len {manifest.seq_len}")
-    tokenizer = load_tokenizer(manifest.tokenizer_path)
+    tokenizer = load_shard_tokenizer(shards, also=[cfg.tokenizer.path])
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -190,14 +191,23 @@ def main(argv: list[str] | None = None) -> dict:
         def log(step: int, row: dict) -> None:
             metrics.write(json.dumps({"step": step, **row}) + "\n")
             metrics.flush()
-            print(f"step {step:6d} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+            print(f"[{cfg.labels.rule}] step {step:6d} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()),
+                  flush=True)
 
         summary = train(cfg, model, batches, val if has_val else None, find_call_id(tokenizer), log)
-    model.save_pretrained(out / "final", safe_serialization=True)
+    if save_dtype is not None:
+        model = model.to(save_dtype)
+    shard_size = {} if max_shard_mb is None else {"max_shard_size": int(max_shard_mb * 1e6)}
+    model.save_pretrained(out / "final", safe_serialization=True, **shard_size)
     tokenizer.save_pretrained(out / "final")
     summary.pop("history")
+    summary["device"] = str(device)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train_from_shards(parse_cli(argv, description=__doc__ or ""))
 
 
 if __name__ == "__main__":

@@ -287,6 +287,13 @@ def test_evaluate_system_row(nlp, store):
     row = evaluate_system("plain", lambda p: bios[p], [ADA], ARTICLES, None, bootstrap=50, nlp=nlp)
     assert row["precision_lenient"] == pytest.approx(1.0) and "precision_strict" not in row
     assert row["call_rate"] is None
+    # With calls and decision points the rate is pooled: 1 call in 2 decisions and 1 in 18 is 2/20,
+    # though the per-person rates average 0.28.
+    counts = {"Ada Lovelace (": (1, 2), "Bob Marley (": (1, 18)}
+    row = evaluate_system("pooled", lambda p: SimpleNamespace(
+        text=bios[p], call_rate=counts[p][0] / counts[p][1], calls=counts[p][0], decision_points=counts[p][1]),
+        [ADA, BOB], ARTICLES, None, bootstrap=50, nlp=nlp)
+    assert row["call_rate"] == pytest.approx(0.1) and row["call_rate_mean"] == pytest.approx((0.5 + 1 / 18) / 2)
     # An instruction is not part of the biography: the life parenthesis is still the first sentence's.
     row = evaluate_system("instruct", lambda p: p + "Ada Lovelace (born 1920) was a chemist.", [ADA],
                           ARTICLES, None, bootstrap=50, prompt_style="instruct", nlp=nlp)
