@@ -5,9 +5,9 @@ such as a lent GPU box: it trains from shards made elsewhere (`jobs.score`) and 
 where `jobs.experiment` looks for it, with the same stage record, so the experiment run afterwards
 on the full stack reuses these models and goes straight to evaluation.
 
-    python -m jobs.score            --config configs/gpu-embedded.yaml     # here: shards + tokenizer
-    python -m jobs.pretrain_single  --config configs/gpu-embedded.yaml     # there (cuda + bf16 autocast)
-    python -m jobs.experiment       --config configs/gpu-embedded.yaml     # here: reuses, evaluates
+    python -m jobs.score            --config configs/wiki2015-gpu.yaml      # here: shards + tokenizer
+    python -m jobs.pretrain_single  --config configs/wiki2015-gpu.yaml      # there (cuda + bf16 autocast)
+    python -m jobs.experiment       --config configs/wiki2015-gpu.yaml      # here: reuses, evaluates
 
 Rules, comparisons (steps, tokens) and their order are the experiment's (`plain` first: it sets the
 token budget). `--save_dtype bfloat16 --max_shard_mb 15` store each model in files small enough to
