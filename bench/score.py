@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.score [--docs 400] [--reference-docs 100]
 
 Measures, on the first `--docs` documents of the embedded corpus:
-  1. bare      `lacy.shards.encode_documents` in this process (spaCy loaded beforehand): the baseline
+  1. bare      `lacy.scoring.encode_documents` in this process (spaCy loaded beforehand): the baseline
   2. ray-1     `jobs.score` with 1 spaCy actor
   3. ray-2     `jobs.score` with 2 spaCy actors
   4. bare (again): the baseline once more, to show how much the machine's load drifted meanwhile
@@ -38,7 +38,7 @@ from jobs import score  # noqa: E402
 from lacy.config import load_config  # noqa: E402
 from lacy.data import read_corpus  # noqa: E402
 from lacy.facts import FactTagger  # noqa: E402
-from lacy.shards import encode_documents  # noqa: E402
+from lacy.scoring import encode_documents  # noqa: E402
 from lacy.tokenizer import train_tokenizer  # noqa: E402
 
 

@@ -1,44 +1,36 @@
-"""Pretrain the small model on the scoring job's shards: Ray Train + DeepSpeed, one code path CPU/GPU.
+"""Pretraining on Ray Train + DeepSpeed: `lacy.train.train_loop` in every worker, one code path CPU/GPU.
 
-Local (starts or reuses a local Ray instance):
-    python -m jobs.pretrain --config configs/tiny.yaml --labels.rule loss
-CPU cluster (2 workers, gloo, ZeRO-2 with the optimizer state offloaded):
+    python -m jobs.pretrain --config configs/tiny.yaml --labels.rule loss          # local Ray
     RAY_ADDRESS=auto python -m jobs.pretrain --config configs/tiny.yaml \\
-        --train.num_workers 2 --train.zero_stage 2 --train.offload_optimizer true
-Job submission to a local cluster (`cluster/start_local.sh` = `ray start --head` from the venv + MLflow):
-    cluster/submit.sh pretrain configs/tiny.yaml --labels.rule loss
-  or by hand (verified: ≈85 s on 2 busy cores for 4 steps, start-up included):
-    ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json \
-        '{"excludes": [".venv", "runs", ".git"], "env_vars": {"LACY_RUN_ROOT": "'$PWD'"}}' \
-        -- python -m jobs.pretrain --config configs/tiny.yaml --labels.rule loss
-  (LACY_RUN_ROOT keeps relative output paths in this checkout, not in Ray's unpacked working dir).
-GPU cluster: add `--train.use_gpu true` (nccl + bf16).
+        --train.num_workers 2 --train.zero_stage 2 --train.offload_optimizer true  # 2 workers, gloo
+    cluster/submit.sh pretrain configs/tiny.yaml --labels.rule loss                 # ray job submit
+    ... --train.use_gpu true                                                         # GPU: nccl + bf16
 
-What each worker does: DeepSpeed engine over `lacy.model.build_model`, objective `lacy.labels.lacy_step`
-(the job adds nothing to the method), a checkpoint every `train.checkpoint_every` steps with the
-DeepSpeed state and the data position, reported to Ray Train so a killed worker group restarts from it
-(`train.max_failures`). Re-running with the same `train.output_dir` resumes too, as does
-`--train.resume_from <checkpoint dir>`. Rank 0 logs per-step metrics to the MLflow run the driver opened.
+The loop (step, stop rule, schedule, metric windows, token counts, validation) is the library's; a
+worker adds what distribution needs: the DeepSpeed engine as the optimiser side, its rank's rows of
+each global batch and the collectives that make selection and the stop rule global
+(`lacy.train.Ranks`), a checkpoint every `train.checkpoint_every` steps with the DeepSpeed state and
+the data position, reported to Ray Train so a killed worker group restarts from it
+(`train.max_failures`); re-running with the same `train.output_dir` (or `--train.resume_from DIR`)
+resumes too. Rank 0 logs to the MLflow run the driver opened.
 
 Data order, and why not `get_dataset_shard`: Ray Data's streaming split hands blocks to whichever worker
-asks first, so which worker trains which sequence, and in what order, depends on timing; a restarted
-run could not tell which sequences the lost steps had consumed. Here the order is a pure function of
-the seed: every worker reads the same stream of global batches with `lacy.shards.read_batches` (epoch
-e a permutation seeded by (seed, e)) and trains its rank's slice, so the data position is one number
-per checkpoint (rows consumed) and resume skips exactly those rows; `train.audit_rows` logs every
-trained sequence to prove it. Cost: each worker holds the training split's token ids in memory
-(4 bytes/token, e.g. 0.4 GB for 100 M tokens).
+asks first, so which worker trains which sequence depends on timing and a restarted run could not
+tell what the lost steps consumed. Here every worker reads the same seeded stream of global batches
+(`lacy.shards.read_batches`) and trains its rank's slice, so the data position is one number (rows
+consumed) and resume skips exactly those; `train.audit_rows` logs every trained sequence to prove it.
+Cost: each worker holds the training split's token ids in memory (4 bytes/token).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +43,11 @@ CHECKPOINT_TAG = "state"
 """DeepSpeed tag of the one engine state inside each Ray checkpoint."""
 RUN_NAME = "pretrain"
 """Ray Train run name: its storage is <train.output_dir>/ray/pretrain (re-running there resumes)."""
-FINAL_SUBDIR = "hf"
-"""Subfolder of the last Ray checkpoint that holds the Hugging Face model and tokenizer."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment, DeepSpeed config
 
 
 def worker_env(train: TrainConfig) -> dict[str, str]:
-    """Environment every training process needs before DeepSpeed is imported.
-
-    Decided by the config, not by the driver's hardware: a CPU head node may drive GPU workers.
-    """
+    """Environment every worker needs before DeepSpeed is imported (from the config: a CPU head node may
+    drive GPU workers)."""
     return {"TORCH_EXTENSIONS_DIR": str(cache_dir() / "torch_extensions"),
             "DS_ACCELERATOR": "cuda" if train.use_gpu else "cpu"}
 
@@ -73,22 +57,10 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_batch_size": train.batch_size,
-        "train_micro_batch_size_per_gpu": train.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": zero,
-        # The client optimizer is torch's AdamW; with offload DeepSpeed would otherwise insist on its
-        # compiled CPU Adam.
-        "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": train.use_gpu},
-        "steps_per_print": 1 << 30,
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: one deterministic global stream, sliced per rank
+    return {"train_batch_size": train.batch_size, "train_micro_batch_size_per_gpu": train.batch_size // world_size,
+            "gradient_accumulation_steps": 1, "gradient_clipping": train.grad_clip, "zero_optimization": zero,
+            # torch's AdamW as client optimizer; with offload DeepSpeed would insist on its compiled CPU Adam.
+            "zero_force_ds_cpu_optimizer": False, "bf16": {"enabled": train.use_gpu}, "steps_per_print": 1 << 30}
 
 
 def row_hash(input_ids: torch.Tensor) -> str:
@@ -96,46 +68,47 @@ def row_hash(input_ids: torch.Tensor) -> str:
     return hashlib.sha1(input_ids.to(torch.int32).numpy().tobytes()).hexdigest()[:16]
 
 
-def _reduce(values: list[float], device: torch.device) -> list[float]:
-    """Sum over workers (one small all-reduce): every rank gets the same totals, so stops agree.
+class DeepSpeedStepper:
+    """`lacy.train.Stepper` over a DeepSpeed engine (which clips, steps and zeroes by itself)."""
 
-    The tensor lives on the engine's device: nccl reduces only CUDA tensors.
-    """
+    def __init__(self, engine: Any) -> None:
+        self.model = engine
+
+    def update(self, loss: torch.Tensor, lr: float) -> float:
+        for group in self.model.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.backward(loss)
+        self.model.step()
+        return self.model.get_global_grad_norm() or 0.0
+
+
+def _collectives(device: torch.device) -> tuple[Any, Any]:
+    """(reduce, gather) over the process group; tensors live on the engine's device (nccl: CUDA only)."""
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    def reduce(values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
-    return tensor.tolist()
+        return tensor.tolist()
 
+    def gather(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        parts = [torch.empty_like(t, dtype=torch.float32) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.float())  # bool masks travel as floats: not every backend has bool
+        return torch.cat(parts).to(t.dtype), dist.get_rank() * t.shape[0]
 
-# ----------------------------------------------------------------------------------------------
-# The worker
-
-
-class _Window:
-    """Sums between two metric logs: tokens/s, real-token loss and call share weighted by valid tokens."""
-
-    def __init__(self) -> None:
-        self.start, self.tokens, self.real, self.call, self.valid = time.perf_counter(), 0, 0.0, 0.0, 0.0
-
-    def metrics(self) -> dict[str, float]:
-        valid = max(self.valid, 1.0)
-        return {"real_loss": self.real / valid, "call_share": self.call / valid,
-                "tokens_per_s": self.tokens / (time.perf_counter() - self.start)}
+    return reduce, gather
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build, resume, train until max_steps or max_supervised_tokens, report."""
+    """One Ray Train worker: DeepSpeed engine, resume, `lacy.train.train_loop`, checkpoints."""
     os.environ.update(config["env"])
     import deepspeed
     import ray.train
 
-    from lacy.labels import lacy_step
     from lacy.model import build_model
     from lacy.shards import read_batches
-    from lacy.tokenizer import EOS_TOKEN, PAD_TOKEN, call_id, load_tokenizer
-    from lacy.train import build_optimizer, build_scheduler
+    from lacy.tokenizer import call_id, load_tokenizer
+    from lacy.train import Position, Ranks, build_optimizer, train_loop
 
     cfg: LacyConfig = from_dict(LacyConfig, config["cfg"])
     train = cfg.train
@@ -143,116 +116,84 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
     torch.manual_seed(train.seed)
-
     tokenizer = load_tokenizer(config["tokenizer_dir"])
-    ids = {"call_id": call_id(tokenizer), "eos_id": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
-           "pad_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN)}
     model = build_model(cfg.model, tokenizer)
-    optimizer = build_optimizer(model, train)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, train),
-        config=deepspeed_config(train, world))
-
-    # `rows`: sequences of the global stream consumed so far, by all workers together.
-    position = {"step": 0, "rows": 0, "supervised_tokens": 0}
-    checkpoint = ray.train.get_checkpoint()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, train),
+                                      config=deepspeed_config(train, world))
+    position, checkpoint = Position(), ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
-        position = dict(client_state["position"])
-
-    per_worker = train.batch_size // world
-    lo, hi = rank * per_worker, (rank + 1) * per_worker
+        position = Position(**client_state["position"])
+    reduce, gather = _collectives(engine.device) if world > 1 else (None, None)
+    ranks = Ranks(rank, world, reduce, gather)
     stream = read_batches(config["shards_dir"], "train", train.batch_size, seed=train.seed,
-                          start_row=position["rows"], loop=True)
-    audit = _open_audit(train.output_dir, rank) if train.audit_rows else None
+                          start_row=position.rows, loop=True)
+    audit = _audit(train.output_dir, rank, stream, ranks, position) if train.audit_rows else stream
+    val = (lambda: read_batches(config["shards_dir"], "val", train.batch_size, seed=0)) if config["has_val"] else None
     mlflow_client = _mlflow_client(config) if rank == 0 else None
-    window = _Window()
 
-    engine.train()
-    while not _finished(position, train):
-        batch = next(stream)
-        local = {k: v[lo:hi] for k, v in batch.items()}
-        if audit is not None:
-            audit.writelines(f"{os.getpid()}\t{position['step']}\t{position['rows'] + i}\t"
-                             f"{row_hash(batch['input_ids'][i])}\n" for i in range(lo, hi))
-            audit.flush()
-        loss, stats = lacy_step(engine, local, cfg.labels, **ids)
-        engine.backward(loss)
-        engine.step()
+    def log_row(step: int, row: dict) -> None:
+        if mlflow_client is not None:
+            _log_metrics(mlflow_client, config["mlflow_run_id"], row, step)
 
-        valid = float(stats["valid_tokens"])
-        supervised, real, call, valid = _reduce([float(stats["supervised_tokens"]),
-                                                 float(stats["real_loss"]) * valid,
-                                                 float(stats["call_share"]) * valid, valid],
-                                                engine.device)
-        position["step"] += 1
-        position["rows"] += train.batch_size
-        position["supervised_tokens"] += int(supervised)
-        window.tokens += batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
-        window.real, window.call, window.valid = window.real + real, window.call + call, window.valid + valid
-
-        step, done = position["step"], _finished(position, train)
-        if mlflow_client is not None and (step % train.log_every == 0 or done):
-            metrics = {**window.metrics(), "supervised_tokens": position["supervised_tokens"],
-                       "lr": scheduler.get_last_lr()[0]}
-            _log_metrics(mlflow_client, config["mlflow_run_id"], metrics, step)
-            window = _Window()
-        if step % train.checkpoint_every == 0 or done:
-            _save_and_report(engine, position, tokenizer if done and rank == 0 else None)
-        if train.fault_at_step == step and checkpoint is None and rank == world - 1:
+    def after_step(pos: Position, done: bool) -> None:
+        if pos.step % train.checkpoint_every == 0 and not done:
+            _save_and_report(engine, pos)
+        if train.fault_at_step == pos.step and checkpoint is None and rank == world - 1:
             _crash_once_a_checkpoint_is_registered(Path(train.output_dir) / "ray" / RUN_NAME)
 
+    summary = train_loop(cfg, DeepSpeedStepper(engine), audit, call_id(tokenizer), position=position,
+                         ranks=ranks, log_fn=log_row, val_batches=val, after_step=after_step)
+    summary["device"] = str(engine.device)
+    _save_and_report(engine, position, final=(tokenizer, cfg, summary) if rank == 0 else None)
 
-def _finished(position: dict[str, int], train: TrainConfig) -> bool:
-    cap = train.max_supervised_tokens
-    return position["step"] >= train.max_steps or (cap is not None and position["supervised_tokens"] >= cap)
+
+def _audit(output_dir: str, rank: int, stream: Any, ranks: Any, position: Any) -> Any:
+    """`stream`, appending this rank's rows of every batch (pid, step, global row, content hash) to
+    <output_dir>/rows/rank<r>.tsv before they are trained."""
+    path = Path(output_dir) / "rows" / f"rank{rank}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for batch in stream:
+            per = batch["input_ids"].shape[0] // ranks.world
+            f.writelines(f"{os.getpid()}\t{position.step}\t{position.rows + i}\t{row_hash(batch['input_ids'][i])}\n"
+                         for i in range(rank * per, (rank + 1) * per))
+            f.flush()
+            yield batch
 
 
 def _crash_once_a_checkpoint_is_registered(run_storage: Path, timeout_s: float = 300.0) -> None:
-    """Fault injection: SIGKILL this worker (a crash as Ray sees one: no cleanup, no report).
-
-    Ray Train takes a reported checkpoint into account only once its controller has collected every
-    rank's report, which it writes to the run's checkpoint_manager_snapshot.json; a worker that dies
-    before that makes the restart begin from scratch. Waiting for the snapshot makes the test of
-    "resume from the last checkpoint" deterministic.
-    """
+    """Fault injection: SIGKILL this worker once Ray Train has registered the last checkpoint (its
+    snapshot file exists), so "resume from the last checkpoint" is tested deterministically."""
     deadline = time.monotonic() + timeout_s
     while not (run_storage / "checkpoint_manager_snapshot.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _save_and_report(engine: Any, position: dict[str, int], tokenizer: Any = None) -> None:
-    """Every rank: DeepSpeed state (+ rank 0's HF model when `tokenizer` is given) -> one Ray checkpoint.
-
-    Ray merges the ranks' directories into one checkpoint; DeepSpeed names its per-rank files apart.
-    """
+def _save_and_report(engine: Any, position: Any, final: tuple | None = None) -> None:
+    """Every rank: DeepSpeed state (+ rank 0's final model folder when `final` = (tokenizer, cfg,
+    summary)) -> one Ray checkpoint (Ray merges the ranks' directories; DeepSpeed names its files apart)."""
     import ray.train
+
+    from lacy.train import save_final
 
     tmp = Path(tempfile.mkdtemp(prefix="lacy-ckpt-"))
     try:
-        engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"position": dict(position)})
-        if tokenizer is not None:
-            engine.module.save_pretrained(tmp / FINAL_SUBDIR)
-            tokenizer.save_pretrained(tmp / FINAL_SUBDIR)
-        ray.train.report(dict(position), checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"position": asdict(position)})
+        if final is not None:
+            tokenizer, cfg, summary = final
+            save_final(engine.module, tokenizer, tmp / "final", cfg, summary, trainer="jobs.pretrain")
+        ray.train.report(asdict(position), checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _open_audit(output_dir: str, rank: int) -> Any:
-    path = Path(output_dir) / "rows" / f"rank{rank}.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("a")
-
-
 def _mlflow_client(config: dict[str, Any]) -> Any:
-    if config.get("mlflow_run_id") is None:
-        return None
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=config["mlflow_uri"])
+    return MlflowClient(tracking_uri=config["mlflow_uri"]) if config.get("mlflow_run_id") else None
 
 
 def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -262,92 +203,64 @@ def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-# ----------------------------------------------------------------------------------------------
-# The driver
-
-
-def connect_ray() -> None:
-    """`RAY_ADDRESS` set: join that cluster; an initialised instance (tests): reuse it; else start one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto")
-    else:
-        ray.init()
-
-
 def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
-    """Train with Ray Train + DeepSpeed; returns `<train.output_dir>/final` (HF model + tokenizer, and
-    `training_summary.json`: steps, sequences, tokens and real-token-supervised tokens trained on).
-    `parent_run_id` nests the MLflow run under a parent (the experiment)."""
+    """Train with Ray Train + DeepSpeed; returns `<train.output_dir>/final` (`lacy.train.save_final`'s
+    folder). `parent_run_id` nests the MLflow run "pretrain-<rule>" under a parent (the experiment)."""
     import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lacy.shards import read_manifest
     from lacy.tracking import start_run, tracking_uri
 
-    train = cfg.train
-    output_dir = Path(train.output_dir)
+    train, output_dir = cfg.train, Path(cfg.train.output_dir)
     save_config(cfg, output_dir / "config.yaml")
     manifest = read_manifest(cfg.score.output_dir)
     if manifest.seq_len != cfg.model.seq_len:
         raise ValueError(f"model.seq_len={cfg.model.seq_len} but the shards in {cfg.score.output_dir} "
                          f"were packed for seq_len={manifest.seq_len}")
-    resume_from = _checkpoint(train.resume_from)
-    connect_ray()
+    if train.resume_from is not None and not (Path(train.resume_from) / CHECKPOINT_TAG).is_dir():
+        raise FileNotFoundError(f"train.resume_from: {train.resume_from} is not a checkpoint of this job "
+                                f"(no {CHECKPOINT_TAG}/ inside)")
+    if not ray.is_initialized():
+        ray.init(address="auto") if os.environ.get("RAY_ADDRESS") else ray.init()
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if train.use_gpu and gpus < train.num_workers:
+        raise ValueError(f"train.use_gpu: {train.num_workers} GPU workers wanted, the Ray cluster has {gpus:g} GPUs")
     env = worker_env(train)
     os.environ.update(env)
     with start_run(cfg, run_name=f"pretrain-{cfg.labels.rule}", nested=mlflow.active_run() is not None,
                    parent_run_id=parent_run_id) as mlflow_run:
-        loop_config = {"cfg": to_dict(cfg), "env": env, "shards_dir": cfg.score.output_dir,
-                       "tokenizer_dir": manifest.tokenizer_path, "mlflow_uri": tracking_uri(cfg),
-                       "mlflow_run_id": mlflow_run.info.run_id}
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=loop_config,
+            train_loop_config={"cfg": to_dict(cfg), "env": env, "shards_dir": cfg.score.output_dir,
+                               "tokenizer_dir": manifest.tokenizer_path, "has_val": bool(manifest.shards.get("val")),
+                               "mlflow_uri": tracking_uri(cfg), "mlflow_run_id": mlflow_run.info.run_id},
             torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                          resources_per_worker={"CPU": train.cpus_per_worker}),
             run_config=RunConfig(name=RUN_NAME, storage_path=str(output_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
-            resume_from_checkpoint=resume_from,
-        )
+            resume_from_checkpoint=Checkpoint.from_directory(train.resume_from) if train.resume_from else None)
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training reported no checkpoint (see {output_dir / 'ray'})")
         final = output_dir / "final"
         with result.checkpoint.as_directory() as ckpt_dir:
-            if final.exists():
-                shutil.rmtree(final)
-            shutil.copytree(Path(ckpt_dir) / FINAL_SUBDIR, final)
-        summary = {k: int(v) for k, v in result.metrics.items() if k in ("step", "rows", "supervised_tokens")}
-        summary["tokens"] = summary["rows"] * cfg.model.seq_len
-        (final / "training_summary.json").write_text(json.dumps(summary, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            shutil.copytree(Path(ckpt_dir) / "final", final)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in result.metrics.items()})
         mlflow.log_artifacts(str(final), artifact_path="final")
     return final
 
 
-def _checkpoint(path: str | None) -> Any:
-    if path is None:
-        return None
-    from ray.train import Checkpoint
-
-    if not (Path(path) / CHECKPOINT_TAG).is_dir():
-        raise FileNotFoundError(f"train.resume_from: {path} is not a checkpoint of this job "
-                                f"(no {CHECKPOINT_TAG}/ inside)")
-    return Checkpoint.from_directory(path)
-
-
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_cli(argv, description=__doc__ or "")
-    final = run(cfg)
-    print(f"final model: {final}")
-    return final
+    from lacy.console import setup_logging
+
+    setup_logging()
+    return run(parse_cli(argv, description=__doc__ or ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Batched decoding across request sessions, each with its own KV cache (what the Serve replicas batch).
 
-`continue_batch`: greedy continuation for many big-model sessions at once (the BigModel deployment).
+`continue_batch`: greedy continuation for many big-model sessions at once; `BigSessions` holds those
+sessions for a BigModel replica and isolates each call of a batch from the others' failures.
 `FeedBatcher` + `feed_many`: concurrent small-model steps of many cascades as one forward pass (the
 SmallModel deployment): continuous batching, where what arrives during one pass forms the next.
 
@@ -15,17 +16,25 @@ the end every session takes back exactly its own slice of the cache. Results equ
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from transformers import DynamicCache
 
-from lacy.cascade import BigLM, CachedLM, _ends_unit
+from lacy.cascade import BigLM, BigModelError, BigRequestError, CachedLM, _ends_unit
+from lacy.model import count_parameters, load_big_model
+
+if TYPE_CHECKING:
+    from lacy.config import LacyConfig
+
+log = logging.getLogger(__name__)
 
 
 def _decide(lm: BigLM, out: str, generated: list[int], unit: str, max_tokens: int) -> tuple[int | None, str]:
@@ -43,10 +52,13 @@ def _decide(lm: BigLM, out: str, generated: list[int], unit: str, max_tokens: in
 
 @torch.inference_mode()
 def continue_batch(lms: Sequence[BigLM], texts: Sequence[str], *, units: Sequence[str],
-                   max_tokens: Sequence[int], contexts: Sequence[str] | None = None) -> list[str]:
+                   max_tokens: Sequence[int], contexts: Sequence[str] | None = None,
+                   stats: dict[str, float] | None = None) -> list[str]:
     """`[lm.continue_text(text, unit=u, max_tokens=m, context=c) ...]`, decoded as one batch.
 
-    All sessions must share one model (they are sessions of one deployment replica)."""
+    All sessions must share one model (they are sessions of one deployment replica). `stats`, when
+    given, accumulates the seconds of bringing the sessions up to date ("prefill_s", tokens fed:
+    "prefill_tokens") and of the batched decoding ("decode_s", "decode_steps")."""
     n = len(lms)
     if not n:
         return []
@@ -58,8 +70,12 @@ def continue_batch(lms: Sequence[BigLM], texts: Sequence[str], *, units: Sequenc
         if unit not in ("word", "entity", "tokens") or m <= 0:
             raise ValueError(f"bad unit/max_tokens: {unit!r}, {m}")
     contexts = contexts or [""] * n
-    for lm, text, context in zip(lms, texts, contexts, strict=True):
-        lm.sync(lm.encode(context + text))
+    start, fed_before = time.perf_counter(), sum(lm.tokens_processed for lm in lms)
+    sync_many(lms, [lm.encode(context + text) for lm, text, context in zip(lms, texts, contexts, strict=True)])
+    if stats is not None:
+        stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - start
+        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + sum(lm.tokens_processed for lm in lms) - fed_before
+    start = time.perf_counter()
 
     outs, generated, tokens = [""] * n, [[] for _ in range(n)], [None] * n
     for i, lm in enumerate(lms):
@@ -90,6 +106,8 @@ def continue_batch(lms: Sequence[BigLM], texts: Sequence[str], *, units: Sequenc
     pad_id = lms[0].start_id
 
     while any(t is not None for t in tokens):
+        if stats is not None:
+            stats["decode_steps"] = stats.get("decode_steps", 0) + 1
         live = torch.tensor([t is not None for t in tokens], device=device)
         step = torch.tensor([[pad_id if t is None else t] for t in tokens], device=device)
         mask = torch.cat([mask, live.long()[:, None]], dim=1)
@@ -107,6 +125,8 @@ def continue_batch(lms: Sequence[BigLM], texts: Sequence[str], *, units: Sequenc
             positions[i] += 1
             tokens[i], outs[i] = _decide(lm, outs[i], generated[i], units[i], max_tokens[i])
 
+    if stats is not None:
+        stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - start
     # Once a session stops it stays stopped, so its valid cache is its padded-away prefix plus the
     # first fed[i] appended columns; later columns are masked filler.
     for i, lm in enumerate(lms):
@@ -292,3 +312,122 @@ class FeedBatcher:
                         fed.lm.forward(fed.ids)
                 except Exception as err:
                     fed.error = err
+
+
+# ----------------------------------------------------------------------------------------------
+# Big-model calls of many request sessions (what a BigModel replica runs)
+
+
+class BigCall(NamedTuple):
+    session: str
+    text: str
+    unit: str
+    max_tokens: int
+    retrieval: bool = False
+    topic: str | None = None
+
+
+def device_for(gpus: float, what: str) -> str:
+    """cuda when the deployment reserves GPUs for `what`, else cpu; a reservation without CUDA is an error."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"serve.{what}_gpus is {gpus} but this process sees no CUDA device")
+    return "cuda"
+
+
+class BigSessions:
+    """The big model for many request sessions, each with its own KV cache (LRU, serve.big_sessions).
+
+    `continue_many` decodes the calls of concurrent sessions as one batch (`continue_batch`); a call
+    that fails (its own session, its retrieval, the batch) fails alone: the others are redone one by
+    one and answer. Results are dicts: {text, processed, generated} or {error, status}.
+    """
+
+    def __init__(self, cfg: LacyConfig, device: str | None = None) -> None:
+        self.cfg = cfg
+        self.model, self.tokenizer = load_big_model(cfg.big.path, cfg.big.dtype)
+        self.model.to(device or device_for(cfg.serve.big_gpus, "big"))
+        self.store = None
+        if cfg.big.retrieval:
+            from lacy.knowledge import SqlitePassageStore
+
+            self.store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
+        self.sessions: OrderedDict[tuple[str, bool], Any] = OrderedDict()
+        self.lock = threading.Lock()  # one batch at a time: sessions' caches are not thread-safe
+
+    def _session(self, session: str, retrieval: bool) -> Any:
+        key = (session, retrieval)
+        if key not in self.sessions:
+            lm: Any = BigLM(self.model, self.tokenizer)
+            if retrieval:
+                if self.store is None:
+                    raise BigRequestError("retrieval was asked for but this deployment has no knowledge store")
+                from lacy.knowledge import RetrievalBigLM
+
+                lm = RetrievalBigLM.from_config(lm, self.store, self.cfg.knowledge)
+            self.sessions[key] = lm
+            while len(self.sessions) > self.cfg.serve.big_sessions:
+                self.sessions.popitem(last=False)
+        self.sessions.move_to_end(key)
+        return self.sessions[key]
+
+    def continue_many(self, calls: Sequence[BigCall]) -> list[dict]:
+        with self.lock:
+            results: list[dict | None] = [None] * len(calls)
+            ready: list[tuple[int, Any, BigLM, str]] = []
+            for i, call in enumerate(calls):
+                try:
+                    if call.unit not in ("word", "entity", "tokens") or call.max_tokens <= 0:
+                        raise BigRequestError(f"bad unit/max_tokens {call.unit!r}/{call.max_tokens}")
+                    lm = self._session(call.session, call.retrieval)
+                    base, context = (lm.big, lm.context_for(call.text, "", call.topic)) if call.retrieval else (lm, "")
+                    if any(base is b for _, _, b, _ in ready):
+                        raise BigRequestError("one session called twice at once")
+                    ready.append((i, lm, base, context))
+                except Exception as err:
+                    results[i] = _call_failure(err)
+            before = [(lm.tokens_processed, lm.tokens_generated) for _, lm, _, _ in ready]
+            try:
+                outs: list[str | BaseException] = list(continue_batch(
+                    [b for _, _, b, _ in ready], [calls[i].text for i, *_ in ready],
+                    units=[calls[i].unit for i, *_ in ready], max_tokens=[calls[i].max_tokens for i, *_ in ready],
+                    contexts=[c for *_, c in ready]))
+            except Exception:
+                log.exception("a batch of %d big-model calls failed; running them one by one", len(ready))
+                outs = []
+                for i, _, base, context in ready:
+                    base.reset()  # the failed batch may have left logits that do not match the cache
+                    try:
+                        outs.append(base.continue_text(calls[i].text, unit=calls[i].unit,
+                                                       max_tokens=calls[i].max_tokens, context=context))
+                    except Exception as err:
+                        outs.append(err)
+            for (i, lm, _, _), out, (processed, generated) in zip(ready, outs, before, strict=True):
+                results[i] = _call_failure(out) if isinstance(out, BaseException) else {
+                    "text": out, "processed": lm.tokens_processed - processed,
+                    "generated": lm.tokens_generated - generated}
+            return results  # type: ignore[return-value]  # every call has its result or its failure
+
+    def end_session(self, session: str) -> None:
+        with self.lock:
+            for key in [k for k in self.sessions if k[0] == session]:
+                del self.sessions[key]
+
+    def info(self) -> dict:
+        return {"parameters": count_parameters(self.model), "retrieval_available": self.store is not None,
+                "sessions": len(self.sessions), "device": str(self.model.device)}
+
+
+def _call_failure(err: BaseException) -> dict:
+    if isinstance(err, BigRequestError):
+        return {"error": str(err), "status": 400}
+    log.error("big-model call failed: %r", err)
+    return {"error": "the big model failed on this call", "status": 500}
+
+
+def raise_for_failure(out: dict) -> dict:
+    """A BigSessions result, or its failure as the BigModelError the cascade reports."""
+    if "error" in out:
+        raise (BigRequestError if out.get("status") == 400 else BigModelError)(out["error"])
+    return out

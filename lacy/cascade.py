@@ -6,16 +6,20 @@
     result = cascade.generate("Marie Curie was born in", call_rate=0.22)
     result.text, result.spans, result.calls, result.tokens_processed
 
-One step of `Cascade.generate`: the small model's next-token distribution gives P(<CALL>) and the best
-non-<CALL> token t*. Where a call may fire (a decision point) and P(<CALL>) passes the threshold, the big
-model continues the text by one word (or entity, or a few tokens) and the small model resumes from the
-new text; otherwise the small model emits t*. Both models keep a KV cache and, when the text changes
+One step of `Cascade.generate`: the small model's next-token distribution gives the trigger's score and
+the non-<CALL> token t* it would write (the argmax, or a sample at temperature > 0). Where a call may fire
+(a decision point) and the score passes the threshold, the big model continues the text by one word (or
+entity, or a few tokens) and the small model resumes from the new text; otherwise the small model emits
+t*. Triggers: `p_call`, P(<CALL>) under the full softmax (a model trained with <CALL>); `confidence`,
+1 - the largest probability of the real-token distribution (the softmax with <CALL> removed): BiLD-style
+calling that needs no <CALL> training. Both models keep a KV cache and, when the text changes
 under them, re-encode only the suffix after the longest common token prefix (so a generation with many
 calls costs each model a number of forward tokens linear in the text length, not quadratic).
 
 Threshold: fixed (`call_threshold`), or held at a requested call rate by a running quantile of the
-P(<CALL>) values seen at decision points (`RunningQuantile`); `calibrate` maps a rate to a fixed threshold
-offline. A call fires when P(<CALL>) is strictly above the threshold.
+scores seen at decision points (`RunningQuantile`, shared across cascades through `Quantiles`);
+`calibrate` maps a rate to a fixed threshold offline. A call fires when the score is strictly above
+the threshold.
 
 Word starts (cfg.word_start_only): a call replaces a whole word, so it may fire only where a new word
 begins. We decide this from t*, the token the small model would write instead: the position is a word
@@ -28,16 +32,17 @@ from __future__ import annotations
 
 import bisect
 import inspect
+import threading
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from lacy.config import CascadeConfig
+from lacy.config import TRIGGERS, CascadeConfig
 from lacy.tokenizer import CALL_TOKEN
 
 # Characters after which a word starts without a leading space ("(born", "“Paris”").
@@ -46,6 +51,14 @@ _OPENERS = frozenset("([{\"“‘«")
 
 class BigModelError(RuntimeError):
     """The big model failed (raised, or returned something other than text) during a call."""
+
+
+class BigUnavailable(BigModelError):
+    """The big model does not answer (its replica is gone, or it timed out): a service answers 503."""
+
+
+class BigRequestError(BigModelError):
+    """The big model refused a call for a reason of the request's own (a service answers 400)."""
 
 
 @dataclass
@@ -71,12 +84,15 @@ class CascadeResult:
     call_rate: float
     """calls / decision_points (0.0 without decision points)."""
     call_probs: list[float]
-    """P(<CALL>) at every word-start step (recorded even with calls disabled; used by `calibrate`)."""
+    """The trigger's score (P(<CALL>), or 1 - confidence) at every word-start step (recorded even with
+    calls disabled; used by `calibrate`)."""
     tokens_processed: dict[str, int]
     """Forward-pass tokens per model ("small", "big") during this generation."""
     timings: dict[str, float]
     """Seconds spent in each model ("small", "big") during this generation."""
-    stop_reason: Literal["eos", "max_new_tokens", "context"]
+    stop_reason: Literal["eos", "max_new_tokens", "context", "stopped", "error"]
+    """eos, the step budget, the context; "stopped": the consumer closed `generate_stream` early (a stop
+    sequence, a client gone); "error": the big model failed (the result holds what was written)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +209,15 @@ class SmallLM(CachedLM):
         assert self.logits is not None, "sync a text first"
         return float(torch.softmax(self.logits, dim=-1)[self.call_id])
 
+    def call_score(self, trigger: str = "p_call") -> float:
+        """The score a call trigger compares with its threshold: P(<CALL>) ("p_call"), or 1 - the largest
+        probability of the real-token distribution, the softmax with <CALL> removed ("confidence")."""
+        if trigger == "p_call":
+            return self.p_call()
+        if trigger == "confidence":
+            return 1.0 - float(torch.softmax(self.next_logits(allow_call=False), dim=-1).max())
+        raise ValueError(f"unknown call trigger {trigger!r}; choose from {TRIGGERS}")
+
     def next_logits(self, allow_call: bool = True) -> torch.Tensor:
         """Next-token logits [V]; with allow_call=False the <CALL> logit is -inf (small-alone, leakage)."""
         assert self.logits is not None, "sync a text first"
@@ -274,7 +299,8 @@ class RunningQuantile:
 
     `observe(p)` adds p to the last `window` values and returns p > quantile(values, 1 - rate)
     (numpy's linear interpolation). For the first `warmup` values the quantile is too noisy, so
-    `initial` is the threshold instead. rate 0 never fires, rate 1 always fires.
+    `initial` is the threshold instead. rate 0 never fires, rate 1 always fires. Not thread-safe on its
+    own: cascades that share one go through `Quantiles`, which locks.
     """
 
     def __init__(self, rate: float, warmup: int = 16, initial: float = 0.5, window: int = 4096) -> None:
@@ -318,6 +344,43 @@ class RunningQuantile:
         return p > self.quantile(1.0 - self.rate)
 
 
+class Quantiles:
+    """The running quantiles of every cascade given this object, one per (scope, rate); thread-safe.
+
+    Scope: what a target rate is held over. A cascade observes under its trigger, so P(<CALL>) and
+    confidence scores never mix; callers add more (Serve: the model name). The number of quantiles is
+    bounded (`max_keys`, least recently used dropped, whose warm-up then starts again), so clients that
+    send many distinct rates cannot grow memory.
+    """
+
+    def __init__(self, max_keys: int = 64, warmup: int = 16, initial: float = 0.5, window: int = 4096) -> None:
+        if max_keys <= 0:
+            raise ValueError(f"max_keys must be positive, got {max_keys}")
+        self.max_keys, self.warmup, self.initial, self.window = max_keys, warmup, initial, window
+        self._lock = threading.Lock()
+        self._by_key: OrderedDict[tuple, RunningQuantile] = OrderedDict()
+
+    def observe(self, rate: float, value: float, scope: Hashable = ()) -> bool:
+        """`RunningQuantile.observe(value)` of the quantile for (scope, rate): fire or not."""
+        key = (scope, rate)
+        with self._lock:
+            rq = self._by_key.get(key)
+            if rq is None:
+                rq = self._by_key[key] = RunningQuantile(rate, self.warmup, self.initial, self.window)
+                while len(self._by_key) > self.max_keys:
+                    self._by_key.popitem(last=False)
+            self._by_key.move_to_end(key)
+            return rq.observe(value)
+
+    def get(self, rate: float, scope: Hashable = ()) -> RunningQuantile | None:
+        """The quantile of (scope, rate), if held (for inspection; do not observe through it)."""
+        with self._lock:
+            return self._by_key.get((scope, rate))
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
 # ----------------------------------------------------------------------------------------------
 # The cascade
 
@@ -332,43 +395,48 @@ class _Run:
     small_tokens: int = 0
     decision_points: int = 0
     call_probs: list[float] = field(default_factory=list)
-    stop_reason: Literal["eos", "max_new_tokens", "context"] = "max_new_tokens"
+    stop_reason: Literal["eos", "max_new_tokens", "context", "stopped", "error"] = "stopped"
 
 
 class Cascade:
     """Small model + big model. `big` may be None when calls are never made (calibration, small-alone).
 
-    Per-request policy: call_threshold / call_rate / max_new_tokens / allow_calls override the
-    config. Running quantiles persist per call rate across requests, so their warm-up is paid once.
+    Per-request policy: call_threshold / call_rate / trigger / max_new_tokens / allow_calls override the
+    config; temperature / top_p / seed sample the small model's tokens (the big model stays greedy).
+    Running quantiles live in `quantiles` (a `Quantiles`, or anything with its `observe`): pass one to
+    many cascades (e.g. per-request ones in Serve) to share their warm-up and hold a rate across them.
     """
 
-    def __init__(self, small: SmallLM, big: Any, cfg: CascadeConfig,
-                 quantiles: dict[float, RunningQuantile] | None = None) -> None:
+    def __init__(self, small: SmallLM, big: Any, cfg: CascadeConfig, quantiles: Any = None) -> None:
         self.small, self.big, self.cfg = small, big, cfg
-        # Pass one dict to many cascades (e.g. per-request ones in Serve) to share their warm-up.
-        self._quantiles: dict[float, RunningQuantile] = {} if quantiles is None else quantiles
+        self.quantiles = Quantiles() if quantiles is None else quantiles
         self.result: CascadeResult | None = None
-        """The result of the last finished generation (how `generate_stream` hands it over)."""
+        """The result of the last generation (how `generate_stream` hands it over); set however the
+        stream ended: exhausted, closed early (stop_reason "stopped") or by a big-model error ("error")."""
 
-    def generate(self, prompt: str, *, call_threshold: float | None = None, call_rate: float | None = None,
-                 max_new_tokens: int | None = None, allow_calls: bool = True,
-                 topic: str | None = None) -> CascadeResult:
-        for _ in self.generate_stream(prompt, call_threshold=call_threshold, call_rate=call_rate,
-                                      max_new_tokens=max_new_tokens, allow_calls=allow_calls, topic=topic):
+    def generate(self, prompt: str, **policy: Any) -> CascadeResult:
+        """`generate_stream` to the end; the same keywords."""
+        for _ in self.generate_stream(prompt, **policy):
             pass
         assert self.result is not None
         return self.result
 
     def generate_stream(self, prompt: str, *, call_threshold: float | None = None,
-                        call_rate: float | None = None, max_new_tokens: int | None = None,
-                        allow_calls: bool = True, topic: str | None = None) -> Iterator[Span]:
+                        call_rate: float | None = None, trigger: str | None = None,
+                        max_new_tokens: int | None = None, allow_calls: bool = True,
+                        topic: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                        seed: int | None = None) -> Iterator[Span]:
         """Yield spans as they are written: the prompt, then one per small token or big call.
 
-        `self.result` holds the CascadeResult once the iterator is exhausted. A `<CALL>` is one of
-        the `max_new_tokens` small-model steps (its big-model words are not counted), which also
-        bounds the work of a small model that calls at every step.
+        `self.result` holds the CascadeResult once the iterator ends. A `<CALL>` is one of the
+        `max_new_tokens` small-model steps (its big-model words are not counted), which also bounds the
+        work of a small model that calls at every step. Closing the iterator early (a consumer that has
+        what it needs) stops decoding and calling at once.
         """
-        decide = self._decider(call_threshold, call_rate) if allow_calls else None
+        trigger = self.cfg.trigger if trigger is None else trigger
+        if trigger not in TRIGGERS:
+            raise ValueError(f"unknown call trigger {trigger!r}; choose from {TRIGGERS}")
+        decide = self._decider(call_threshold, call_rate, trigger) if allow_calls else None
         if decide is not None and self.big is None:
             raise ValueError("calls are allowed but the cascade has no big model")
         if decide is not None and topic is not None and not _takes_topic(self.big):
@@ -377,9 +445,16 @@ class Cascade:
         steps = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if steps < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {steps}")
+        if temperature < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(seed) if seed is not None else generator.seed()
         self.result = None
         small, big = self.small, self.big
         before = (small.tokens_processed, small.seconds, *_big_counters(big))
+        run = _Run(text=prompt)
         big_seconds = 0.0
 
         def flush(pending: list[int]) -> Span:
@@ -389,66 +464,73 @@ class Cascade:
             pending.clear()
             return run.spans[-1]
 
-        run = _Run(text=prompt)
         small.sync_text(prompt)  # a prompt too long for the small model raises here, before any output
         prompt_len = len(small.ids)
-        if prompt:
-            run.spans.append(Span(prompt, "prompt"))
-            yield run.spans[-1]
         pending: list[int] = []  # small tokens since the last emitted span (incomplete UTF-8 waits)
-        for _ in range(steps):
-            if small.room() <= 0:
-                run.stop_reason = "context"
-                break
-            logits = small.next_logits(allow_call=False)
-            _block_repeats(logits, small.ids[prompt_len:], self.cfg.no_repeat_ngram)
-            token = int(torch.argmax(logits))
-            at_word_start = not self.cfg.word_start_only or _word_start(run.text, small.decode([token]))
-            if at_word_start:
-                run.call_probs.append(small.p_call())
-            if decide is not None and at_word_start:
-                run.decision_points += 1
-                if decide(run.call_probs[-1]):
-                    if pending:
-                        yield flush(pending)
-                    run.calls += 1
-                    start = time.perf_counter()
-                    words = self._call_big(run.text, topic)
-                    big_seconds += time.perf_counter() - start
-                    if words:
-                        run.text += words
-                        run.spans.append(Span(words, "big"))
-                        yield run.spans[-1]
-                        ids = small.encode(run.text)
-                        if small.max_positions is not None and len(ids) > small.max_positions:
-                            # The big model's words filled the small model's context.
-                            run.stop_reason = "context"
-                            break
-                        small.sync(ids)
-                        continue
-                    # The big model had nothing to add (EOS): the small model writes this step.
-            if token == small.eos_id:
-                run.stop_reason = "eos"
-                break
-            small.append(token)
-            run.small_tokens += 1
-            pending.append(token)
-            if not small.decode(pending).endswith("\ufffd"):
+        try:
+            if prompt:
+                run.spans.append(Span(prompt, "prompt"))
+                yield run.spans[-1]
+            run.stop_reason = "max_new_tokens"
+            for _ in range(steps):
+                if small.room() <= 0:
+                    run.stop_reason = "context"
+                    break
+                logits = small.next_logits(allow_call=False)
+                _block_repeats(logits, small.ids[prompt_len:], self.cfg.no_repeat_ngram)
+                token = _choose(logits, temperature, top_p, generator)
+                at_word_start = not self.cfg.word_start_only or _word_start(run.text, small.decode([token]))
+                if at_word_start:
+                    run.call_probs.append(small.call_score(trigger))
+                if decide is not None and at_word_start:
+                    run.decision_points += 1
+                    if decide(run.call_probs[-1]):
+                        if pending:
+                            yield flush(pending)
+                        run.calls += 1
+                        start = time.perf_counter()
+                        run.stop_reason = "error"
+                        words = self._call_big(run.text, topic)
+                        run.stop_reason = "max_new_tokens"
+                        big_seconds += time.perf_counter() - start
+                        if words:
+                            run.text += words
+                            run.spans.append(Span(words, "big"))
+                            yield run.spans[-1]
+                            ids = small.encode(run.text)
+                            if small.max_positions is not None and len(ids) > small.max_positions:
+                                # The big model's words filled the small model's context.
+                                run.stop_reason = "context"
+                                break
+                            small.sync(ids)
+                            continue
+                        # The big model had nothing to add (EOS): the small model writes this step.
+                if token == small.eos_id:
+                    run.stop_reason = "eos"
+                    break
+                small.append(token)
+                run.small_tokens += 1
+                pending.append(token)
+                if not small.decode(pending).endswith("\ufffd"):
+                    yield flush(pending)
+            if pending:
                 yield flush(pending)
-        if pending:
-            yield flush(pending)
-        after = (small.tokens_processed, small.seconds, *_big_counters(big))
-        self.result = CascadeResult(
-            text=run.text, spans=_merge(run.spans), calls=run.calls, small_tokens=run.small_tokens,
-            big_tokens=after[3] - before[3], decision_points=run.decision_points,
-            call_rate=run.calls / run.decision_points if run.decision_points else 0.0,
-            call_probs=run.call_probs,
-            tokens_processed={"small": after[0] - before[0], "big": after[2] - before[2]},
-            timings={"small": after[1] - before[1], "big": big_seconds},
-            stop_reason=run.stop_reason)
+        except GeneratorExit:
+            run.stop_reason = "stopped"
+            raise
+        finally:
+            after = (small.tokens_processed, small.seconds, *_big_counters(big))
+            self.result = CascadeResult(
+                text=run.text, spans=_merge(run.spans), calls=run.calls, small_tokens=run.small_tokens,
+                big_tokens=after[3] - before[3], decision_points=run.decision_points,
+                call_rate=run.calls / run.decision_points if run.decision_points else 0.0,
+                call_probs=run.call_probs,
+                tokens_processed={"small": after[0] - before[0], "big": after[2] - before[2]},
+                timings={"small": after[1] - before[1], "big": big_seconds},
+                stop_reason=run.stop_reason)
 
-    def _decider(self, call_threshold: float | None, call_rate: float | None):
-        """p -> fire? from the request's policy, else the config's (a threshold wins over a rate)."""
+    def _decider(self, call_threshold: float | None, call_rate: float | None, trigger: str):
+        """score -> fire? from the request's policy, else the config's (a threshold wins over a rate)."""
         if call_threshold is not None and call_rate is not None:
             raise ValueError("give call_threshold or call_rate, not both")
         if call_threshold is None and call_rate is None:
@@ -459,9 +541,9 @@ class Cascade:
             return lambda p: p > call_threshold
         if call_rate is None:
             raise ValueError("no call policy: set call_threshold or call_rate (or allow_calls=False)")
-        if call_rate not in self._quantiles:
-            self._quantiles[call_rate] = RunningQuantile(call_rate)
-        return self._quantiles[call_rate].observe
+        if not 0.0 <= call_rate <= 1.0:
+            raise ValueError(f"call_rate must be in [0, 1], got {call_rate}")
+        return lambda p: self.quantiles.observe(call_rate, p, scope=(trigger,))
 
     def _call_big(self, text: str, topic: str | None) -> str:
         kwargs: dict[str, Any] = {"unit": self.cfg.big_unit, "max_tokens": self.cfg.big_max_tokens}
@@ -505,6 +587,20 @@ def _block_repeats(logits: torch.Tensor, generated: list[int], n: int) -> None:
             logits[generated[i + n - 1]] = float("-inf")
 
 
+def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """The next token from logits [V]: the argmax at temperature 0, else a sample from the softmax at
+    that temperature cut to its top-p nucleus (on the CPU, so a seed gives the same tokens anywhere)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p  # keeps at least the top one
+        probs = probs.clone()
+        probs[order[outside]] = 0.0
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def _merge(spans: list[Span]) -> list[Span]:
     merged: list[Span] = []
     for span in spans:
@@ -520,11 +616,12 @@ def _merge(spans: list[Span]) -> list[Span]:
 
 
 def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
-              max_new_tokens: int | None = None) -> float:
-    """The fixed threshold whose call rate on `prompts` is `target_rate`.
+              max_new_tokens: int | None = None, trigger: str | None = None) -> float:
+    """The fixed threshold on `trigger`'s score (None: the cascade's config) whose call rate on `prompts`
+    is `target_rate`.
 
-    Decodes each prompt with calls disabled, collects P(<CALL>) at the decision points, and returns
-    their (1 - rate) quantile: a share `target_rate` of them lies strictly above it (up to ties).
+    Decodes each prompt with calls disabled, collects the trigger's score at the decision points, and
+    returns their (1 - rate) quantile: a share `target_rate` of them lies strictly above it (up to ties).
     Calls change what the small model reads next, so the realised rate with calls on is close to,
     not exactly, the target.
     """
@@ -534,7 +631,8 @@ def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
         raise ValueError("calibrate needs at least one prompt")
     probs: list[float] = []
     for prompt in prompts:
-        probs += cascade.generate(prompt, allow_calls=False, max_new_tokens=max_new_tokens).call_probs
+        probs += cascade.generate(prompt, allow_calls=False, max_new_tokens=max_new_tokens,
+                                  trigger=trigger).call_probs
     if not probs:
         raise ValueError("no decision points while decoding the prompts; nothing to calibrate on")
     return float(np.quantile(np.asarray(probs, dtype=np.float64), 1.0 - target_rate))

@@ -38,6 +38,34 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Names, defined once (labels, model, experiment and the configs all use these)
+
+RULES = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts")
+"""Labelling rules (lacy.labels)."""
+CALL_RULES = ("loss", "lacy", "rho", "judge")
+"""Rules whose selected targets become <CALL>."""
+IGNORE_RULES = ("ignore", "ignore_facts")
+"""Rules whose selected targets are masked out of the loss."""
+RULE_NEEDS = {"rho": "score.reference", "judge": "score.judge"}
+"""Rules that need a column the scoring job writes only when this field is set."""
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "small": {"n_layer": 4, "n_embd": 256, "n_head": 4},
+    "334m": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+    "1.3b": {"n_layer": 24, "n_embd": 2048, "n_head": 16},
+}
+"""GPT-2 shapes of the small-model presets (lacy.model)."""
+BIG_MODELS = ("plain", "retrieval")
+"""Big sides of the cascade: the plain big LM, and it reading the knowledge store."""
+FACT_SOURCES = ("spacy", "oracle")
+"""Where the offline fact flags come from (lacy.facts)."""
+TRIGGERS = ("p_call", "confidence")
+"""What fires a call: P(<CALL>) of a model trained with it, or low confidence in the real tokens."""
+COMPARISONS = ("steps", "tokens")
+"""How rules are equalised: equal optimiser steps, or equal real-token-supervised tokens."""
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage configs
 
 
@@ -82,8 +110,8 @@ class ModelConfig:
     """Dropout on residual, embedding and attention."""
 
     def __post_init__(self) -> None:
-        _check(self.preset in ("tiny", "small", "334m", "1.3b"), "model.preset",
-               f"unknown preset {self.preset!r}; choose tiny, small, 334m or 1.3b")
+        _check(self.preset in PRESETS, "model.preset",
+               f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         _check(self.seq_len >= 8, "model.seq_len", "must be at least 8")
 
 
@@ -99,9 +127,18 @@ class FactsConfig:
     """Coarse part-of-speech tags whose words are facts (proper nouns, numerals)."""
     batch_size: int = 64
     """Texts per `nlp.pipe` batch."""
+    source: str = "spacy"
+    """Where fact flags come from: `spacy` (the grammar proxy above) or `oracle` (the exact attribute
+    spans a synthetic corpus carries in each document's `facts` field: the upper bound of any proxy)."""
+    max_chars: int = 100_000
+    """Texts longer than this go through spaCy in pieces of at most this many characters, so a
+    worker's memory is bounded whatever the document size."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "facts.batch_size", "must be positive")
+        _check(self.source in FACT_SOURCES, "facts.source",
+               f"unknown source {self.source!r}; choose from {FACT_SOURCES}")
+        _check(self.max_chars >= 1000, "facts.max_chars", "must be at least 1000")
         _check(bool(self.entity_labels or self.pos_tags), "facts",
                "entity_labels and pos_tags are both empty: nothing would be a fact")
         upos = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON",
@@ -131,8 +168,15 @@ class LabelConfig:
     ignore_facts (lacy-selected targets masked)."""
     fact_share: float = 0.6
     """lacy: share of the batch's fact positions, by current loss, that become <CALL>."""
+    match_lacy: bool = True
+    """loss, rho, judge, ignore: in each batch select as many positions as lacy would there
+    (round(fact_share x the batch's fact positions)), so every rule trains at the same call share;
+    false: the fixed `budget` share instead."""
     budget: float = 0.15
-    """loss, rho, judge, ignore: share of all real positions selected (≈ lacy's call share)."""
+    """loss, rho, judge, ignore with match_lacy false: share of all real positions selected."""
+    rho_min_context: int = 16
+    """rho: positions where the small model sees fewer than this many tokens of the document (a packed
+    row continuing a document the reference scored whole) have no usable excess loss (0: off)."""
     judge_margin: float = 2.0
     """judge: a prediction is unacceptable when the judge's log-prob of it is below that of the
     real token minus this margin (nats)."""
@@ -140,12 +184,12 @@ class LabelConfig:
     """judge: acceptable predictions stored per position by the scoring job."""
 
     def __post_init__(self) -> None:
-        rules = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts")
-        _check(self.rule in rules, "labels.rule", f"unknown rule {self.rule!r}; choose one of {rules}")
+        _check(self.rule in RULES, "labels.rule", f"unknown rule {self.rule!r}; choose one of {RULES}")
         _check(0.0 < self.fact_share <= 1.0, "labels.fact_share", "must be in (0, 1]")
         _check(0.0 < self.budget < 1.0, "labels.budget", "must be in (0, 1)")
         _check(self.judge_top_k > 0, "labels.judge_top_k", "must be positive")
         _check(self.judge_margin >= 0, "labels.judge_margin", "must be 0 or more (nats)")
+        _check(self.rho_min_context >= 0, "labels.rho_min_context", "must be 0 or more")
 
 
 @dataclass
@@ -282,9 +326,13 @@ class KnowledgeConfig:
 @dataclass
 class CascadeConfig:
     call_threshold: float | None = None
-    """Fixed threshold on P(<CALL>) (a call fires strictly above it); when set it wins over call_rate."""
+    """Fixed threshold on the trigger's score (a call fires strictly above it); when set it wins over
+    call_rate."""
     call_rate: float | None = 0.22
-    """Target call rate held by a running quantile of P(<CALL>)."""
+    """Target call rate held by a running quantile of the trigger's score."""
+    trigger: str = "p_call"
+    """What a call threshold or rate applies to: p_call (P(<CALL>) of a model trained with it) or
+    confidence (1 - the top probability of the real-token distribution, BiLD-style: no <CALL> needed)."""
     max_new_tokens: int = 64
     """Small-model steps per request; a <CALL> is one step, the big model's words do not count."""
     big_unit: str = "word"
@@ -303,6 +351,8 @@ class CascadeConfig:
                "must be in [0, 1]")
         _check(self.big_unit in ("word", "entity", "tokens"), "cascade.big_unit",
                "must be word, entity or tokens")
+        _check(self.trigger in TRIGGERS, "cascade.trigger",
+               f"unknown trigger {self.trigger!r}; choose from {TRIGGERS}")
         _check(self.max_new_tokens >= 0, "cascade.max_new_tokens", "must be >= 0")
         _check(self.big_max_tokens > 0, "cascade.big_max_tokens", "must be positive")
         _check(self.no_repeat_ngram >= 0, "cascade.no_repeat_ngram", "must be >= 0 (0: off)")
@@ -318,20 +368,26 @@ class EvalConfig:
     """Held facts of training documents probed for leakage."""
     bootstrap: int = 1000
     """Bootstrap resamples over entities for confidence intervals."""
-    length_penalty: bool = False
-    """FActScore's length penalty on precision."""
     judge_endpoint: str | None = None
     """OpenAI-compatible completions endpoint for the LLM-judge FActScore protocol (None: off)."""
     judge_model: str = "smollm2"
     """Model name sent to the judge endpoint (part of the judge cache key)."""
     gamma: float = 10.0
     """Length penalty: precision x exp(1 - gamma / claims) when a response has fewer than gamma claims."""
+    calibration_entities: int = 20
+    """Trained-on people, disjoint from the evaluation people, whose prompts calibrate the call
+    thresholds (a method is never tuned on the people it is scored on)."""
+    heldout_entities: int = 0
+    """People whose article is in the validation split, evaluated as separate rows at the headline
+    rate (0: none)."""
     prompt_style: str = "lead"
     """Biography prompt: lead ("NAME (", Wikipedia-lead shape for base LMs) or instruct ("Tell me a bio
     of NAME.")."""
 
     def __post_init__(self) -> None:
         _check(self.entities > 0, "eval.entities", "must be positive")
+        _check(self.calibration_entities > 0, "eval.calibration_entities", "must be positive")
+        _check(self.heldout_entities >= 0, "eval.heldout_entities", "must be 0 or more")
         _check(all(0.0 <= r <= 1.0 for r in self.call_rates), "eval.call_rates", "each in [0, 1]")
         _check(self.leakage_facts > 0, "eval.leakage_facts", "must be positive")
         _check(self.bootstrap > 0, "eval.bootstrap", "must be positive")
@@ -346,13 +402,21 @@ class ServeConfig:
     """Our small model checkpoint, a Hugging Face directory with safetensors
     (None: <run_dir>/train/final)."""
     host: str = "127.0.0.1"
+    """Address Serve's HTTP proxy binds to (loopback by default: never expose it on a laptop)."""
     port: int = 8000
+    """Port of Serve's HTTP proxy."""
     small_replicas: int = 1
+    """Replicas of the SmallModel (ingress) deployment."""
     big_replicas: int = 1
+    """Replicas of the BigModel deployment."""
     small_cpus: float = 0.5
+    """CPUs Ray reserves per SmallModel replica (fractional so both deployments fit on 2 cores)."""
     big_cpus: float = 0.5
+    """CPUs Ray reserves per BigModel replica."""
     small_gpus: float = 0.0
+    """GPUs per SmallModel replica (0 on CPU clusters)."""
     big_gpus: float = 0.0
+    """GPUs per BigModel replica (0 on CPU clusters)."""
     max_prompt_chars: int = 4000
     """Longer prompts are refused with 413."""
     max_tokens_limit: int = 512
@@ -370,11 +434,41 @@ class ServeConfig:
     """Intra-op threads per replica (None: Ray's default, the replica's whole CPUs and at least one).
     Small and big replicas compute in turn for one request, so each may use every core."""
     concurrency: int = 32
-    """Requests a SmallModel replica decodes at once (its ongoing-request limit and decoding threads)."""
+    """Choices a SmallModel replica decodes at once (its decoding threads; a request with n choices
+    takes n); more wait for a thread."""
     small_batch: int = 32
     """Most concurrent requests whose small-model steps run as one forward pass."""
     small_batch_wait_s: float = 0.002
     """How long a step waits for other requests' steps when some are still computing theirs."""
+    max_ongoing_requests: int = 32
+    """Requests Serve hands one SmallModel replica at once; more wait in Serve's queue."""
+    max_queued_requests: int = 64
+    """Requests Serve queues for the SmallModel before it rejects new ones with overload_status and
+    Retry-After (-1: unbounded)."""
+    overload_status: int = 503
+    """Status of a request rejected for overload: 503 or 429 (OpenAI clients retry both)."""
+    retry_after_s: float = 1.0
+    """Retry-After sent with overload rejections and with 503s while the big model is down."""
+    big_max_ongoing_requests: int = 64
+    """Calls Serve hands one BigModel replica at once (above big_batch, so batches can fill)."""
+    big_batch: int = 16
+    """Most big-model calls decoded as one batch (`@serve.batch` max_batch_size)."""
+    big_batch_wait_s: float = 0.005
+    """How long the first call of a big-model batch waits for others (`@serve.batch`)."""
+    quantile_scope: str = "replica"
+    """Where running call-rate quantiles live: replica (each SmallModel replica holds its own, so a
+    target rate holds per replica) or cluster (one actor per app: the same rate with any replica count,
+    one actor round trip per decision point)."""
+    max_call_rates: int = 64
+    """Running quantiles (model x trigger x requested rate) kept; the least recently used is dropped."""
+    max_choices: int = 16
+    """Most choices one request may ask for (prompts x n)."""
+    max_request_bytes: int = 1 << 20
+    """Larger request bodies are refused with 413 before they are parsed."""
+    health_interval_s: float = 5.0
+    """How often a SmallModel replica asks the BigModel whether it answers (every second while down)."""
+    health_timeout_s: float = 5.0
+    """A health probe without an answer this long marks the big model down."""
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "serve.port", "must be a TCP port")
@@ -385,18 +479,32 @@ class ServeConfig:
         _check(self.concurrency > 0 and self.small_batch > 0, "serve.concurrency/small_batch",
                "must be positive")
         _check(self.small_batch_wait_s >= 0, "serve.small_batch_wait_s", "must be >= 0")
+        _check(self.max_ongoing_requests > 0 and self.big_max_ongoing_requests > 0, "serve.*max_ongoing_requests",
+               "must be positive")
+        _check(self.max_queued_requests == -1 or self.max_queued_requests > 0, "serve.max_queued_requests",
+               "must be positive or -1 (unbounded)")
+        _check(self.overload_status in (429, 503), "serve.overload_status", "must be 429 or 503")
+        _check(self.retry_after_s >= 0, "serve.retry_after_s", "must be >= 0")
+        _check(self.big_batch > 0 and self.big_batch_wait_s >= 0, "serve.big_batch/big_batch_wait_s",
+               "batch size must be positive, wait >= 0")
+        _check(self.quantile_scope in ("replica", "cluster"), "serve.quantile_scope", "must be replica or cluster")
+        _check(min(self.max_call_rates, self.max_choices, self.max_request_bytes) > 0,
+               "serve.max_call_rates/max_choices/max_request_bytes", "must be positive")
+        _check(self.health_interval_s > 0 and self.health_timeout_s > 0, "serve.health_*", "must be positive")
 
 
 @dataclass
 class ExperimentConfig:
-    rules: list[str] = field(default_factory=lambda: [
-        "plain", "loss", "rho", "judge", "lacy", "ignore", "ignore_facts"])
-    """Labelling rules pretrained and compared."""
+    rules: list[str] = field(default_factory=lambda: ["plain", "loss", "lacy"])
+    """Labelling rules pretrained and compared (rho and judge also need score.reference / score.judge)."""
     comparisons: list[str] = field(default_factory=lambda: ["steps"])
     """steps: every rule trains train.max_steps; tokens: every rule trains until it has as many
     real-token-supervised tokens as `plain` had after max_steps (token equalisation)."""
     big_models: list[str] = field(default_factory=lambda: ["plain", "retrieval"])
     """Big models the cascade is evaluated against: the plain big LM, and it with retrieval."""
+    triggers: list[str] = field(default_factory=lambda: ["p_call", "confidence"])
+    """Call triggers evaluated: p_call (P(<CALL>), for models trained to emit it) and confidence
+    (inference-only calling on low real-token confidence, for every model: the honest baseline)."""
     headline_rate: float = 0.22
     """The call rate of the headline comparison (the paper's 22 %)."""
     eval_concurrency: int = 4
@@ -405,17 +513,18 @@ class ExperimentConfig:
     """Biographies per delegated-token HTML view."""
 
     def __post_init__(self) -> None:
-        rules = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts")
         for rule in self.rules:
-            _check(rule in rules, "experiment.rules", f"unknown rule {rule!r}; choose from {rules}")
+            _check(rule in RULES, "experiment.rules", f"unknown rule {rule!r}; choose from {RULES}")
         _check(bool(self.rules), "experiment.rules", "must name at least one rule")
         for c in self.comparisons:
-            _check(c in ("steps", "tokens"), "experiment.comparisons", f"unknown comparison {c!r}")
+            _check(c in COMPARISONS, "experiment.comparisons", f"unknown comparison {c!r}; choose from {COMPARISONS}")
         _check("tokens" not in self.comparisons or "plain" in self.rules, "experiment.comparisons",
                "token equalisation needs the plain rule (it sets the token budget)")
         for b in self.big_models:
-            _check(b in ("plain", "retrieval"), "experiment.big_models", f"unknown big model {b!r}")
+            _check(b in BIG_MODELS, "experiment.big_models", f"unknown big model {b!r}; choose from {BIG_MODELS}")
         _check(0.0 < self.headline_rate < 1.0, "experiment.headline_rate", "must be in (0, 1)")
+        for t in self.triggers:
+            _check(t in TRIGGERS, "experiment.triggers", f"unknown trigger {t!r}; choose from {TRIGGERS}")
         _check(self.eval_concurrency > 0, "experiment.eval_concurrency", "must be positive")
 
 
@@ -424,6 +533,7 @@ class MLflowConfig:
     tracking_uri: str | None = None
     """Absolute tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite under run_dir."""
     experiment: str = "lacy"
+    """MLflow experiment every run of this config is logged under."""
 
 
 @dataclass
@@ -431,6 +541,7 @@ class LacyConfig:
     run_dir: str = "runs/default"
     """Root of this run's outputs."""
     seed: int = 0
+    """Seed of everything outside training (evaluation sampling, bootstrap, leakage probes)."""
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -459,6 +570,24 @@ class LacyConfig:
             value = getattr(stage, name)
             setattr(stage, name, str(Path(self.run_dir) / leaf if value is None else resolve_path(value)))
         self.serve.models = {name: str(resolve_path(p)) for name, p in self.serve.models.items()}
+        self._check_sections()
+
+    def _check_sections(self) -> None:
+        """Combinations of fields in different sections that could only fail late, refused at load."""
+        for rule in dict.fromkeys([self.labels.rule, *self.experiment.rules]):
+            if rule in RULE_NEEDS:
+                needed = RULE_NEEDS[rule]
+                section, name = needed.split(".")
+                where = "labels.rule" if rule == self.labels.rule else "experiment.rules"
+                _check(getattr(getattr(self, section), name) is not None, f"{where}/{needed}",
+                       f"rule {rule!r} trains on columns the scoring job writes only when {needed} names a "
+                       f"model (e.g. `--{needed} smollm2`); set it or drop {rule!r}")
+        _check(self.score.model_actor_gpus == 0 or bool(self.score.reference or self.score.judge),
+               "score.model_actor_gpus/score.reference", "GPUs are reserved for reference/judge actors, but "
+               "neither score.reference nor score.judge is set: nothing would use them")
+        _check(self.experiment.headline_rate in self.eval.call_rates, "experiment.headline_rate/eval.call_rates",
+               f"the headline rate {self.experiment.headline_rate} must be one of the evaluated call rates "
+               f"{self.eval.call_rates}")
 
 
 # ----------------------------------------------------------------------------------------------

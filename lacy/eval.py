@@ -155,17 +155,36 @@ def _checkable(ent: Any) -> bool:
     return True
 
 
+_RANGE_DASH = re.compile(r"\s*(?:[–—]|(?<=\d)-(?=\d)|\s-\s|\bto\b)\s*")
+
+
+def _range_parts(text: str, start: int) -> list[tuple[str, int, int]]:
+    """A date range ("1809 – 1865", "12 February 1809 – 15 April 1865") as its ends, each a claim of
+    its own, so a range scores year by year whether spaCy made it one entity or two."""
+    parts, pos = [], 0
+    for piece in _RANGE_DASH.split(text):
+        at = text.index(piece, pos)
+        pos = at + len(piece)
+        if piece.strip():
+            parts.append((piece.strip(), start + at, start + at + len(piece.strip())))
+    dated = [p for p in parts if re.search(r"\d", p[0])]
+    return dated if len(dated) >= 2 else [(text, start, start + len(text))]
+
+
 def _claims_from_doc(doc: Any, exclude_name: str = "") -> list[Claim]:
     name_words = set(normalize(exclude_name).split())
     claims, seen = [], set()
     for ent in doc.ents:
         if ent.label_ not in CLAIM_LABELS or not _checkable(ent):
             continue
-        key = _claim_key(ent.text)
-        if not key or key in seen or set(key.split()) <= name_words:
-            continue
-        seen.add(key)
-        claims.append(Claim(ent.text, ent.label_, ent.start_char, ent.end_char, ent.sent.text))
+        pieces = _range_parts(ent.text, ent.start_char) if ent.label_ == "DATE" else \
+            [(ent.text, ent.start_char, ent.end_char)]
+        for text, start, end in pieces:
+            key = _claim_key(text)
+            if not key or key in seen or set(key.split()) <= name_words:
+                continue
+            seen.add(key)
+            claims.append(Claim(text, ent.label_, start, end, ent.sent.text))
     return claims
 
 
@@ -445,24 +464,22 @@ def call_rates(generations: Sequence[Generation]) -> dict[str, float | None]:
     return {"call_rate": mean, "call_rate_mean": mean}
 
 
-def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequence[EntityLike],
-                    articles: Mapping[str, Any], store: PassageSearch | None, *, k: int = 5,
-                    length_penalty: bool = False, gamma: float = 10, bootstrap: int = 1000,
-                    seed: int = 0, prompt_style: str = "lead", nlp: Any = None) -> dict[str, Any]:
-    """Generate a biography per person and score it; returns one row.
+def biographies(generate: Callable[[EntityLike, str], Any], entities: Sequence[EntityLike],
+                prompt_style: str = "lead", workers: int = 1) -> list[Generation]:
+    """One biography per person: `generate(entity, prompt)` returns the text (prompt included or not)
+    or an object with `.text` (and `.call_rate`, `.calls`, `.decision_points`, as a `CascadeResult`).
+    The biography is prompt + continuation for the lead style, the continuation alone for instruct.
+    `workers` > 1 asks that many at once (a server answers several requests together)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    `generate_fn(prompt)` returns the text (prompt included or not) or an object with `.text` and
-    `.call_rate` (a `CascadeResult`; with `.calls` and `.decision_points` too, the row's call rate is
-    pooled over people: see `call_rates`). The biography scored is prompt + continuation for the lead style
-    and the continuation alone for the instruct style.
+    from lacy.console import tracked
 
-    Row: scalars (precision_{lenient,strict} with _lo/_hi 95% CIs, respond ratios, claims_per_response,
-    call_rate, call_rate_mean, <attr>_correct/<attr>_stated) plus the per-person scores
-    `entity_scores_{lenient,strict}` for paired bootstraps between systems."""
+    prompts = [bio_prompt(entity, prompt_style) for entity in entities]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        answers = tracked(pool.map(generate, entities, prompts), "biographies", total=len(entities), unit="person")
+        outs = list(answers)
     generations = []
-    for entity in entities:
-        prompt = bio_prompt(entity, prompt_style)
-        out = generate_fn(prompt)
+    for entity, prompt, out in zip(entities, prompts, outs, strict=True):
         text = out.text if hasattr(out, "text") else str(out)
         # A lead prompt ("NAME (") is the start of the biography; an instruction is not part of it.
         if prompt_style == "instruct":
@@ -471,22 +488,85 @@ def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequ
             text = prompt + text
         generations.append(Generation(entity, text, getattr(out, "call_rate", None), getattr(out, "calls", None),
                                       getattr(out, "decision_points", None)))
+    return generations
+
+
+def _contrast_articles(generations: Sequence[Generation], articles: Mapping[str, Any], seed: int) -> list[str]:
+    """For each person, the normalised article of another person of the set (a seeded derangement)."""
+    n = len(generations)
+    if n < 2:
+        return [" "] * n
+    shift = 1 + random.Random(seed).randrange(n - 1)
+    return [f" {normalize(_article_text(articles, generations[(i + shift) % n].entity))} " for i in range(n)]
+
+
+def _ci(values: Sequence[float], bootstrap: int, seed: int) -> tuple[float | None, float | None, float | None]:
+    return bootstrap_ci(values, n=bootstrap, seed=seed) if values else (None, None, None)
+
+
+def score_biographies(name: str, generations: Sequence[Generation], articles: Mapping[str, Any],
+                      store: PassageSearch | None, *, k: int = 5, gamma: float = 10, bootstrap: int = 1000,
+                      seed: int = 0, nlp: Any = None) -> dict[str, Any]:
+    """One row of the method table for a system's biographies (95 % bootstrap CIs over people):
+
+    precision_{lenient,strict} (+ _lo/_hi): mean over the people who made a claim (`precision` is the
+    strict one when a store is given, else lenient: the table's headline); respond_ratio and
+    claims_per_response say how many did and how much; supported_per_person: supported (strict, else
+    lenient) claims per person, abstainers counting 0; factscore: precision x FActScore's length
+    penalty (gamma), abstainers 0, over all people — defined for everyone, so paired differences
+    need no dropping; informative_precision: precision over the claims that a random other person's
+    article does not support ("American", "the first" are supported almost anywhere);
+    <attr>_precision / _correct / _stated for birth_year, birth_place, occupation; call rates.
+    `entity_scores_*` (None = abstained) and `entity_factscore` keep the per-person values for paired
+    bootstraps between systems.
+    """
     nlp = load_nlp() if nlp is None else nlp
     claims = _all_claims(generations, nlp)
     row: dict[str, Any] = {"system": name, "entities": len(generations), **call_rates(generations)}
     modes = [("lenient", articles, False)] + ([("strict", store, True)] if store is not None else [])
+    reports = {}
     for label, source, strict in modes:
-        report = _score_claims(generations, claims, source, strict=strict, k=k,
-                               length_penalty=length_penalty, gamma=gamma)
+        report = _score_claims(generations, claims, source, strict=strict, k=k, length_penalty=False, gamma=gamma)
+        reports[label] = report
         answered = [s for s in report.scores() if s is not None]
-        mean, lo, hi = bootstrap_ci(answered, n=bootstrap, seed=seed) if answered else (None, None, None)
-        row.update({f"precision_{label}": mean, f"precision_{label}_lo": lo,
-                    f"precision_{label}_hi": hi, f"respond_ratio_{label}": report.respond_ratio,
-                    f"entity_scores_{label}": report.scores()})
-        row["claims_per_response"] = report.claims_per_response
-        for attr, (correct, stated) in report.attributes.items():
-            row[f"{attr}_correct"], row[f"{attr}_stated"] = correct, stated
+        mean, lo, hi = _ci(answered, bootstrap, seed)
+        row.update({f"precision_{label}": mean, f"precision_{label}_lo": lo, f"precision_{label}_hi": hi,
+                    f"respond_ratio_{label}": report.respond_ratio, f"entity_scores_{label}": report.scores()})
+    headline = "strict" if store is not None else "lenient"
+    main = reports[headline]
+    for suffix in ("", "_lo", "_hi"):
+        row[f"precision{suffix}"] = row[f"precision_{headline}{suffix}"]
+    row["entity_scores"] = row[f"entity_scores_{headline}"]
+    row["respond_ratio"] = main.respond_ratio
+    row["claims_per_response"] = main.claims_per_response
+    supported = [float(sum(e.supported)) for e in main.entities]
+    factscore_all = [0.0 if e.precision is None else e.precision * length_penalty_factor(len(e.claims), gamma)
+                     for e in main.entities]
+    contrast = _contrast_articles(generations, articles, seed)
+    informative = []
+    for e, other in zip(main.entities, contrast, strict=True):
+        kept = [ok for c, ok in zip(e.claims, e.supported, strict=True) if not _in_normalized(c.text, other)]
+        if kept:
+            informative.append(sum(kept) / len(kept))
+    for key, values in (("supported_per_person", supported), ("factscore", factscore_all),
+                        ("informative_precision", informative)):
+        row[key], row[f"{key}_lo"], row[f"{key}_hi"] = _ci(values, bootstrap, seed)
+    row["informative_responses"] = len(informative)
+    row["entity_factscore"] = factscore_all
+    for attr, (correct, stated) in main.attributes.items():
+        row[f"{attr}_correct"], row[f"{attr}_stated"] = correct, stated
+        row[f"{attr}_precision"] = correct / stated if stated else None
     return row
+
+
+def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequence[EntityLike],
+                    articles: Mapping[str, Any], store: PassageSearch | None, *, k: int = 5, gamma: float = 10,
+                    bootstrap: int = 1000, seed: int = 0, prompt_style: str = "lead", nlp: Any = None
+                    ) -> dict[str, Any]:
+    """`score_biographies` of the biographies `generate_fn(prompt)` writes for `entities`."""
+    generations = biographies(lambda _entity, prompt: generate_fn(prompt), entities, prompt_style)
+    return score_biographies(name, generations, articles, store, k=k, gamma=gamma, bootstrap=bootstrap,
+                             seed=seed, nlp=nlp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,6 +579,8 @@ class LeakProbe:
     """Document text up to (not including) the held fact, trailing space removed."""
     gold: str
     doc_id: str = ""
+    label: str = ""
+    """The fact's type (spaCy entity label), for per-type rates."""
 
 
 @dataclass
@@ -507,15 +589,29 @@ class LeakReport:
     leaked: int
     rate: float
     """leaked / probes: lower = the model learned to delegate rather than memorise."""
+    ci: tuple[float, float]
+    """95 % Wilson interval of the rate."""
+    by_label: dict[str, tuple[int, int]]
+    """fact type -> (leaked, probes)."""
     continuations: list[str]
     hits: list[bool]
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (sensible at 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def make_leak_probes(docs: Sequence[dict], nlp: Any, n: int, seed: int = 0, min_prefix_chars: int = 40,
                      max_prefix_chars: int = 1000) -> list[LeakProbe]:
-    """Up to `n` probes, one per document (documents drawn in a seeded order): a fact span (label in
-    CLAIM_LABELS, at least `min_prefix_chars` into the text) picked at random; the prefix is the text
-    before it, cut to its last `max_prefix_chars` characters at a word boundary."""
+    """Up to `n` probes, at most one per document (documents drawn in a seeded order): a fact span
+    (label in CLAIM_LABELS, at least `min_prefix_chars` into the text) picked at random; the prefix is
+    the text before it, cut to its last `max_prefix_chars` characters at a word boundary."""
     rng = random.Random(seed)
     order = list(range(len(docs)))
     rng.shuffle(order)
@@ -532,25 +628,38 @@ def make_leak_probes(docs: Sequence[dict], nlp: Any, n: int, seed: int = 0, min_
         if len(prefix) > max_prefix_chars:
             cut = prefix[-max_prefix_chars:]
             prefix = cut[cut.find(" ") + 1:] if " " in cut else cut
-        probes.append(LeakProbe(prefix, ent.text, str(docs[i].get("id", i))))
+        probes.append(LeakProbe(prefix, ent.text, str(docs[i].get("id", i)), ent.label_))
     return probes
 
 
 def leaks(continuation: str, gold: str) -> bool:
-    """The continuation starts with the gold fact (normalised, whole words)."""
+    """The continuation contains the gold fact (normalised, as whole words), wherever it writes it."""
     key = normalize(gold)
-    return bool(key) and f"{normalize(continuation)} ".startswith(f"{key} ")
+    return bool(key) and f" {key} " in f" {normalize(continuation)} "
 
 
-def leakage(generate_fn: Callable[[str], str], probes: Sequence[LeakProbe]) -> LeakReport:
-    """Share of probes whose greedy continuation reproduces the held fact. `generate_fn(prefix)`
-    returns the continuation (the prefix repeated in front is removed) with <CALL> disabled."""
+def leakage(generate_fn: Callable[[str], str], probes: Sequence[LeakProbe], workers: int = 1) -> LeakReport:
+    """Share of probes whose greedy continuation reproduces the held fact, with its Wilson CI and per
+    fact type. `generate_fn(prefix)` returns the continuation (the prefix repeated in front is
+    removed) with <CALL> disabled; `workers` asks that many at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lacy.console import tracked
+
     if not probes:
         raise ValueError("leakage needs at least one probe")
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        outs = list(tracked(pool.map(generate_fn, [p.prefix for p in probes]), "leakage", total=len(probes),
+                            unit="probe"))
     continuations, hits = [], []
-    for probe in probes:
-        out = generate_fn(probe.prefix)
+    by_label: dict[str, list[int]] = {}
+    for probe, out in zip(probes, outs, strict=True):
         out = out[len(probe.prefix):] if out.startswith(probe.prefix) else out
         continuations.append(out)
         hits.append(leaks(out, probe.gold))
-    return LeakReport(len(probes), sum(hits), sum(hits) / len(probes), continuations, hits)
+        counts = by_label.setdefault(probe.label, [0, 0])
+        counts[0] += hits[-1]
+        counts[1] += 1
+    leaked = sum(hits)
+    return LeakReport(len(probes), leaked, leaked / len(probes), wilson_interval(leaked, len(probes)),
+                      {k: (v[0], v[1]) for k, v in sorted(by_label.items())}, continuations, hits)

@@ -49,11 +49,14 @@ Span = tuple[int, int]
 
 
 class TaggedText(NamedTuple):
-    """One text, tokenised and fact-flagged. Unpacks as `ids, fact, offsets` too."""
+    """One text, tokenised and fact-flagged."""
 
     ids: np.ndarray      # int32 [n] token ids (no special tokens added)
     fact: np.ndarray     # bool [n] token overlaps a fact word
     offsets: np.ndarray  # int32 [n, 2] character range [start, end) of each token in the text
+    oracle: np.ndarray | None = None
+    """int8 [n]: 1 + the index in `ORACLE_ATTRIBUTES` of the true attribute value the token overlaps, 0
+    elsewhere; only for documents that carry exact fact spans (a synthetic corpus' `facts` field)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,11 +151,15 @@ class FactTagger:
     """spaCy loaded once with only the components `cfg`'s rule needs; texts in, fact spans out.
 
     `nlp` replaces that pipeline with one loaded elsewhere, run as it is (the full pipeline, to check
-    that the reduced one agrees).
+    that the reduced one agrees). With `cfg.source == "oracle"` spaCy is not loaded at all: the fact
+    flags are the documents' exact attribute spans.
     """
 
     def __init__(self, cfg: FactsConfig, nlp: Language | None = None) -> None:
         self.cfg = cfg
+        self.nlp = None
+        if cfg.source == "oracle":
+            return
         self.nlp = load_spacy(cfg.spacy_model, needed_components(cfg)) if nlp is None else nlp
         if cfg.entity_labels:
             unknown = sorted(set(cfg.entity_labels) - set(self.nlp.get_pipe("ner").labels))
@@ -164,9 +171,12 @@ class FactTagger:
 
     def fact_spans(self, texts: list[str]) -> list[list[Span]]:
         """Per text, the character spans of its fact words: sorted, disjoint, whitespace-free."""
-        # Texts longer than nlp.max_length go through in chunks; spans are shifted back afterwards.
+        # Long texts go through in chunks (spaCy's memory grows with the text); spans are shifted back.
+        if self.nlp is None:
+            raise ValueError("fact_spans needs spaCy: facts.source is 'oracle'")
+        limit = min(self.cfg.max_chars, self.nlp.max_length)
         pieces = [(i, start, chunk) for i, text in enumerate(texts)
-                  for start, chunk in split_long(text, self.nlp.max_length) if chunk]
+                  for start, chunk in split_long(text, limit) if chunk]
         found: list[list[np.ndarray]] = [[] for _ in texts]
         docs = self.nlp.pipe((chunk for _, _, chunk in pieces), batch_size=self.cfg.batch_size)
         for (i, start, _), doc in zip(pieces, docs, strict=True):
@@ -183,18 +193,76 @@ class FactTagger:
         idx = attrs[rows, 0].astype(np.int64)
         return np.stack([idx, idx + attrs[rows, 1].astype(np.int64)], axis=1)
 
-    def tag(self, texts: list[str], tokenizer: PreTrainedTokenizerFast) -> list[TaggedText]:
-        """Tokenise `texts` (no special tokens) and flag the tokens that overlap fact words."""
-        spans = self.fact_spans(texts)
+    def tag(self, texts: list[str], tokenizer: PreTrainedTokenizerFast,
+            docs: Sequence[dict] | None = None) -> list[TaggedText]:
+        """Tokenise `texts` (no special tokens) and flag the tokens that overlap fact words.
+
+        `docs` (the documents of `texts`, same order) give the oracle: where a document has a `facts`
+        field (exact attribute spans), its tokens get `oracle` codes, and with `source: oracle` those
+        spans are the fact flags."""
+        truth = [oracle_spans(d) for d in docs] if docs is not None else [None] * len(texts)
+        if self.cfg.source == "oracle":
+            if any(t is None for t in truth):
+                raise ValueError("facts.source 'oracle' needs documents with exact fact spans (a 'facts' "
+                                 "field, as data.corpus synthbio writes them)")
+            spans = [merge_spans(np.asarray([(a, b) for a, b, _ in t], np.int64).reshape(-1, 2))
+                     for t in truth]  # type: ignore[union-attr]
+        else:
+            spans = self.fact_spans(texts)
         # split_special_tokens: a literal "<CALL>" in a corpus is text, never the delegation token.
         enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True,
                         return_attention_mask=False, verbose=False)
         tagged = []
-        for ids, offsets, text_spans in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+        for ids, offsets, text_spans, doc_truth in zip(enc["input_ids"], enc["offset_mapping"], spans, truth,
+                                                        strict=True):
             offsets = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
+            oracle = None if doc_truth is None else oracle_codes(offsets, doc_truth)
             tagged.append(TaggedText(np.asarray(ids, dtype=np.int32), align_flags(offsets, text_spans),
-                                     offsets))
+                                     offsets, oracle))
         return tagged
+
+
+def tagger_info(cfg: FactsConfig) -> dict:
+    """What a manifest records about how fact flags were made (spaCy model and versions, or the oracle)."""
+    if cfg.source == "oracle":
+        return {"source": "oracle", "attributes": list(ORACLE_ATTRIBUTES)}
+    return {"source": "spacy", **spacy_info(load_spacy(cfg.spacy_model, needed_components(cfg)))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The oracle: exact attribute spans of a synthetic corpus
+
+ORACLE_ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "employer_city")
+"""Attribute names of the synthetic corpus, in the order of their oracle codes (code = index + 1)."""
+
+
+def oracle_spans(doc: dict) -> list[tuple[int, int, int]] | None:
+    """(start, end, code) of every exact attribute value of a document, or None without a `facts` field.
+
+    `facts` is a list of {"attr", "value", "start", "end"} (lacy.synthbio); each span must hold its
+    value, so a corpus edited after generation is caught rather than mislabelled."""
+    facts = doc.get("facts")
+    if facts is None:
+        return None
+    text, out = doc["text"], []
+    for fact in facts:
+        start, end, attr = int(fact["start"]), int(fact["end"]), fact["attr"]
+        if attr not in ORACLE_ATTRIBUTES:
+            raise ValueError(f"document {doc.get('id')!r}: unknown oracle attribute {attr!r}")
+        if text[start:end] != fact["value"]:
+            raise ValueError(f"document {doc.get('id')!r}: fact span [{start}, {end}) holds "
+                             f"{text[start:end]!r}, not {fact['value']!r}")
+        out.append((start, end, ORACLE_ATTRIBUTES.index(attr) + 1))
+    return sorted(out)
+
+
+def oracle_codes(offsets: np.ndarray, spans: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """int8 [n]: the code of the attribute span each token overlaps (0: none)."""
+    codes = np.zeros(len(offsets), dtype=np.int8)
+    for code in sorted({c for _, _, c in spans}):
+        mine = merge_spans(np.asarray([(a, b) for a, b, c in spans if c == code], np.int64).reshape(-1, 2))
+        codes[align_flags(offsets, mine)] = code
+    return codes
 
 
 def align_flags(offsets: np.ndarray, spans: Sequence[Span] | np.ndarray) -> np.ndarray:
@@ -229,4 +297,4 @@ def tag_corpus(docs: Iterable[dict], tokenizer: PreTrainedTokenizerFast,
         tagger = FactTagger(tagger)
     docs = iter(docs)
     while batch := list(islice(docs, tagger.cfg.batch_size)):
-        yield from zip(batch, tagger.tag([d["text"] for d in batch], tokenizer), strict=True)
+        yield from zip(batch, tagger.tag([d["text"] for d in batch], tokenizer, docs=batch), strict=True)

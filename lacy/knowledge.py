@@ -30,7 +30,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from lacy.config import KnowledgeConfig
 
 # Words of a query: runs of letters/digits (underscore is a separator, like FTS5's unicode61).
 _WORD = re.compile(r"[^\W_]+")
@@ -448,6 +451,11 @@ class RetrievalBigLM:
         self._retrieved_context = ""
         self._last_text: str | None = None
         self._caller_topic = False
+
+    @classmethod
+    def from_config(cls, big: TextContinuer, store: KnowledgeStore, cfg: KnowledgeConfig) -> RetrievalBigLM:
+        """The retrieval big model every caller (Serve, the experiment, benches) composes the same way."""
+        return cls(big, store, cfg.top_k, cfg.passage_chars, cfg.query)  # type: ignore[arg-type]
 
     @property
     def tokens_processed(self) -> int:

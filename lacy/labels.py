@@ -6,16 +6,22 @@ other real position learns its real token under the softmax *renormalised withou
 delegating never competes with ordinary prediction (the paper's modified NLL). Rules:
 
     plain         nothing selected
-    loss          top `budget` share of valid positions by current loss              -> <CALL>
     lacy          fact positions whose loss is in the top `fact_share` of the batch's fact positions -> <CALL>
-    rho           top `budget` share by excess loss (loss - reference loss)           -> <CALL>
-    judge         positions whose argmax prediction the judge rejects (≤ budget, highest loss first) -> <CALL>
+    loss          the budget's count of valid positions, by current loss              -> <CALL>
+    rho           the budget's count by excess loss (loss - reference loss)           -> <CALL>
+    judge         positions whose argmax prediction the judge rejects (≤ the budget, highest loss first) -> <CALL>
     ignore        as `loss`, but the selected targets are masked out (no loss) instead
     ignore_facts  as `lacy`, but masked out
 
+The budget is one number for every rule: with `match_lacy` (default) each batch's count is the number
+LaCy delegates in that batch (round(fact_share x its fact positions)), so every rule trains at the same
+call share, step by step; without it, a fixed `budget` share of the valid positions.
+
 Selection is batch-level: shares are of the whole batch's positions, exact counts round(share * n)
 (rounded half up), and ties are broken by position (earlier flattened index first), so a batch always
-selects the same positions.
+selects the same positions. With data-parallel ranks the batch is the global one: `lacy_step` takes a
+`gather` that collects every rank's losses and masks, selects over all of them, and keeps its rows, so
+two workers select exactly what one worker with the whole batch would.
 
 Batch contract (`lacy_step`), one row per packed sequence of L = T + 1 tokens (see lacy.shards):
     input_ids     [B, L] long   inputs are [:, :-1], targets [:, 1:]
@@ -27,16 +33,15 @@ Batch contract (`lacy_step`), one row per packed sequence of L = T + 1 tokens (s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from lacy.config import LabelConfig
+from lacy.config import CALL_RULES, IGNORE_RULES, LabelConfig
 
-CALL_RULES = ("loss", "lacy", "rho", "judge")
-"""Rules whose selected targets become <CALL>."""
-IGNORE_RULES = ("ignore", "ignore_facts")
-"""Rules whose selected targets are masked out of the loss."""
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+"""[b, ...] tensor of this rank -> (every rank's, concatenated along dim 0; this rank's first row in it)."""
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, call_id: int) -> torch.Tensor:
@@ -80,24 +85,33 @@ def select(cfg: LabelConfig, loss: torch.Tensor, valid: torch.Tensor, fact: torc
     call share even when reference or judge coverage is partial.
     """
     rule = cfg.rule
-    n_valid = int(valid.sum())
     if rule == "plain":
         return torch.zeros_like(valid)
-    if rule in ("loss", "ignore"):
-        return _top_share(loss, valid, _share_count(cfg.budget, n_valid))
     if rule in ("lacy", "ignore_facts"):
         _require(fact, "fact", rule)
         facts = valid & fact
         return _top_share(loss, facts, _share_count(cfg.fact_share, facts.sum()))
+    _require(ref_loss if rule == "rho" else judge_bad if rule == "judge" else loss,
+             {"rho": "ref_loss", "judge": "judge_bad"}.get(rule, "loss"), rule)
+    count = budget_count(cfg, valid, fact)
+    if rule in ("loss", "ignore"):
+        return _top_share(loss, valid, count)
     if rule == "rho":
-        _require(ref_loss, "ref_loss", rule)
         known = valid & ~torch.isnan(ref_loss)
         excess = loss - torch.nan_to_num(ref_loss, nan=0.0)
-        return _top_share(excess, known, _share_count(cfg.budget, n_valid))
+        return _top_share(excess, known, count)
     if rule == "judge":
-        _require(judge_bad, "judge_bad", rule)
-        return _top_share(loss, valid & judge_bad, _share_count(cfg.budget, n_valid))
+        return _top_share(loss, valid & judge_bad, count)
     raise ValueError(f"labels.rule: unknown rule {rule!r}")
+
+
+def budget_count(cfg: LabelConfig, valid: torch.Tensor, fact: torch.Tensor | None) -> int:
+    """Positions a budgeted rule (loss, rho, judge, ignore) selects in this batch: LaCy's count
+    (`match_lacy`), else round(budget x valid positions)."""
+    if cfg.match_lacy:
+        _require(fact, "fact", f"{cfg.rule} with labels.match_lacy")
+        return _share_count(cfg.fact_share, (valid & fact).sum())
+    return _share_count(cfg.budget, valid.sum())
 
 
 def _require(value: torch.Tensor | None, name: str, rule: str) -> None:
@@ -154,20 +168,23 @@ def objective(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, 
     return loss, stats
 
 
-def judge_bad_from_accept(pred: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
-    """The judge rejects the prediction: pred [B,T] ids, accept [B,T,k] ids (-1 pad) -> [B,T] bool.
+def judge_bad_from_accept(pred: torch.Tensor, accept: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The judge rejects the prediction: pred/target [B,T] ids, accept [B,T,k] ids (-1 pad) -> [B,T] bool.
 
-    A row of all -1 means the judge had no opinion there (e.g. no judge token boundary): not bad.
+    The real next token is always acceptable, whether or not it made the judge's top-k; a row of all
+    -1 means the judge had no opinion there (e.g. no judge token boundary): not bad either.
     """
     known = (accept >= 0).any(dim=-1)
-    accepted = (accept == pred.unsqueeze(-1)).any(dim=-1)
+    accepted = (accept == pred.unsqueeze(-1)).any(dim=-1) | (pred == target)
     return known & ~accepted
 
 
 def lacy_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: LabelConfig, call_id: int,
-              eos_id: int | None = None, pad_id: int | None = None
+              eos_id: int | None = None, pad_id: int | None = None, gather: Gather | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass + the objective of rule `cfg.rule` on a batch (contract in the module docstring).
+
+    `gather` (data-parallel training): select over the global batch, see the module docstring.
 
     Valid positions: targets that are not `pad_id`. Positions whose INPUT is `eos_id` (their target is
     the first token of the next packed document, unpredictable from the context) stay supervised with
@@ -186,16 +203,21 @@ def lacy_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Label
 
     fact = _targets_of(batch, "fact", device)
     ref_loss = _targets_of(batch, "ref_loss", device)
+    if ref_loss is not None and cfg.rho_min_context > 0:
+        ref_loss = _without_short_context(ref_loss, inputs, eos_id, cfg.rho_min_context)
     judge_bad = None
     if cfg.rule == "judge" and "judge_accept" in batch:
         # The small model's own prediction of a real token: argmax without <CALL>.
         best2 = logits.detach().topk(2, dim=-1).indices  # no copy of the logits, unlike masking
         pred = torch.where(best2[..., 0] == call_id, best2[..., 1], best2[..., 0])
-        judge_bad = judge_bad_from_accept(pred, batch["judge_accept"][:, 1:].to(device))
+        judge_bad = judge_bad_from_accept(pred, batch["judge_accept"][:, 1:].to(device), targets)
 
     real_nll = token_losses(logits, targets, call_id)
     current = real_nll.detach()  # selection never back-propagates
-    selected = select(cfg, current, selectable, fact=fact, ref_loss=ref_loss, judge_bad=judge_bad)
+    if gather is None:
+        selected = select(cfg, current, selectable, fact=fact, ref_loss=ref_loss, judge_bad=judge_bad)
+    else:
+        selected = _select_global(cfg, gather, current, selectable, fact, ref_loss, judge_bad)
     loss, stats = objective(logits, targets, valid, selected, cfg.rule, call_id, real_nll=real_nll)
 
     n_valid = valid.sum().clamp(min=1)
@@ -210,8 +232,36 @@ def lacy_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Label
         stats["selected_excess_loss"] = excess.sum() / n_selected
     if judge_bad is not None:
         stats["judge_bad_share"] = (judge_bad & valid).sum() / n_valid
+    if "oracle" in batch:  # where the calls land, against the exact facts of a synthetic corpus
+        oracle = batch["oracle"][:, 1:].to(device) > 0
+        stats["oracle_share"] = (oracle & valid).sum() / n_valid
+        stats["selected_oracle_share"] = (oracle & selected).sum() / n_selected
     stats["selected_loss"] = torch.where(selected, current, 0.0).sum() / n_selected
     return loss, stats
+
+
+def _select_global(cfg: LabelConfig, gather: Gather, loss: torch.Tensor, selectable: torch.Tensor,
+                   fact: torch.Tensor | None, ref_loss: torch.Tensor | None,
+                   judge_bad: torch.Tensor | None) -> torch.Tensor:
+    """`select` over every rank's rows; this rank's [b, T] part of the result."""
+    (loss_all, first), (valid_all, _) = gather(loss), gather(selectable)
+    extra = {name: gather(t)[0] for name, t in (("fact", fact), ("ref_loss", ref_loss), ("judge_bad", judge_bad))
+             if t is not None}
+    selected = select(cfg, loss_all, valid_all, **extra)
+    return selected[first:first + loss.shape[0]]
+
+
+def _without_short_context(ref_loss: torch.Tensor, inputs: torch.Tensor, eos_id: int | None,
+                           min_context: int) -> torch.Tensor:
+    """Reference losses made unknown (NaN) where the small model sees fewer than `min_context` tokens
+    of the document: the reference scored whole documents, so at the start of a packed row that
+    continues a document its loss had context the small model lacks, and excess loss is inflated.
+    A document that starts inside the row (after an EOS) starts from nothing for both: kept."""
+    t = torch.arange(inputs.shape[1], device=inputs.device)
+    started_here = torch.cumsum(inputs == eos_id, dim=1) > 0 if eos_id is not None else torch.zeros_like(inputs,
+                                                                                                      dtype=torch.bool)
+    short = (t + 1 < min_context) & ~started_here
+    return ref_loss.masked_fill(short, float("nan"))
 
 
 def _targets_of(batch: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor | None:

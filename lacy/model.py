@@ -29,15 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lacy.config import ModelConfig
+from lacy.config import PRESETS, ModelConfig
 from lacy.paths import cache_dir
-
-PRESETS: dict[str, dict] = {
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
-    "small": {"n_layer": 4, "n_embd": 256, "n_head": 4},
-    "334m": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
-    "1.3b": {"n_layer": 24, "n_embd": 2048, "n_head": 16},
-}
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = "smollm2-135m-instruct"
@@ -113,6 +106,23 @@ def load_big_model(path: str = "smollm2", dtype: torch.dtype | str = torch.float
                              + (f" (refusing pickled {', '.join(pickled)})" if pickled else ""))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_small_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) of a trained small checkpoint: a local Hugging Face directory
+    with safetensors weights (pickled ones are refused) whose tokenizer has `<CALL>`."""
+    from lacy.tokenizer import CALL_TOKEN
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"small model {str(path)!r} is not a directory (a training run's final/)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder} has no .safetensors weights (pickled checkpoints are refused)")
+    model, tokenizer = load_big_model(str(folder))
+    call = tokenizer.convert_tokens_to_ids(CALL_TOKEN)
+    if call is None or call == tokenizer.unk_token_id:
+        raise ValueError(f"{folder}: its tokenizer has no {CALL_TOKEN} token; not a lacy small model")
+    return model, tokenizer
 
 
 def _smollm2_gguf_dir() -> Path:

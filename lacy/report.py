@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lacy.config import ExperimentConfig
+    from lacy.config import LacyConfig
 
 SPAN_STYLE = {
     "prompt": "color:#555",
@@ -119,80 +119,120 @@ def gap_closed(cascade: float | None, small: float | None, big: float | None) ->
     return (cascade - small) / (big - small)  # type: ignore[operator]
 
 
-def _nearest(rows: Sequence[dict], model: str, big: str, rate: float) -> dict | None:
-    candidates = [r for r in rows if r["rule"] == model and r["big"] == big]
-    return min(candidates, key=lambda r: abs(r["target_rate"] - rate), default=None)
+def _ci(row: dict, key: str) -> str:
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    return "–" if lo is None else f"{_fmt(row.get(key))} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
-def method_summary(rows: Sequence[dict], trained: dict[str, dict], xcfg: ExperimentConfig,
-                   results_dir: str | Path, *, bootstrap: int = 1000, seed: int = 0) -> str:
-    """Write the experiment's results (table.md, rows.csv, one plot per big model) and return the
-    Markdown: per comparison and big model, each rule's training, small-alone and cascade precision at
-    the headline call rate (95 % bootstrap CIs over people), gap closed, leakage, and the paired
-    difference of LaCy against every other rule."""
+ATTRIBUTES = ("birth_year", "birth_place", "occupation", "birth_date", "birth_city", "university", "field",
+              "employer", "employer_city")
+"""Attribute columns the table shows when rows carry them (`<attr>_precision`)."""
+
+
+def _table(rows: list[dict], trained: dict[str, dict], comparison: str, big: str, rate: float,
+           big_row: dict) -> list[dict]:
+    """One line per (model, trigger) of a comparison at the headline rate with big side `big`."""
+    lines = []
+    for model, rec in trained.items():
+        if not model.endswith(f"-{comparison}"):
+            continue
+        alone = next((r for r in rows if r["model"] == model and r["big"] == "none"), {})
+        for r in rows:
+            if (r["model"], r["big"], r["target_rate"], r["people"]) != (model, big, rate, "train"):
+                continue
+            line = {"rule": model.removesuffix(f"-{comparison}"), "trigger": r["trigger"],
+                    "val loss": rec.get("val_real_loss"), "train calls": rec.get("call_share"),
+                    "supervised": rec.get("supervised_tokens"), "small alone": alone.get("precision"),
+                    "cascade [CI]": _ci(r, "precision"), "informative": r.get("informative_precision"),
+                    "FactScore": r.get("factscore"), "respond": r.get("respond_ratio"),
+                    "claims/resp": r.get("claims_per_response"), "call rate": r.get("call_rate"),
+                    "gap closed": gap_closed(r.get("precision"), alone.get("precision"), big_row.get("precision"))}
+            for attr in ATTRIBUTES:
+                if f"{attr}_stated" in r:
+                    line[attr.replace("_", " ")] = r.get(f"{attr}_precision")
+            line["leakage [CI]"] = _ci(alone, "leakage")
+            lines.append(line)
+    return lines
+
+
+def _paired(rows: list[dict], comparison: str, big: str, rate: float, bootstrap: int, seed: int) -> list[str]:
+    """LaCy (P(<CALL>)) minus every other system at the headline rate: FactScore over all people
+    (abstention scores 0, so nobody is dropped) and precision over the people both answered."""
     from lacy.eval import paired_bootstrap
 
+    here = [r for r in rows if r["big"] == big and r["target_rate"] == rate and r["people"] == "train"
+            and r["model"] and r["model"].endswith(f"-{comparison}")]
+    lacy = next((r for r in here if r["model"] == f"lacy-{comparison}" and r["trigger"] == "p_call"), None)
+    if lacy is None:
+        return []
+    out = []
+    for other in here:
+        if other is lacy:
+            continue
+        name = f"{other['model'].removesuffix(f'-{comparison}')}/{other['trigger']}"
+        d, lo, hi = paired_bootstrap(lacy["entity_factscore"], other["entity_factscore"], n=bootstrap, seed=seed)
+        n = len(lacy["entity_factscore"])
+        text = (f"lacy/p_call − {name}: FactScore {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n}; "
+                f"±0.05 needs ≈{people_for_halfwidth(lacy['entity_factscore'], other['entity_factscore'])} people)")
+        both = sum(x is not None and y is not None for x, y in zip(lacy["entity_scores"], other["entity_scores"],
+                                                                    strict=True))
+        if both:
+            d, lo, hi = paired_bootstrap(lacy["entity_scores"], other["entity_scores"], n=bootstrap, seed=seed)
+            text += f", precision {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={both} both answered)"
+        out.append(text)
+    return out
+
+
+def people_for_halfwidth(a: Sequence[float], b: Sequence[float], halfwidth: float = 0.05) -> int:
+    """People a paired comparison needs for a 95 % CI of ±`halfwidth` at the spread of these
+    per-person differences (normal approximation, 1.96 σ / √n); at least the people given when the
+    differences do not spread (σ = 0)."""
+    import numpy as np
+
+    diffs = np.asarray(a, float) - np.asarray(b, float)
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+    return max(len(diffs), math.ceil((1.96 * sd / halfwidth) ** 2)) if sd > 0 else len(diffs)
+
+
+def method_summary(rows: Sequence[dict], trained: dict[str, dict], cfg: LacyConfig, results_dir: str | Path) -> str:
+    """Write the experiment's results (table.md, rows.csv, one plot per comparison and big model) and
+    return the Markdown: per comparison and big side, each rule and trigger at the headline call rate —
+    its training (validation loss, realised training call share, supervised tokens), small-alone and
+    cascade precision with 95 % bootstrap CIs over people, informative precision, FactScore with
+    abstentions, respond ratio, claims per response, realised call rate, gap closed, per-attribute
+    precision, leakage with its CI — then paired differences of LaCy against every other line."""
     results_dir = Path(results_dir)
-    rate = xcfg.headline_rate
-    flat = [{k: v for k, v in r.items() if not k.startswith("entity_scores")} for r in rows]
+    rows = list(rows)
+    xcfg, rate = cfg.experiment, cfg.experiment.headline_rate
+    flat = [{k: v for k, v in r.items() if not k.startswith("entity_") and not isinstance(v, dict)} for r in rows]
     write_csv(flat, results_dir / "rows.csv")
-    lines = [f"# Method table (headline call rate {rate:.0%}; precision = strict FactScore-style, "
-             "95 % bootstrap CI over people)", ""]
+    lines = [f"# Method table (headline call rate {rate:.0%}; precision over the people who made a claim, "
+             "95 % bootstrap CI over people; fixed thresholds calibrated on other people)", ""]
     for comparison in xcfg.comparisons:
         for big in xcfg.big_models:
-            big_row = next((r for r in rows if r["rule"] == f"big alone ({big})"), {})
-            table = []
-            for model, rec in trained.items():
-                if not model.endswith(f"-{comparison}"):
-                    continue
-                alone = _nearest(rows, model, "none", 0.0) or {}
-                casc = _nearest(rows, model, big, rate) or {}
-                p = casc.get("precision_strict")
-                table.append({
-                    "rule": model.removesuffix(f"-{comparison}"),
-                    "val loss": rec.get("val_real_loss"),
-                    "train tokens": rec.get("tokens", "–"), "supervised": rec.get("supervised_tokens", "–"),
-                    "small alone": alone.get("precision_strict"),
-                    "cascade": p,
-                    "CI": f"[{_fmt(casc.get('precision_strict_lo'))}, {_fmt(casc.get('precision_strict_hi'))}]",
-                    "call rate": casc.get("call_rate"),
-                    "gap closed": gap_closed(p, alone.get("precision_strict"),
-                                             big_row.get("precision_strict")),
-                    "lenient": casc.get("precision_lenient"),
-                    "leakage": alone.get("leakage"),
-                })
-            lines += [f"## {comparison}-equalised, big model: {big} "
-                      f"(big alone: {_fmt(big_row.get('precision_strict'))})", "",
+            big_row = next((r for r in rows if r["model"] is None and r["big"] == big), {})
+            table = _table(rows, trained, comparison, big, rate, big_row)
+            lines += [f"## {comparison}-equalised, big model: {big} (big alone: {_ci(big_row, 'precision')}, "
+                      f"FactScore {_fmt(big_row.get('factscore'))})", "",
                       markdown_table(table, list(table[0]) if table else ["rule"]), ""]
-            lacy_row = _nearest(rows, f"lacy-{comparison}", big, rate)
-            diffs = []
-            for model in trained:
-                other = _nearest(rows, model, big, rate)
-                if lacy_row is None or other is None or model == f"lacy-{comparison}" \
-                        or not model.endswith(f"-{comparison}"):
-                    continue
-                try:
-                    d, lo, hi = paired_bootstrap(lacy_row["entity_scores_strict"],
-                                                 other["entity_scores_strict"], n=bootstrap, seed=seed)
-                except ValueError:
-                    continue
-                name = model.removesuffix(f"-{comparison}")
-                both = sum(x is not None and y is not None for x, y in
-                           zip(lacy_row["entity_scores_strict"], other["entity_scores_strict"], strict=True))
-                diffs.append(f"lacy − {name}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={both})")
-            if diffs:
-                lines += ["Paired differences in cascade precision (LaCy minus rule, 95 % CI, over the n people "
-                          "both answered): "
-                          + "; ".join(diffs), ""]
-            plot_rows = [{**r, "rule": r["rule"].removesuffix(f"-{comparison}"),
-                          "precision": r.get("precision_strict") or 0.0,
-                          "precision_lo": r.get("precision_strict_lo") or r.get("precision_strict") or 0.0,
-                          "precision_hi": r.get("precision_strict_hi") or r.get("precision_strict") or 0.0,
+            if diffs := _paired(rows, comparison, big, rate, cfg.eval.bootstrap, cfg.seed):
+                lines += ["Paired differences (95 % CI): " + "; ".join(diffs), ""]
+            plot_rows = [{"rule": f"{r['model'].removesuffix(f'-{comparison}')}/{r['trigger']}",
+                          "precision": r.get("precision") or 0.0,
+                          "precision_lo": r.get("precision_lo") or r.get("precision") or 0.0,
+                          "precision_hi": r.get("precision_hi") or r.get("precision") or 0.0,
                           "call_rate": r.get("call_rate") or 0.0}
-                         for r in rows if r["rule"].endswith(f"-{comparison}") and r["big"] in (big, "none")]
+                         for r in rows if r["model"] and r["model"].endswith(f"-{comparison}") and r["big"] == big
+                         and r["people"] == "train"]
             if plot_rows:
                 precision_plot(plot_rows, results_dir / f"precision_vs_call_rate-{comparison}-{big}.png",
                                title=f"{comparison}-equalised, {big} big model")
+    heldout = [r for r in rows if r["people"] == "heldout"]
+    if heldout:
+        lines += ["## Held-out people (articles in the validation split)", "",
+                  markdown_table([{"system": r["system"], "precision [CI]": _ci(r, "precision"),
+                                   "FactScore": r.get("factscore"), "call rate": r.get("call_rate")}
+                                  for r in heldout], ["system", "precision [CI]", "FactScore", "call rate"]), ""]
     text = "\n".join(lines)
     (results_dir / "table.md").write_text(text)
     return text

@@ -1,4 +1,4 @@
-"""Packed training sequences: encode documents, pack them, Parquet shards with a manifest, read batches.
+"""Packed training sequences: the shard format, packing, Parquet I/O with a manifest, seeded batches.
 
 Schema version 1. One Parquet row per training sequence of L = seq_len + 1 tokens (inputs `[:-1]`,
 targets `[1:]`). Documents are each followed by `<|endoftext|>` and packed greedily, a document
@@ -9,9 +9,11 @@ continuing into the next row when it does not fit; the last partial row of a pac
     fact          list<bool>[L]       token overlaps a spaCy fact word (EOS and pad: false)
     ref_loss      list<float32>[L]    reference-model loss in nats; NaN where unknown (optional)
     judge_accept  list<int32>[L*k]    row-major [L, k] our-vocab ids the judge accepts, -1 pad (optional)
+    oracle        list<int8>[L]       exact attribute code of the token, 0 = none (optional: corpora
+                                      with exact fact spans, lacy.facts.ORACLE_ATTRIBUTES)
     doc_ids       list<string>        documents with tokens in the row, in order
 
-Layout of an output directory (written by `jobs.score`; `encode_documents` is its single-process twin):
+Layout of an output directory (written by `lacy.scoring.build_shards`, in one process or on Ray Data):
 
     train/part-00000.parquet ...   rows of training sequences, one file per unit of documents
     val/part-00000.parquet ...     same for validation (a unit without val documents has no file)
@@ -35,8 +37,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lacy.data import split_of
-
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
 _META_KEY = b"lacy.schema_version"
@@ -54,92 +54,7 @@ class TokenizedDoc:
     offsets: np.ndarray                      # int32 [n, 2] character range of each token in the text
     ref_loss: np.ndarray | None = None       # float32 [n], NaN where undefined
     judge_accept: np.ndarray | None = None   # int32 [n, k], -1 pad
-
-
-def reject(doc: dict, reason: str) -> dict[str, str]:
-    """The manifest entry for a document that read fine but could not be encoded."""
-    return {"id": str(doc.get("id")), "title": str(doc.get("title", "")), "reason": reason}
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoding (single process; the Ray job runs these same functions inside its actors)
-
-
-def tag_documents(docs: list[dict], tokenizer: Any, tagger: Any, *, val_fraction: float,
-                  min_chars: int = 1) -> list[TokenizedDoc | str]:
-    """Tokenise and fact-flag `docs`: per input document its `TokenizedDoc`, or why it was rejected.
-
-    A document is rejected when its text is shorter than `min_chars`, when tagging it raises, or when
-    it has no tokens. A failing batch is retried one document at a time so only the bad one is lost.
-    """
-    kept = [i for i, doc in enumerate(docs) if len(doc.get("text") or "") >= min_chars]
-    texts = [docs[i]["text"] for i in kept]
-    try:
-        tagged: list[Any] = tagger.tag(texts, tokenizer)
-    except Exception:  # one bad text must not sink its whole batch
-        tagged = []
-        for text in texts:
-            try:
-                tagged.append(tagger.tag([text], tokenizer)[0])
-            except Exception as err:
-                tagged.append(err)
-    results: list[TokenizedDoc | str] = [f"text shorter than {min_chars} characters"] * len(docs)
-    for i, result in zip(kept, tagged, strict=True):
-        if isinstance(result, Exception):
-            results[i] = f"tagging failed: {type(result).__name__}: {result}"
-            continue
-        ids, fact, offsets = result
-        if len(ids) == 0:
-            results[i] = "no tokens"
-            continue
-        doc_id = str(docs[i]["id"])
-        results[i] = TokenizedDoc(id=doc_id, title=str(docs[i].get("title", "")),
-                                  split=split_of(doc_id, val_fraction), ids=np.asarray(ids, np.int32),
-                                  fact=np.asarray(fact, bool),
-                                  offsets=np.asarray(offsets, np.int32).reshape(-1, 2))
-    return results
-
-
-def score_documents(encoded: list[TokenizedDoc], texts: list[str], reference: Any = None,
-                    judge: Any = None) -> None:
-    """Fill `ref_loss` and `judge_accept` of `encoded` (texts in the same order) in place.
-
-    `reference`: a `lacy.reference.ReferenceScorer`; `judge`: a `lacy.reference.JudgeLabeler`. Their
-    batch methods run the windows of all texts together.
-    """
-    offsets = [doc.offsets for doc in encoded]
-    if reference is not None:
-        for doc, loss in zip(encoded, reference.token_losses_batch(texts, offsets), strict=True):
-            doc.ref_loss = np.asarray(loss, np.float32)
-            if doc.ref_loss.shape != doc.ids.shape:
-                raise ValueError(f"reference losses of {doc.id!r} have shape {doc.ref_loss.shape}, "
-                                 f"not {doc.ids.shape}")
-    if judge is not None:
-        accepted = judge.accept_sets_batch(texts, offsets, [doc.ids for doc in encoded])
-        for doc, sets in zip(encoded, accepted, strict=True):
-            doc.judge_accept = np.asarray(sets, np.int32)
-            if doc.judge_accept.ndim != 2 or len(doc.judge_accept) != len(doc.ids):
-                raise ValueError(f"judge accept sets of {doc.id!r} have shape {doc.judge_accept.shape}, "
-                                 f"not ({len(doc.ids)}, k)")
-
-
-def encode_documents(docs: Iterable[dict], tokenizer: Any, tagger: Any, reference: Any = None,
-                     judge: Any = None, *, val_fraction: float = 0.05, min_chars: int = 1,
-                     rejects: list[dict] | None = None) -> list[TokenizedDoc]:
-    """The reference implementation of the scoring job: documents -> `TokenizedDoc`s, in order.
-
-    `tagger` is a `lacy.facts.FactTagger`; `reference`/`judge` are optional `lacy.reference` scorers.
-    Rejected documents are left out and appended to `rejects` when given.
-    """
-    docs = list(docs)
-    results = tag_documents(docs, tokenizer, tagger, val_fraction=val_fraction, min_chars=min_chars)
-    encoded = [r for r in results if isinstance(r, TokenizedDoc)]
-    if reference is not None or judge is not None:
-        texts = [doc["text"] for doc, r in zip(docs, results, strict=True) if isinstance(r, TokenizedDoc)]
-        score_documents(encoded, texts, reference, judge)
-    if rejects is not None:
-        rejects.extend(reject(doc, r) for doc, r in zip(docs, results, strict=True) if isinstance(r, str))
-    return encoded
+    oracle: np.ndarray | None = None         # int8 [n], exact attribute code (lacy.facts.ORACLE_ATTRIBUTES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +76,8 @@ def pack_documents(docs: Iterable[TokenizedDoc], seq_len: int, eos_id: int,
     k = 0
     for doc in docs:
         has = ("input_ids", "fact") + (("ref_loss",) if doc.ref_loss is not None else ()) + (
-            ("judge_accept",) if doc.judge_accept is not None else ())
+            ("judge_accept",) if doc.judge_accept is not None else ()) + (
+            ("oracle",) if doc.oracle is not None else ())
         if columns is None:
             columns, chunks = has, {c: [] for c in has}
             k = doc.judge_accept.shape[1] if doc.judge_accept is not None else 0
@@ -176,6 +92,8 @@ def pack_documents(docs: Iterable[TokenizedDoc], seq_len: int, eos_id: int,
             if doc.judge_accept.shape[1] != k:
                 raise ValueError(f"document {doc.id!r} has judge top-k {doc.judge_accept.shape[1]}, not {k}")
             chunks["judge_accept"].append(np.vstack([doc.judge_accept, np.full((1, k), -1, np.int32)]))
+        if doc.oracle is not None:
+            chunks["oracle"].append(np.append(doc.oracle, 0).astype(np.int8))
         owners.append([doc.id, len(doc.ids) + 1])
         pending += len(doc.ids) + 1
         if pending >= length:
@@ -195,6 +113,8 @@ def pack_documents(docs: Iterable[TokenizedDoc], seq_len: int, eos_id: int,
             stream["ref_loss"] = np.append(stream["ref_loss"], np.full(pad, np.nan, np.float32))
         if "judge_accept" in stream:
             stream["judge_accept"] = np.vstack([stream["judge_accept"], np.full((pad, k), -1, np.int32)])
+        if "oracle" in stream:
+            stream["oracle"] = np.append(stream["oracle"], np.zeros(pad, np.int8))
         yield _row(stream, 0, length, owners)
 
 
@@ -230,7 +150,7 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
         raise ValueError("rows_to_table: no rows")
     length = len(rows[0]["input_ids"])
     kinds = {"input_ids": pa.int32(), "fact": pa.bool_(), "ref_loss": pa.float32(),
-             "judge_accept": pa.int32()}
+             "judge_accept": pa.int32(), "oracle": pa.int8()}
     arrays, names = [], []
     for name, kind in kinds.items():
         if name in rows[0]:
@@ -347,14 +267,15 @@ def load_shard_tokenizer(directory: str | Path, also: Sequence[str | Path | None
 
 
 def _load_split(directory: Path, manifest: Manifest, split: str) -> dict[str, np.ndarray]:
-    """A split's rows: input_ids int32 [N, L], fact [N, L], ref_loss [N, L], judge_accept [N, L, k]."""
+    """A split's rows: input_ids int32 [N, L], fact [N, L], ref_loss [N, L], judge_accept [N, L, k],
+    oracle int8 [N, L] (the optional ones when the shards have them)."""
     tables = [read_shard(directory / rel) for rel in manifest.shards.get(split, [])]
     if not tables:
         raise ValueError(f"{directory}: no {split} sequences (shards: {manifest.shards})")
     table = pa.concat_tables(tables)
     length = manifest.seq_len + 1
     out = {}
-    for name in ("input_ids", "fact", "ref_loss", "judge_accept"):
+    for name in ("input_ids", "fact", "ref_loss", "judge_accept", "oracle"):
         if name in table.column_names:
             values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             out[name] = values.reshape(table.num_rows, length, -1) if name == "judge_accept" else \
@@ -364,8 +285,8 @@ def _load_split(directory: Path, manifest: Manifest, split: str) -> dict[str, np
 
 def read_batches(directory: str | Path, split: str, batch_size: int, seed: int = 0, start_row: int = 0,
                  loop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled batches of a split: input_ids long [B, L], fact bool [B, L], ref_loss float [B, L] and
-    judge_accept long [B, L, k] when the shards have them.
+    """Shuffled batches of a split: input_ids long [B, L], fact bool [B, L], and ref_loss float [B, L],
+    judge_accept long [B, L, k], oracle int8 [B, L] when the shards have them.
 
     The row order is a stream of epochs, epoch e a permutation seeded by (seed, e); `start_row` skips
     that many rows of the stream, so a resumed run continues exactly where it stopped. Without
@@ -397,4 +318,6 @@ def _tensors(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch
         out["ref_loss"] = torch.from_numpy(arrays["ref_loss"][rows])
     if "judge_accept" in arrays:
         out["judge_accept"] = torch.from_numpy(arrays["judge_accept"][rows].astype(np.int64))
+    if "oracle" in arrays:
+        out["oracle"] = torch.from_numpy(arrays["oracle"][rows])
     return out

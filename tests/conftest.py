@@ -74,3 +74,38 @@ def tiny_model(tiny_tokenizer):
 
     torch.manual_seed(0)
     return build_model(ModelConfig(preset="tiny", seq_len=64), tiny_tokenizer).eval()
+
+
+SHARD_SEQ_LEN = 32
+"""Context of the shards every training test shares."""
+
+
+@pytest.fixture(scope="session")
+def scored_run(embedded_docs, tiny_tokenizer, tmp_path_factory):
+    """A run folder whose shards were built by the library's stage (`lacy.scoring.build_shards`): 80
+    embedded leads, real spaCy fact flags, and reference losses + judge sets from a tiny random GPT-2
+    saved as a model folder (so `score.reference` / `score.judge` name it like any checkpoint).
+    Returns the config overrides that point a config at it; `<run>/shards`, `<run>/tokenizer`."""
+    import torch
+
+    from lacy.config import ModelConfig, load_config
+    from lacy.model import build_model
+    from lacy.scoring import build_shards
+
+    run = tmp_path_factory.mktemp("scored_run")
+    tiny_tokenizer.save_pretrained(run / "tokenizer")
+    torch.manual_seed(0)
+    reference = build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).eval()
+    reference.save_pretrained(run / "reference")
+    tiny_tokenizer.save_pretrained(run / "reference")
+    corpus = run / "corpus.jsonl"
+    import json
+
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in embedded_docs[:80]))
+    overrides = ["--run_dir", str(run), "--data.corpus", str(corpus), "--data.max_docs", "null",
+                 "--data.val_fraction", "0.2", "--tokenizer.path", str(run / "tokenizer"),
+                 "--model.seq_len", str(SHARD_SEQ_LEN), "--score.reference", str(run / "reference"),
+                 "--score.judge", str(run / "reference"), "--labels.judge_top_k", "4",
+                 "--score.docs_per_shard", "40"]
+    build_shards(load_config("configs/tiny.yaml", overrides))
+    return overrides

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import threading
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -23,13 +25,14 @@ from lacy.cascade import (
     BigModelError,
     Cascade,
     CascadeResult,
+    Quantiles,
     RunningQuantile,
     SmallLM,
     Span,
     _word_start,
     calibrate,
 )
-from lacy.config import CascadeConfig
+from lacy.config import CascadeConfig, ConfigError
 from lacy.tokenizer import CALL_TOKEN, EOS_TOKEN, PAD_TOKEN
 
 # ----------------------------------------------------------------------------------------------
@@ -230,12 +233,12 @@ def test_threshold_and_rate_policies():
     assert result.call_probs[:4] == pytest.approx([probs[5], probs[7], probs[8], probs[9]], rel=1e-5)
     assert cascade.generate("The capital of France is", call_threshold=1.0).calls == 0
     assert cascade.generate("The capital of France is", call_rate=1.0).calls == 6
-    # Cascades given one quantile dict (Serve: one per request) share the running quantile.
-    shared: dict = {}
+    # Cascades given one Quantiles (Serve: one per request) share the running quantile of their trigger.
+    shared = Quantiles()
     for _ in range(2):
         Cascade(SmallLM(story_model(STORY, logits), TOK), BigLM(story_model(STORY), TOK), CascadeConfig(),
                 quantiles=shared).generate("The capital of France is", call_rate=0.5)
-    assert list(shared) == [0.5] and shared[0.5].seen == 2 * 6  # six decision points per run
+    assert len(shared) == 1 and shared.get(0.5, ("p_call",)).seen == 2 * 6  # six decision points per run
     with pytest.raises(ValueError, match="not both"):
         cascade.generate("The", call_threshold=0.5, call_rate=0.2)
     with pytest.raises(ValueError, match="no call policy"):
@@ -329,6 +332,132 @@ def test_calibrate_returns_quantile_for_target_rate():
     assert sum(p > threshold for p in probs) == 3  # half of the six decision points
     with pytest.raises(ValueError, match="target_rate"):
         calibrate(cascade, ["The"], 1.5)
+
+
+def test_quantiles_are_bounded_and_thread_safe():
+    bank = Quantiles(max_keys=3, warmup=0, window=8)
+    for rate in (0.1, 0.2, 0.3, 0.4, 0.5):
+        bank.observe(rate, 0.5)
+    assert len(bank) == 3 and bank.get(0.1) is None and bank.get(0.5) is not None  # LRU: oldest gone
+    assert bank.get(0.5, ("confidence",)) is None  # another scope is another quantile
+    # Many threads on one quantile: its window and sorted copy stay consistent (unlocked, they drift).
+    rng = np.random.default_rng(0)
+    values = rng.random((8, 4000)).tolist()
+
+    def hammer(row: list[float]) -> None:
+        for v in row:
+            bank.observe(0.5, v)
+
+    threads = [threading.Thread(target=hammer, args=(row,)) for row in values]
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(0.005)
+    rq = bank.get(0.5)
+    assert rq.seen == 1 + 8 * 4000
+    assert len(rq._recent) == len(rq._sorted) == 8 and rq._sorted == sorted(rq._recent)
+
+
+def unsure_model(story: str, unsure: dict[int, float]) -> ScriptedLM:
+    """Like story_model, but at positions k in `unsure` the story token's logit is unsure[k] (flat:
+    the model is not confident); <CALL> is never likely."""
+    story_ids = ids(story)
+
+    def next_logits(prefix: list[int]) -> torch.Tensor:
+        logits = torch.zeros(len(TOK))
+        k = len(prefix) - 1
+        if k < len(story_ids) and prefix[1:] == story_ids[:k]:
+            logits[story_ids[k]] = unsure.get(k, STORY_LOGIT)
+            logits[CALL] = -10.0
+        else:
+            logits[TOK.eos_token_id] = STORY_LOGIT
+        return logits
+
+    return ScriptedLM(next_logits)
+
+
+def test_confidence_trigger_calls_where_the_model_is_unsure():
+    # Unsure before " Paris" (k=5) and " 2" (k=9); P(<CALL>) is tiny everywhere.
+    small = unsure_model(STORY, {5: 3.0, 9: 3.0})
+    cascade = cascade_of(small, story_model(STORY), call_threshold=0.5, max_new_tokens=20)
+    assert cascade.generate("The capital of France is").calls == 0  # p_call, the default trigger
+    result = cascade.generate("The capital of France is", trigger="confidence")
+    assert [(s.text, s.source) for s in result.spans] == [
+        ("The capital of France is", "prompt"), (" Paris", "big"), (". It has", "small"),
+        (" 2", "big"), (" million people.", "small")]
+    # The recorded scores are 1 - max real-token probability (softmax without <CALL>: V - 1 ids).
+    real = len(TOK) - 1
+
+    def unsure_score(top: float) -> float:
+        return 1 - math.exp(top) / (math.exp(top) + real - 1)
+
+    assert result.call_probs[0] == pytest.approx(unsure_score(3.0), abs=1e-6)  # float32 softmax
+    assert result.call_probs[1] == pytest.approx(unsure_score(STORY_LOGIT), abs=1e-6)
+    # The trigger from the config, and calibrate on the same scores.
+    cfg_cascade = cascade_of(small, story_model(STORY), call_threshold=0.5, trigger="confidence")
+    assert cfg_cascade.generate("The capital of France is").calls == 2
+    probs = cascade.generate("The capital of France is", allow_calls=False, trigger="confidence").call_probs
+    threshold = calibrate(cascade, ["The capital of France is"], 2 / 6, trigger="confidence")
+    assert threshold == pytest.approx(float(np.quantile(probs, 1 - 2 / 6)))
+    assert sum(p > threshold for p in probs) == 2
+    # Running quantiles are kept per trigger: confidence scores never move the p_call quantile.
+    cascade.generate("The capital of France is", call_rate=0.3, trigger="confidence")
+    assert cascade.quantiles.get(0.3, ("confidence",)).seen == 6 and cascade.quantiles.get(0.3) is None
+    with pytest.raises(ValueError, match="unknown call trigger"):
+        cascade.generate("The", trigger="entropy", call_threshold=0.5)
+    with pytest.raises(ConfigError, match="cascade.trigger"):
+        CascadeConfig(trigger="entropy")
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy():
+    prefs = {" la": 1.0, " di": 0.9, " da": 0.8}
+
+    def flat(prefix: list[int]) -> torch.Tensor:
+        logits = torch.full((len(TOK),), -30.0)
+        for word, value in prefs.items():
+            logits[ids(word)[0]] = value
+        return logits
+
+    def run(**kw) -> str:
+        return cascade_of(ScriptedLM(flat), None, no_repeat_ngram=0, max_new_tokens=12).generate(
+            "la", allow_calls=False, **kw).text
+
+    assert run() == "la" + " la" * 12  # temperature 0: greedy
+    assert run(temperature=1.0, seed=3) == run(temperature=1.0, seed=3)
+    samples = {run(temperature=1.0, seed=s) for s in range(4)}
+    assert len(samples) > 1 and all(set(t.split()) <= {"la", "di", "da"} for t in samples)
+    assert run(temperature=1.0, top_p=0.2, seed=5) == run()  # the nucleus holds " la" alone
+    with pytest.raises(ValueError, match="top_p"):
+        run(temperature=1.0, top_p=0.0)
+
+
+class CountingBig(BigLM):
+    calls = 0
+
+    def continue_text(self, text: str, **kwargs) -> str:
+        self.calls += 1
+        return super().continue_text(text, **kwargs)
+
+
+def test_closing_the_stream_stops_decoding_and_calls_and_keeps_a_result():
+    small = story_model(STORY, {k: 12.0 for k in range(5, 13)})  # would call at every word start
+    big = CountingBig(story_model(STORY), TOK)
+    cascade = Cascade(SmallLM(small, TOK), big, CascadeConfig(call_threshold=0.5))
+    stream = cascade.generate_stream("The capital of France is")
+    assert next(stream).source == "prompt" and next(stream) == Span(" Paris", "big")
+    stream.close()  # e.g. the client's stop sequence was " Paris"
+    assert big.calls == 1
+    assert cascade.result.stop_reason == "stopped" and cascade.result.calls == 1
+    assert cascade.result.text == "The capital of France is Paris"
+    # A big model that fails mid-generation leaves the text written so far.
+    failing = Cascade(SmallLM(story_model(STORY, {9: 12.0}), TOK), FailingBig(), CascadeConfig(call_threshold=0.5))
+    with pytest.raises(BigModelError):
+        failing.generate("The capital of France is")
+    assert failing.result.stop_reason == "error" and failing.result.text == "The capital of France is Paris. It has"
 
 
 # ----------------------------------------------------------------------------------------------

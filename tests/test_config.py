@@ -46,3 +46,41 @@ def test_help_lists_documented_fields():
     text = help_text()
     assert "--train.max_supervised_tokens" in text
     assert "token equalisation" in text
+
+
+def test_every_field_is_documented():
+    """`--help` is the reference: a field without the string literal under it fails here."""
+    import dataclasses
+    import typing
+
+    from lacy.config import field_docs
+
+    missing = []
+
+    def walk(cls, prefix=""):
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            elif not docs.get(f.name):
+                missing.append(prefix + f.name)
+
+    walk(LacyConfig)
+    assert missing == []
+
+
+def test_the_default_config_is_valid_and_late_failures_are_refused_at_load():
+    LacyConfig()  # the defaults must work as they are (they used to name rules that could not train)
+    with pytest.raises(ConfigError, match="experiment.rules/score.reference"):
+        load_config(None, ["--experiment.rules", "[plain, rho]"])
+    with pytest.raises(ConfigError, match="labels.rule/score.judge"):
+        load_config(None, ["--labels.rule", "judge"])
+    load_config(None, ["--experiment.rules", "[plain, rho]", "--score.reference", "smollm2"])
+    with pytest.raises(ConfigError, match="score.model_actor_gpus"):
+        load_config(None, ["--score.model_actor_gpus", "1"])
+    with pytest.raises(ConfigError, match="experiment.headline_rate/eval.call_rates"):
+        load_config(None, ["--eval.call_rates", "[0.1, 0.35]"])
+    with pytest.raises(ConfigError, match="eval.call_rates"):
+        load_config(None, ["--eval.call_rates", "[0.22, 1.5]"])
+    with pytest.raises(ConfigError, match="experiment.triggers"):
+        load_config(None, ["--experiment.triggers", "[p_call, entropy]"])

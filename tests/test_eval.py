@@ -23,6 +23,7 @@ from lacy.eval import (
     factscore,
     is_supported,
     leakage,
+    wilson_interval,
     leaks,
     length_penalty_factor,
     load_nlp,
@@ -306,18 +307,22 @@ def test_evaluate_system_row(nlp, store):
 
 
 def test_leakage_on_hand_made_probes():
-    probes = [LeakProbe("The capital of France is", "Paris"),
-              LeakProbe("The city had a population of", "1,234"),
-              LeakProbe("She was born in", "Leeds"),
-              LeakProbe("He painted", "the Mona Lisa")]
+    probes = [LeakProbe("The capital of France is", "Paris", label="GPE"),
+              LeakProbe("The city had a population of", "1,234", label="CARDINAL"),
+              LeakProbe("She was born in", "Leeds", label="GPE"),
+              LeakProbe("He painted", "the Mona Lisa", label="WORK_OF_ART")]
     answers = {"The capital of France is": " Paris, on the Seine.",
                "The city had a population of": "The city had a population of 1234 in 1900.",  # prompt echoed
                "She was born in": " Leedsville.",                                             # not the word
-               "He painted": " a portrait of the Mona Lisa."}                                 # not at start
+               "He painted": " a portrait of the Mona Lisa."}           # contained, not at the start
     report = leakage(lambda prefix: answers[prefix], probes)
-    assert report.hits == [True, True, False, False]
-    assert (report.probes, report.leaked, report.rate) == (4, 2, 0.5)
+    assert report.hits == [True, True, False, True]
+    assert (report.probes, report.leaked, report.rate) == (4, 3, 0.75)
     assert report.continuations[1] == " 1234 in 1900."
+    assert report.by_label == {"CARDINAL": (1, 1), "GPE": (1, 2), "WORK_OF_ART": (1, 1)}
+    lo, hi = report.ci
+    assert lo < 0.75 < hi and (lo, hi) == pytest.approx(wilson_interval(3, 4))
+    assert wilson_interval(0, 300)[1] == pytest.approx(0.0126, abs=1e-3)  # hundreds of probes: a tight CI
     assert leaks(" The Mona Lisa!", "the Mona Lisa")
     with pytest.raises(ValueError):
         leakage(lambda p: "", [])
@@ -354,3 +359,53 @@ def test_eval_config_validation():
     for bad in ({"prompt_style": "chat"}, {"gamma": 0.0}, {"bootstrap": 0}, {"leakage_facts": 0}):
         with pytest.raises(ConfigError, match=f"eval.{next(iter(bad))}"):
             EvalConfig(**bad)
+
+
+def test_date_ranges_score_year_by_year(nlp):
+    """"(1809 – 1865)" is two claims whether spaCy makes it one DATE or two, and each year is supported
+    by an article that writes the full dates."""
+    article = {"9": {"id": "9", "title": "Abraham Lincoln",
+                     "text": "Abraham Lincoln (February 12, 1809 – April 15, 1865) was an American lawyer."}}
+    lincoln = Entity("Abraham Lincoln", "Abraham Lincoln", "9", "", 1809, None, None)
+    for text in ("Abraham Lincoln (1809 – 1865) was a lawyer.", "Abraham Lincoln (1809-1865) was a lawyer.",
+                 "Abraham Lincoln (February 12, 1809 – April 15, 1865) was a lawyer."):
+        report = factscore([Generation(lincoln, text)], article, strict=False, nlp=nlp)
+        (entity,) = report.entities
+        assert len(entity.claims) == 2 and all(entity.supported), (text, [c.text for c in entity.claims])
+
+
+def test_informative_precision_and_abstentions(nlp):
+    """Generic claims ("British") that another person's article supports too are not informative;
+    abstainers count 0 in FactScore and supported-per-person, so every person stays in paired tests."""
+    from lacy.eval import score_biographies
+
+    gens = [Generation(ADA, "Ada Lovelace (born 1920) was a British chemist."),   # 1920 ✓ British ✓
+            Generation(BOB, "Bob Marley ( I do not know.")]                           # abstains
+    articles = {**ARTICLES, "7": {"id": "7", "title": "Bob Marley",
+                                  "text": BOB_ARTICLE + " He toured British cities."}}
+    row = score_biographies("toy", gens, articles, None, bootstrap=50, nlp=nlp, gamma=10)
+    assert row["precision"] == pytest.approx(1.0) and row["respond_ratio"] == pytest.approx(0.5)
+    assert row["claims_per_response"] == 2.0 and row["supported_per_person"] == pytest.approx(1.0)
+    # Ada's "British" is in Bob's article: only 1920 is informative (and supported).
+    assert row["informative_precision"] == pytest.approx(1.0) and row["informative_responses"] == 1
+    assert row["entity_scores"] == [1.0, None]
+    assert row["entity_factscore"] == pytest.approx([math.exp(1 - 10 / 2), 0.0])
+    assert row["factscore"] == pytest.approx(math.exp(1 - 10 / 2) / 2)
+    assert row["birth_year_precision"] == 1.0
+
+
+def test_correct_birth_years_are_credited_for_real_embedded_people(nlp):
+    """The embedded leads leave life years out of their text; the knowledge source must hold them (the
+    description), or the prompt "NAME (" could never be answered right."""
+    from lacy.data import knowledge_document, load_entities, read_corpus
+    from lacy.eval import score_biographies
+
+    docs = {d["id"]: d for d in read_corpus("embedded")}
+    people = [e for e in load_entities("embedded") if e.birth_year and e.birth_year > 0][:20]
+    gens = [Generation(e, f"{e.name} ({e.birth_year}") for e in people]
+    articles = {e.doc_id: knowledge_document(docs[e.doc_id]) for e in people}
+    raw = {e.doc_id: docs[e.doc_id] for e in people}
+    credited = score_biographies("gold", gens, articles, None, bootstrap=50, nlp=nlp)
+    before = score_biographies("gold", gens, raw, None, bootstrap=50, nlp=nlp)
+    assert credited["precision_lenient"] == pytest.approx(1.0) and credited["respond_ratio"] == 1.0
+    assert before["precision_lenient"] < 0.3  # what the text alone credits

@@ -1,8 +1,12 @@
-"""The experiment job end to end on the tiny preset: scoring, Ray Train, Serve evaluation, table, MLflow."""
+"""The experiment end to end on the tiny preset: on Ray (Ray Data, Ray Train, Serve) and in one process,
+which give the same shards and, for the same models, the same evaluation table; MLflow; re-runs reuse."""
 
 from __future__ import annotations
 
 import csv
+import json
+import logging
+import shutil
 import socket
 
 import pytest
@@ -18,46 +22,94 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_experiment_runs_and_reruns_from_cache(ray_session, mlflow_uri, tmp_path, capsys):
-    import mlflow
+def _rows(results) -> dict[str, dict]:
+    """Evaluation rows by system, without what may differ between runs (timings)."""
+    out = {}
+    for path in sorted((results / "rows").glob("*.json")):
+        row = json.loads(path.read_text())
+        out[row["system"]] = {k: v for k, v in row.items() if k != "key"}
+    return out
 
+
+@pytest.fixture(scope="module")
+def ray_run(ray_session, mlflow_uri, tmp_path_factory):
     from jobs.experiment import run
 
+    run_dir = tmp_path_factory.mktemp("experiment") / "run"
     cfg = load_config("configs/tiny.yaml", [
-        "--run_dir", str(tmp_path / "run"), "--data.max_docs", "150", "--train.max_steps", "6",
+        "--run_dir", str(run_dir), "--data.max_docs", "150", "--train.max_steps", "6",
         "--experiment.rules", "[plain, lacy]", "--eval.entities", "4", "--eval.call_rates", "[0.22]",
-        "--eval.leakage_facts", "6", "--eval.bootstrap", "100", "--experiment.views", "2",
-        "--serve.port", str(_free_port()), "--mlflow.tracking_uri", mlflow_uri,
-        "--mlflow.experiment", "test-experiment"])
-    results = run(cfg)
+        "--eval.calibration_entities", "3", "--eval.leakage_facts", "6", "--eval.bootstrap", "100",
+        "--experiment.views", "2", "--experiment.eval_concurrency", "1", "--serve.port", str(_free_port()),
+        "--mlflow.tracking_uri", mlflow_uri, "--mlflow.experiment", "test-experiment"])
+    return cfg, run(cfg)
 
+
+def test_ray_experiment_table_views_and_mlflow(ray_run, mlflow_uri):
+    import mlflow
+
+    cfg, results = ray_run
     table = (results / "table.md").read_text()
     for needle in ("steps-equalised, big model: plain", "steps-equalised, big model: retrieval",
-                   "| plain |", "| lacy |"):
+                   "| plain | confidence |", "| lacy | p_call |", "| lacy | confidence |", "leakage [CI]"):
         assert needle in table
     with (results / "rows.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    systems = {r["system"] for r in rows}
+        systems = {r["system"] for r in csv.DictReader(f)}
     assert {"big-plain", "big-retrieval", "plain-steps alone", "lacy-steps alone",
-            "lacy-steps+retrieval@0.22", "plain-steps+plain@0.22"} <= systems
-    assert all(r["entities"] == "4" for r in rows)
+            "lacy-steps+retrieval@0.22/p_call", "plain-steps+plain@0.22/confidence"} <= systems
+    assert "plain-steps+plain@0.22/p_call" not in systems  # plain never learned <CALL>: no P(CALL) rows
+    thresholds = json.loads((results / "thresholds.json").read_text())
+    assert {"lacy-steps/p_call/0.22", "lacy-steps/confidence/0.22", "plain-steps/confidence/0.22"} <= set(thresholds)
     assert (results / "precision_vs_call_rate-steps-retrieval.png").stat().st_size > 1000
-    view = (results / "view-lacy-steps.html").read_text()
-    assert 'data-source="prompt"' in view and "call rate" in view
-    for rule in ("plain", "lacy"):
-        final = tmp_path / "run" / "train" / f"{rule}-steps" / "final"
-        assert (final / "model.safetensors").is_file() and (final / "training_summary.json").is_file()
+    assert 'data-source="prompt"' in (results / "view-lacy-steps.html").read_text()
+    final = cfg.run_dir + "/train/lacy-steps/final"
+    assert json.loads(open(final + "/training_summary.json").read())["trainer"] == "jobs.pretrain"
 
     mlflow.set_tracking_uri(mlflow_uri)
     runs = mlflow.search_runs(experiment_names=["test-experiment"], output_format="list")
     parents = [r for r in runs if r.info.run_name == "experiment"]
     assert len(parents) == 1
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"score", "pretrain-plain", "pretrain-lacy", "eval-big-alone", "eval-plain-steps"} <= children
+    assert {"score", "pretrain-plain", "pretrain-lacy"} <= children
 
-    # A re-run reuses every stage: no training, same table.
-    capsys.readouterr()
-    again = run(cfg)
-    out = capsys.readouterr().out
-    assert "train plain/steps: done before" in out and "train lacy/steps: done before" in out
+
+def test_rerun_reuses_every_stage(ray_run, caplog):
+    from jobs.experiment import run
+
+    cfg, results = ray_run
+    table = (results / "table.md").read_text()
+    with caplog.at_level(logging.INFO, logger="lacy"):
+        again = run(cfg)
+    assert "train plain/steps: done before" in caplog.text and "train lacy/steps: done before" in caplog.text
     assert (again / "table.md").read_text() == table
+
+
+def test_one_process_pipeline_gives_the_same_shards_and_table(ray_run, tmp_path):
+    """The same stages in one process (lacy.experiment with LocalBackend) over a copy of the Ray run:
+    shards are byte-identical when built afresh, and the same models give the same evaluation rows."""
+    from lacy.experiment import LocalBackend, run
+    from lacy.scoring import build_shards
+
+    cfg, results = ray_run
+    local = load_config("configs/tiny.yaml", [
+        "--run_dir", str(tmp_path / "run"), *[a for pair in (
+            ("--data.max_docs", "150"), ("--train.max_steps", "6"), ("--experiment.rules", "[plain, lacy]"),
+            ("--eval.entities", "4"), ("--eval.call_rates", "[0.22]"), ("--eval.calibration_entities", "3"),
+            ("--eval.leakage_facts", "6"), ("--eval.bootstrap", "100"), ("--experiment.views", "2"),
+            ("--experiment.eval_concurrency", "1")) for a in pair]])
+    # Shards afresh, in one process, with the Ray run's tokenizer: byte for byte the same files.
+    fresh = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "fresh"), "--data.max_docs", "150",
+                                              "--tokenizer.path", f"{cfg.run_dir}/tokenizer"])
+    manifest, _ = build_shards(fresh)
+    ray_shards = f"{cfg.run_dir}/shards"
+    for rel in [*manifest.shards["train"], *manifest.shards["val"], "docs.parquet"]:
+        assert (tmp_path / "fresh" / "shards" / rel).read_bytes() == open(f"{ray_shards}/{rel}", "rb").read(), rel
+
+    # Everything but the results, then the one-process evaluation of the Ray-trained models.
+    shutil.copytree(cfg.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("results", "mlflow.db"))
+    local_results = run(local, LocalBackend())
+    ours, theirs = _rows(local_results), _rows(results)
+    assert set(ours) == set(theirs)
+    for system, row in theirs.items():
+        assert ours[system] == row, system
+    assert (local_results / "table.md").read_text() == (results / "table.md").read_text()

@@ -100,7 +100,7 @@ def test_select_plain_selects_nothing():
 
 @pytest.mark.parametrize("rule", ["loss", "ignore"])
 def test_select_loss_takes_top_budget_of_valid(rule):
-    cfg = LabelConfig(rule=rule, budget=0.2)  # round(0.2 * 10) = 2
+    cfg = LabelConfig(rule=rule, budget=0.2, match_lacy=False)  # round(0.2 * 10) = 2
     assert _positions(select(cfg, LOSS, VALID)) == [(0, 2), (1, 1)]  # losses 9 and 8
     valid = VALID.clone()
     valid[0, 2] = False  # 9 is padding now; 9 valid -> round(1.8) = 2: losses 8 and 7
@@ -108,12 +108,12 @@ def test_select_loss_takes_top_budget_of_valid(rule):
 
 
 def test_select_counts_round_half_up():
-    cfg = LabelConfig(rule="loss", budget=0.25)  # 0.25 * 10 = 2.5 -> 3
+    cfg = LabelConfig(rule="loss", budget=0.25, match_lacy=False)  # 0.25 * 10 = 2.5 -> 3
     assert select(cfg, LOSS, VALID).sum().item() == 3
 
 
 def test_select_ties_go_to_the_earlier_position():
-    cfg = LabelConfig(rule="loss", budget=0.2)
+    cfg = LabelConfig(rule="loss", budget=0.2, match_lacy=False)
     flat = torch.ones(2, 5)
     assert _positions(select(cfg, flat, VALID)) == [(0, 0), (0, 1)]
 
@@ -131,7 +131,7 @@ def test_select_rho_uses_excess_loss_and_skips_unknown_reference():
     ref = torch.tensor([[4.0, 0.0, 8.5, float("nan"), 1.0],
                         [0.0, 7.0, float("nan"), 1.0, 0.0]])
     # Excess: [1, 1, 0.5, -, 6], [2, 1, -, 5, 0.5]; budget round(0.3 * 10) = 3 -> 6, 5, 2.
-    cfg = LabelConfig(rule="rho", budget=0.3)
+    cfg = LabelConfig(rule="rho", budget=0.3, match_lacy=False)
     assert _positions(select(cfg, LOSS, VALID, ref_loss=ref)) == [(0, 4), (1, 0), (1, 3)]
     # Only one known position: the budget is capped by what is known, never filled with NaNs.
     only_one = torch.full_like(ref, float("nan"))
@@ -142,7 +142,7 @@ def test_select_rho_uses_excess_loss_and_skips_unknown_reference():
 def test_select_judge_caps_bad_positions_by_loss():
     bad = torch.tensor([[True, True, False, True, True],
                         [False, False, False, True, False]])
-    cfg = LabelConfig(rule="judge", budget=0.3)  # 3 of the 5 bad ones: losses 7, 6, 5
+    cfg = LabelConfig(rule="judge", budget=0.3, match_lacy=False)  # 3 of the 5 bad ones: losses 7, 6, 5
     assert _positions(select(cfg, LOSS, VALID, judge_bad=bad)) == [(0, 0), (0, 4), (1, 3)]
     few = torch.zeros_like(bad)
     few[0, 1] = True  # fewer bad than budget: all of them, however low their loss
@@ -153,7 +153,9 @@ def test_judge_bad_from_accept():
     pred = torch.tensor([[3, 4, 5]])
     accept = torch.tensor([[[3, 9], [1, -1], [-1, -1]]])
     # accepted; rejected; unknown (all -1) -> not bad
-    assert judge_bad_from_accept(pred, accept).tolist() == [[False, True, False]]
+    assert judge_bad_from_accept(pred, accept, torch.tensor([[0, 0, 0]])).tolist() == [[False, True, False]]
+    # The real next token is acceptable even when the judge's top-k left it out.
+    assert judge_bad_from_accept(pred, accept, torch.tensor([[0, 4, 0]])).tolist() == [[False, False, False]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("rule", ["plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts"])
 def test_lacy_step_share_matches_budget(tiny_gpt2, rule):
-    cfg = LabelConfig(rule=rule, budget=0.15, fact_share=0.6)
+    cfg = LabelConfig(rule=rule, budget=0.15, fact_share=0.6, match_lacy=False)
     batch = _batch()
     loss, stats = lacy_step(tiny_gpt2, batch, cfg, STEP_CALL, eos_id=EOS, pad_id=PAD)
     assert torch.isfinite(loss)
@@ -211,7 +213,7 @@ def test_lacy_step_share_matches_budget(tiny_gpt2, rule):
 def test_lacy_step_never_selects_after_eos_and_matches_explicit_loss(tiny_gpt2):
     batch = _batch()
     ids = batch["input_ids"]
-    cfg = LabelConfig(rule="loss", budget=0.5)
+    cfg = LabelConfig(rule="loss", budget=0.5, match_lacy=False)
     loss, stats = lacy_step(tiny_gpt2, batch, cfg, STEP_CALL, eos_id=EOS, pad_id=PAD)
     with torch.no_grad():
         logits = tiny_gpt2(input_ids=ids[:, :-1]).logits
@@ -253,3 +255,86 @@ def test_lacy_step_judge_rejects_exactly_the_unaccepted_predictions(tiny_gpt2):
     _, stats = lacy_step(tiny_gpt2, batch, LabelConfig(rule="judge"), STEP_CALL, eos_id=EOS, pad_id=PAD)
     assert stats["judge_bad_share"].item() * stats["valid_tokens"].item() == pytest.approx(2)
     assert stats["call_share"].item() * stats["valid_tokens"].item() == pytest.approx(2)
+
+
+@pytest.mark.parametrize("rule", ["loss", "rho", "judge", "ignore"])
+def test_budgeted_rules_match_lacys_count_in_every_batch(tiny_gpt2, rule):
+    """One budget: by default every budgeted rule selects, batch by batch, exactly as many positions as
+    LaCy does in that batch (not a fixed 15 % beside LaCy's 0.6 x fact share)."""
+    for seed in range(3):
+        batch = _batch(seed)
+        batch["judge_accept"][..., 0] = -1  # judge: most predictions rejected, so the budget binds
+        batch["judge_accept"][..., 1:] = 0
+        _, lacy = lacy_step(tiny_gpt2, batch, LabelConfig(rule="lacy"), STEP_CALL, eos_id=EOS, pad_id=PAD)
+        _, other = lacy_step(tiny_gpt2, batch, LabelConfig(rule=rule), STEP_CALL, eos_id=EOS, pad_id=PAD)
+        share = other["masked_share"] if rule == "ignore" else other["call_share"]
+        assert share.item() == pytest.approx(lacy["call_share"].item())
+
+
+def test_rho_ignores_row_starts_that_continue_a_document(tiny_gpt2):
+    """A row that continues a document: its first positions saw little context, the reference saw the
+    whole document, so a low reference loss there is not evidence of anything."""
+    batch = _batch()
+    batch["input_ids"][1:, :] = torch.randint(3, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5))
+    batch["ref_loss"] = torch.full((4, 21), 50.0)
+    batch["ref_loss"][:, 1:4] = -50.0  # huge excess loss at the targets of input positions 0..2
+    cfg = LabelConfig(rule="rho", match_lacy=False, budget=0.05, rho_min_context=8)
+    selected = {}
+    for min_context in (0, 8):
+        cfg.rho_min_context = min_context
+        with torch.no_grad():
+            _, stats = lacy_step(tiny_gpt2, batch, cfg, STEP_CALL, eos_id=EOS, pad_id=PAD)
+        selected[min_context] = stats["selected_excess_loss"].item()
+    assert selected[0] > 50  # without the rule the row starts win
+    assert selected[8] < 10  # with it they are never chosen
+
+
+def _rank_selects(rank: int, world: int, init: str, batch: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    from jobs.pretrain import _collectives
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    _, gather = _collectives(torch.device("cpu"))
+    per = batch["input_ids"].shape[0] // world
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=EOS, eos_token_id=EOS)).eval()
+    local = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    for rule in ("loss", "lacy", "rho"):
+        with torch.no_grad():
+            _, stats = lacy_step(model, local, LabelConfig(rule=rule), STEP_CALL, eos_id=EOS, pad_id=PAD,
+                                 gather=gather)
+        torch.save(stats["call_share"] * stats["valid_tokens"], f"{out}.{rule}.{rank}")
+        # The positions themselves, on fixed losses (no model rounding between batch shapes).
+        from lacy.labels import _select_global
+
+        mask = _select_global(LabelConfig(rule=rule), gather, batch["loss"][rank * per:(rank + 1) * per],
+                              torch.ones_like(local["fact"][:, 1:]), local["fact"][:, 1:], local["ref_loss"][:, 1:], None)
+        torch.save(mask, f"{out}.{rule}.mask{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_select_what_one_rank_with_the_whole_batch_selects(tmp_path):
+    """Selection is over the global batch: two data-parallel ranks (real gloo process group) delegate
+    exactly the positions one worker holding both halves delegates."""
+    import torch.multiprocessing as mp
+
+    batch = _batch(3)
+    batch["fact"][2:] = True  # the halves differ a lot: per-rank selection would differ from global
+    batch["ref_loss"][2:] = 0.0
+    batch["loss"] = torch.rand(4, 20, generator=torch.Generator().manual_seed(9)) * 5
+    mp.spawn(_rank_selects, args=(2, f"file://{tmp_path / 'store'}", batch, str(tmp_path / "calls")), nprocs=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=EOS, eos_token_id=EOS)).eval()
+    for rule in ("loss", "lacy", "rho"):
+        with torch.no_grad():
+            _, whole = lacy_step(model, batch, LabelConfig(rule=rule), STEP_CALL, eos_id=EOS, pad_id=PAD)
+        per_rank = [torch.load(tmp_path / f"calls.{rule}.{r}").item() for r in range(2)]
+        assert sum(per_rank) == pytest.approx((whole["call_share"] * whole["valid_tokens"]).item()), rule
+        assert per_rank[0] != per_rank[1]  # the global batch, not two local ones, set each rank's count
+        masks = torch.cat([torch.load(tmp_path / f"calls.{rule}.mask{r}") for r in range(2)])
+        valid = torch.ones(4, 20, dtype=torch.bool)
+        assert torch.equal(masks, select(LabelConfig(rule=rule), batch["loss"], valid, batch["fact"][:, 1:],
+                                         batch["ref_loss"][:, 1:])), rule

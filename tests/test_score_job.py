@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lacy.config import ConfigError, LacyConfig, load_config
-from lacy.shards import encode_documents, pack_documents, read_batches, read_manifest, read_shard
+from lacy.scoring import encode_documents
+from lacy.shards import pack_documents, read_batches, read_manifest, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -122,6 +123,47 @@ def test_same_rows_as_single_process_encode(job_a, corpus):
             assert [r["input_ids"] for r in got] == [r["input_ids"].tolist() for r in expected]
             assert [r["fact"] for r in got] == [r["fact"].tolist() for r in expected]
             assert [r["doc_ids"] for r in got] == [r["doc_ids"] for r in expected]
+
+
+@pytest.mark.slow
+def test_single_process_stage_writes_byte_identical_shards(job_a, corpus, caplog):
+    """`lacy.scoring.build_shards` in one process and the Ray job write the same bytes, and the
+    console names every rejected line with its file and reason."""
+    import logging
+
+    from lacy.scoring import build_shards
+
+    cfg, manifest, run_dir = job_a
+    local = load_config(CONFIG, [*overrides(corpus, run_dir, run_dir / "local", cfg.mlflow.tracking_uri)])
+    with caplog.at_level(logging.WARNING, logger="lacy"):
+        local_manifest, metrics = build_shards(local)
+    ray_out, local_out = Path(cfg.score.output_dir), Path(local.score.output_dir)
+    files = [*manifest.shards["train"], *manifest.shards["val"], "docs.parquet"]
+    assert local_manifest.shards == manifest.shards and metrics["units_reused"] == 0
+    for rel in files:
+        assert (local_out / rel).read_bytes() == (ray_out / rel).read_bytes(), rel
+    for name in ("config_hash", "tokenizer_hash", "corpus_fingerprint", "counts", "rejects", "spacy"):
+        assert getattr(local_manifest, name) == getattr(manifest, name), name
+    log = caplog.text
+    for line, reason in BAD_LINES.items():
+        assert f"line {line}: {reason}" in log
+    assert str(corpus) in log
+
+
+def test_bom_and_duplicate_ids(tmp_path):
+    """A UTF-8 byte-order mark opens line 1 without losing it; a repeated id is a bad record naming
+    where the id was first read."""
+    from lacy.data import ReadReport, read_corpus
+
+    path = tmp_path / "c.jsonl"
+    lines = [json.dumps({"id": "a", "text": "first"}), json.dumps({"id": "b", "text": "second"}),
+             json.dumps({"id": "a", "text": "again"})]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    report = ReadReport()
+    docs = list(read_corpus(str(path), report))
+    assert [d["text"] for d in docs] == ["first", "second"]
+    (rep,) = report.files.values()
+    assert rep.bad == 1 and rep.reasons == [(3, "duplicate id 'a' (first read at c.jsonl:1)")]
 
 
 @pytest.mark.slow
@@ -239,7 +281,8 @@ def test_arrow_lists_survive_sliced_batches():
     """Ray Data hands actors slices of blocks: list offsets then start past zero."""
     import pyarrow as pa
 
-    from jobs.score import _list_array, _list_values
+    from lacy.scoring import list_array as _list_array
+    from lacy.scoring import list_values as _list_values
 
     rows = [np.arange(n, dtype=np.int32) for n in (2, 0, 3, 1)]
     pairs = [np.arange(2 * n, dtype=np.int32).reshape(n, 2) + 10 * n for n in (1, 2, 0, 3)]

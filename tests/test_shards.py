@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from lacy.config import FactsConfig
+from lacy.scoring import encode_documents
 from lacy.shards import (
     SCHEMA_VERSION,
     Manifest,
     TokenizedDoc,
-    encode_documents,
     pack_documents,
     read_batches,
     read_manifest,
@@ -195,7 +195,7 @@ def test_encode_documents_matches_tagger_and_rejects_bad_docs(tagger_and_tokeniz
     assert [d.id for d in encoded] == ["1", "4"]
     assert {r["id"]: r["reason"].split(":")[0] for r in rejects} == {"2": "text shorter than 1 characters",
                                                                     "3": "tagging failed"}
-    ids, fact, offsets = tagger.tag([docs[0]["text"]], tok)[0]
+    ids, fact, offsets, _ = tagger.tag([docs[0]["text"]], tok)[0]
     np.testing.assert_array_equal(encoded[0].ids, ids)
     np.testing.assert_array_equal(encoded[0].fact, fact)
     assert encoded[0].split == split_of("1", 0.5)

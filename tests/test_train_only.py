@@ -1,6 +1,6 @@
-"""jobs.pretrain_single: every rule of an experiment trained without Ray, DeepSpeed, MLflow or spaCy
-(what a lent GPU box has), from shards copied away from their tokenizer's recorded path, leaving
-models and stage records that jobs.experiment reuses instead of training again."""
+"""`python -m lacy.experiment --until train --reuse_shards`: every rule of an experiment trained without
+Ray, DeepSpeed, MLflow or spaCy (what a lent GPU box has), from shards copied away from their
+tokenizer's recorded path, leaving models and stage records that the full experiment reuses."""
 
 from __future__ import annotations
 
@@ -12,45 +12,37 @@ from pathlib import Path
 
 import pytest
 
-from lacy.config import FactsConfig, LacyConfig, load_config, to_dict
-from lacy.facts import FactTagger
-from lacy.shards import SCHEMA_VERSION, Manifest, encode_documents, pack_documents, write_shard
-from lacy.tokenizer import EOS_TOKEN, tokenizer_hash
+from lacy.config import load_config
 
-SEQ_LEN = 64
 BLOCKED = ("ray", "deepspeed", "mlflow", "spacy")
 """What the GPU machine's image lacks: importing any of them fails in the subprocess."""
 
 
 @pytest.fixture(scope="module")
-def run_dir(embedded_docs, tiny_tokenizer, tmp_path_factory) -> Path:
-    """<run_dir>/shards with a manifest whose tokenizer path no longer exists, and <run_dir>/tokenizer."""
-    run = tmp_path_factory.mktemp("run")
-    docs = encode_documents(embedded_docs[:80], tiny_tokenizer, FactTagger(FactsConfig()), val_fraction=0.2)
-    eos = tiny_tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    shards = run / "shards"
-    for split in ("train", "val"):
-        write_shard(list(pack_documents([d for d in docs if d.split == split], SEQ_LEN, eos)),
-                    shards / f"{split}/part-00000.parquet")
-    tiny_tokenizer.save_pretrained(run / "tokenizer")
-    Manifest(schema_version=SCHEMA_VERSION, config=to_dict(LacyConfig()), config_hash="shards-v1",
-             tokenizer_hash=tokenizer_hash(tiny_tokenizer), tokenizer_path="/elsewhere/tokenizer", spacy={},
-             corpus_fingerprint="test", seq_len=SEQ_LEN, judge_top_k=None, counts={}, rejects={},
-             shards={"train": ["train/part-00000.parquet"], "val": ["val/part-00000.parquet"]}).save(shards)
+def run_dir(scored_run, tmp_path_factory) -> Path:
+    """A copy of the library-built shards whose manifest's tokenizer path no longer exists; the
+    tokenizer sits beside the shards (where the scoring stage puts it)."""
+    source = Path(scored_run[scored_run.index("--run_dir") + 1])
+    run = tmp_path_factory.mktemp("gpu_box")
+    shutil.copytree(source / "shards", run / "shards")
+    shutil.copytree(source / "tokenizer", run / "tokenizer")
+    manifest = json.loads((run / "shards" / "manifest.json").read_text())
+    manifest["tokenizer_path"] = "/elsewhere/tokenizer"
+    (run / "shards" / "manifest.json").write_text(json.dumps(manifest))
     return run
 
 
 def _overrides(run: Path) -> list[str]:
-    return ["--run_dir", str(run), "--model.seq_len", str(SEQ_LEN), "--train.max_steps", "4",
-            "--train.log_every", "2", "--train.eval_every", "4", "--experiment.rules", "[plain, lacy]",
+    return ["--run_dir", str(run), "--model.seq_len", "32", "--train.max_steps", "4", "--train.log_every", "2",
+            "--train.eval_every", "4", "--experiment.rules", "[plain, lacy]",
             "--experiment.comparisons", "[steps, tokens]"]
 
 
 def test_trains_every_rule_without_the_cluster_stack_and_the_experiment_reuses_them(run_dir):
     code = (f"import sys; sys.modules.update(dict.fromkeys({BLOCKED!r})); "
-            "from jobs.pretrain_single import main; main(sys.argv[1:])")
-    args = ["--config", "configs/tiny.yaml", *_overrides(run_dir), "--save_dtype", "bfloat16",
-            "--max_shard_mb", "0.2"]
+            "from lacy.experiment import main; main(sys.argv[1:])")
+    args = ["--config", "configs/tiny.yaml", *_overrides(run_dir), "--until", "train", "--reuse_shards",
+            "--save_dtype", "bfloat16", "--max_shard_mb", "0.2"]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -58,41 +50,43 @@ def test_trains_every_rule_without_the_cluster_stack_and_the_experiment_reuses_t
     assert sorted(p.name for p in train.iterdir()) == ["lacy-steps", "lacy-tokens", "plain-steps"]
     plain = json.loads((train / "plain-steps" / "stage.json").read_text())
     lacy_tokens = json.loads((train / "lacy-tokens" / "stage.json").read_text())
-    assert plain["trainer"] == "jobs.pretrain_single" and plain["step"] == 4
-    # Token equalisation: lacy trains until it has supervised as many real tokens as plain did.
-    assert lacy_tokens["supervised_tokens"] >= plain["supervised_tokens"] and lacy_tokens["step"] > 4
+    assert plain["trainer"] == "lacy.experiment" and plain["steps"] == 4
+    # Token equalisation: lacy trains until it has supervised as many real tokens as plain did, and
+    # its schedule ends at the floor as plain's does.
+    assert lacy_tokens["supervised_tokens"] >= plain["supervised_tokens"] and lacy_tokens["steps"] > 4
+    assert lacy_tokens["budget_reached"] and lacy_tokens["final_lr_factor"] == pytest.approx(plain["final_lr_factor"])
     final = train / "lacy-steps" / "final"
     assert (final / "model.safetensors.index.json").is_file() and len(list(final.glob("*.safetensors"))) > 1
 
-    from lacy.model import load_big_model
+    from lacy.experiment import train_all, train_stage
+    from lacy.model import load_small_model
+    from lacy.shards import read_manifest
 
-    model, tok = load_big_model(str(final))  # fp32 again, from bf16 shards
+    model, tok = load_small_model(str(final))  # fp32 again, from bf16 shards
     assert next(model.parameters()).dtype.is_floating_point and "<CALL>" in tok.get_vocab()
-
-    from jobs.experiment import train_all, train_stage
-
     cfg = load_config("configs/tiny.yaml", _overrides(run_dir))
 
     def never(rcfg):
         raise AssertionError(f"{rcfg.labels.rule} trained again")
 
+    manifest_hash = read_manifest(run_dir / "shards").config_hash
     trained = train_all(cfg, lambda rule, comparison, budget: train_stage(
-        cfg, rule, comparison, budget, "shards-v1", never))
+        cfg, rule, comparison, budget, manifest_hash, never))
     assert set(trained) == {"plain-steps", "plain-tokens", "lacy-steps", "lacy-tokens"}
     assert trained["lacy-steps"]["final"] == str(final)
 
 
 def test_a_subset_needs_plain_for_token_budgets(run_dir, tmp_path):
-    from jobs.pretrain_single import run
+    from lacy.experiment import LocalBackend, run
 
     fresh = tmp_path / "run"
     shutil.copytree(run_dir / "shards", fresh / "shards")
     shutil.copytree(run_dir / "tokenizer", fresh / "tokenizer")
     cfg = load_config("configs/tiny.yaml", _overrides(fresh))
     with pytest.raises(ValueError, match="train plain first"):
-        run(cfg, rules=["lacy"])
+        run(cfg, LocalBackend(reuse_shards=True), until="train", rules=["lacy"])
     with pytest.raises(ValueError, match="not among experiment.rules"):
-        run(cfg, rules=["rho"])
+        run(cfg, LocalBackend(reuse_shards=True), until="train", rules=["loss"])
 
 
 def test_a_different_tokenizer_is_refused(run_dir, tmp_path, embedded_docs):

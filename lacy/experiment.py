@@ -1,0 +1,288 @@
+"""The whole experiment as a sequence of stage calls, in one process or distributed by a backend:
+
+    corpus -> shards (facts, labels' inputs) -> knowledge store -> every rule x comparison trained
+    -> call thresholds calibrated -> every system of the evaluation plan generated and scored
+    -> the method table
+
+    python -m lacy.experiment --config configs/tiny.yaml                  # all of it, one process
+    python -m lacy.experiment --config configs/wiki2015-gpu.yaml --until train --reuse_shards \\
+        --save_dtype bfloat16 --max_shard_mb 15    # a lent GPU box: train on shards made elsewhere
+    python -m jobs.experiment --config configs/default.yaml               # the same on Ray (`make run`)
+
+A `Backend` says how the three heavy stages run: `LocalBackend` here (lacy.scoring, lacy.train, the
+cascade in process); `jobs.experiment.RayBackend` on Ray Data, Ray Train + DeepSpeed and Ray Serve.
+Everything else — which models are trained with which budgets, which systems are evaluated on whom,
+how rows are scored and reported — is this file's and the same for both. Stages are
+content-addressed (`lacy.stages`): a re-run skips whatever exists for the same config, whichever
+backend or machine made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from lacy.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
+from lacy.plan import (
+    Generator,
+    LocalGenerator,
+    evaluate,
+    evaluation_plan,
+    population,
+    thresholds_stage,
+    write_views,
+)
+from lacy.stages import stage_done, stage_finish
+
+log = logging.getLogger(__name__)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends: how the heavy stages run
+
+
+class Backend(Protocol):
+    """Where the stages run. Each method is the whole stage for its inputs."""
+
+    def build_shards(self, cfg: LacyConfig, parent_run_id: str | None) -> Any: ...
+
+    def train(self, rcfg: LacyConfig, parent_run_id: str | None) -> Path: ...
+
+    def generator(self, cfg: LacyConfig, models: dict[str, str]) -> contextlib.AbstractContextManager[Generator]:
+        ...
+
+
+class LocalBackend:
+    """Every stage in this process: no Ray, DeepSpeed or Serve (MLflow only if `track`).
+
+    `reuse_shards`: take the finished shards at score.output_dir as they are (their manifest), without
+    the corpus or spaCy — a lent GPU box that got the shards from elsewhere."""
+
+    def __init__(self, save_dtype: Any = None, max_shard_mb: float | None = None, reuse_shards: bool = False) -> None:
+        self.save_dtype, self.max_shard_mb, self.reuse_shards = save_dtype, max_shard_mb, reuse_shards
+
+    def build_shards(self, cfg: LacyConfig, parent_run_id: str | None) -> Any:
+        from lacy.scoring import build_shards
+        from lacy.shards import read_manifest
+
+        return read_manifest(cfg.score.output_dir) if self.reuse_shards else build_shards(cfg)[0]
+
+    def train(self, rcfg: LacyConfig, parent_run_id: str | None) -> Path:
+        from lacy.train import train_from_shards
+
+        train_from_shards(rcfg, self.save_dtype, self.max_shard_mb, trainer="lacy.experiment")
+        return Path(rcfg.train.output_dir) / "final"
+
+    @contextlib.contextmanager
+    def generator(self, cfg: LacyConfig, models: dict[str, str]) -> Iterator[Generator]:
+        yield LocalGenerator(cfg, models)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage: knowledge store
+
+
+def knowledge_stage(cfg: LacyConfig) -> Path:
+    """The passage store of the corpus (each document with its description: `knowledge_text`)."""
+    from lacy.data import corpus_source, knowledge_document, read_corpus
+    from lacy.knowledge import build_store
+
+    db = Path(cfg.knowledge.db_path)
+    synth = to_dict(cfg.synth) if cfg.data.corpus == "synthbio" else None
+    key = config_hash({"data": to_dict(cfg.data), "synth": synth, "passage_words": cfg.knowledge.passage_words,
+                       "version": 2})
+    if stage_done(db.parent / "knowledge", key) is None:
+        docs = (knowledge_document(d) for d in read_corpus(corpus_source(cfg), max_docs=cfg.data.max_docs))
+        report = build_store(docs, db, cfg.knowledge.passage_words)
+        log.info("knowledge store: %s", report.summary())
+        stage_finish(db.parent / "knowledge", key, report=report.summary())
+    return db
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage: training every rule x comparison
+
+
+def rule_config(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None) -> LacyConfig:
+    """The config one training run uses: the rule, its own output folder, and its stopping rule.
+
+    Token comparison: a delegating rule stops at `plain`'s supervised tokens, its schedule counted in
+    supervised tokens (lacy.train.lr_factor), so it ends at the learning-rate floor as `plain` does;
+    max_steps only bounds the run (twice plain's, never reached at a call share under 50 %)."""
+    rcfg = copy.deepcopy(cfg)
+    rcfg.labels.rule = rule
+    rcfg.train.output_dir = str(Path(cfg.run_dir) / "train" / f"{rule}-{comparison}")
+    if comparison == "tokens" and rule != "plain":
+        rcfg.train.max_supervised_tokens = token_budget
+        rcfg.train.max_steps = cfg.train.max_steps * 2
+    return rcfg
+
+
+def train_key(rcfg: LacyConfig, manifest_hash: str) -> str:
+    """What makes one training run the same: model, training and labelling config, and the shards."""
+    return config_hash({"model": to_dict(rcfg.model), "train": {**to_dict(rcfg.train), "output_dir": ""},
+                        "labels": to_dict(rcfg.labels), "shards": manifest_hash, "trainer_version": 2})
+
+
+def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None, manifest_hash: str,
+                fit: Callable[[LacyConfig], Path]) -> dict:
+    """Pretrain one rule with `fit(rule config) -> final model dir`, unless a record says it is done
+    for the same config (by whichever trainer, on whichever machine). The record carries the training
+    summary (steps, tokens, supervised tokens, call share, whether the budget was reached)."""
+    import json
+
+    from lacy.train import SUMMARY
+
+    rcfg = rule_config(cfg, rule, comparison, token_budget)
+    out = Path(rcfg.train.output_dir)
+    key = train_key(rcfg, manifest_hash)
+    if (record := stage_done(out, key)) is not None:
+        log.info("train %s/%s: done before (%s), reusing it", rule, comparison, record.get("trainer"))
+        return {**record, "final": str(out / "final")}  # the record may come from another machine
+    log.info("train %s/%s: starting", rule, comparison)
+    final = fit(rcfg)
+    summary = json.loads((Path(final) / SUMMARY).read_text())
+    if not summary.get("budget_reached", True):
+        raise RuntimeError(f"{rule}/{comparison} stopped at train.max_steps={rcfg.train.max_steps} with "
+                           f"{summary['supervised_tokens']} of {token_budget} supervised tokens")
+    return stage_finish(out, key, final=str(final), comparison=comparison, **summary)
+
+
+def train_all(cfg: LacyConfig, train_one: Callable[[str, str, int | None], dict]) -> dict[str, dict]:
+    """`train_one(rule, comparison, token budget)` for every rule x comparison, keyed "rule-comparison".
+    `plain` trains first: its real-token-supervised tokens are the budget of the token comparison."""
+    xcfg, trained, budget = cfg.experiment, {}, None
+    for comparison in xcfg.comparisons:
+        for rule in sorted(xcfg.rules, key=lambda r: r != "plain"):
+            if comparison == "tokens" and rule == "plain" and "steps" in xcfg.comparisons:
+                trained[f"{rule}-tokens"] = trained[f"{rule}-steps"]
+                continue
+            trained[f"{rule}-{comparison}"] = record = train_one(rule, comparison, budget)
+            if rule == "plain" and "supervised_tokens" in record:
+                budget = int(record["supervised_tokens"])
+    return trained
+
+
+def validation_loss(cfg: LacyConfig, model_dir: str) -> dict:
+    """Real-token validation metrics of a trained model on the held-out shards."""
+    import torch
+
+    from lacy.model import load_small_model
+    from lacy.shards import read_batches, read_manifest
+    from lacy.tokenizer import call_id
+    from lacy.train import evaluate
+
+    if not read_manifest(cfg.score.output_dir).shards.get("val"):
+        return {}
+    model, tokenizer = load_small_model(model_dir)
+    with torch.no_grad():
+        return evaluate(model, read_batches(cfg.score.output_dir, "val", cfg.train.batch_size), call_id(tokenizer))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report", track: bool = False,
+        rules: list[str] | None = None) -> Path:
+    """Run the experiment up to stage `until` ("shards", "train", "report"); returns `<run_dir>/results`.
+
+    `rules` trains only those (their token budget's `plain` must be done already); `track` logs one
+    MLflow parent run with a nested run per stage (the Ray backend's jobs log theirs under it)."""
+    from lacy.report import method_summary
+
+    backend = backend or LocalBackend()
+    results = Path(cfg.run_dir) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    with _tracking(cfg, track) as parent:
+        log.info("stage 1/5: tokenizer + shards")
+        manifest = backend.build_shards(cfg, parent)
+        if until == "shards":
+            return results
+        log.info("stage 2/5: training %s x %s", cfg.experiment.rules, cfg.experiment.comparisons)
+        trained = train_all(cfg, _trainer(cfg, backend, manifest.config_hash, parent, rules))
+        if until == "train":
+            return results
+        log.info("stage 3/5: knowledge store")
+        knowledge_stage(cfg)
+        for record in trained.values():
+            record.update({f"val_{k}": v for k, v in validation_loss(cfg, record["final"]).items()})
+        models = {name: rec["final"] for name, rec in trained.items()}
+        keys = {name: rec["key"] for name, rec in trained.items()}
+        pop = population(cfg)
+        log.info("stage 4/5: evaluating %d systems on %d people", len(evaluation_plan(cfg, list(models))),
+                 len(pop.train))
+        thresholds = thresholds_stage(cfg, models, keys, pop)
+        with backend.generator(cfg, models) as generator:
+            # Big alone involves no small model: in process for every backend.
+            rows = evaluate(cfg, evaluation_plan(cfg, list(models)), models, keys, thresholds, generator,
+                            LocalGenerator(cfg, {}), pop)
+            write_views(cfg, generator, list(models), pop.train, thresholds)
+        log.info("stage 5/5: report")
+        summary = method_summary(rows, trained, cfg, results)
+        if parent is not None:
+            import mlflow
+
+            mlflow.log_artifacts(str(results), artifact_path="results")
+    print(summary)  # noqa: T201 - the experiment's product, for the person who ran it
+    return results
+
+
+def _trainer(cfg: LacyConfig, backend: Backend, manifest_hash: str, parent: str | None,
+             rules: list[str] | None) -> Callable[[str, str, int | None], dict]:
+    wanted = set(cfg.experiment.rules if rules is None else rules)
+    if unknown := wanted - set(cfg.experiment.rules):
+        raise ValueError(f"--rules {sorted(unknown)} are not among experiment.rules {cfg.experiment.rules}")
+
+    def train_one(rule: str, comparison: str, budget: int | None) -> dict:
+        if rule in wanted:
+            return train_stage(cfg, rule, comparison, budget, manifest_hash, lambda r: backend.train(r, parent))
+        rcfg = rule_config(cfg, rule, comparison, budget)
+        record = stage_done(rcfg.train.output_dir, train_key(rcfg, manifest_hash))
+        if record is None and rule == "plain" and "tokens" in cfg.experiment.comparisons:
+            raise ValueError("token equalisation needs plain's supervised tokens: train plain first (--rules)")
+        return record or {}
+
+    return train_one
+
+
+@contextlib.contextmanager
+def _tracking(cfg: LacyConfig, track: bool) -> Iterator[str | None]:
+    if not track:
+        yield None
+        return
+    from lacy.tracking import start_run
+
+    with start_run(cfg, "experiment") as parent:
+        yield parent.info.run_id
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from lacy.console import setup_logging
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--until", choices=["shards", "train", "report"], default="report")
+    extra.add_argument("--rules", help="comma-separated subset of experiment.rules to train")
+    extra.add_argument("--save_dtype", choices=["float32", "bfloat16"])
+    extra.add_argument("--max_shard_mb", type=float, help="largest safetensors file of a saved model")
+    extra.add_argument("--reuse_shards", action="store_true", help="train on the shards as they are")
+    known, rest = extra.parse_known_args(argv)
+    setup_logging()
+    cfg = parse_cli(rest, __doc__ or "")
+    import torch
+
+    backend = LocalBackend(getattr(torch, known.save_dtype) if known.save_dtype else None, known.max_shard_mb,
+                           known.reuse_shards)
+    return run(cfg, backend, until=known.until, rules=known.rules.split(",") if known.rules else None)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,37 @@
+"""lacy.plan: the evaluation plan as data, and who is evaluated (never the people thresholds are set on)."""
+
+from __future__ import annotations
+
+from lacy.config import load_config
+from lacy.data import split_of
+from lacy.plan import System, evaluation_plan, population
+
+
+def test_plan_pairs_each_model_with_the_triggers_it_can_use():
+    cfg = load_config("configs/tiny.yaml", ["--eval.call_rates", "[0.1, 0.22]", "--eval.heldout_entities", "3"])
+    plan = evaluation_plan(cfg, ["plain-steps", "lacy-steps", "ignore_facts-steps"])
+    names = [s.name for s in plan]
+    assert len(names) == len(set(names))
+    assert {"big-plain", "big-retrieval", "plain-steps alone", "lacy-steps alone"} <= set(names)
+    # P(<CALL>) only for a model trained to emit it: plain and the Ignore ablations never saw <CALL>.
+    assert System("plain-steps", "plain", "p_call", 0.22) not in plan
+    assert System("ignore_facts-steps", "retrieval", "p_call", 0.22) not in plan
+    assert System("plain-steps", "plain", "confidence", 0.22) in plan
+    assert System("lacy-steps", "retrieval", "p_call", 0.1) in plan
+    assert System("lacy-steps", "retrieval", "confidence", 0.1) in plan
+    heldout = [s for s in plan if s.people == "heldout"]
+    assert heldout and all(s.rate == cfg.experiment.headline_rate for s in heldout)
+
+
+def test_population_evaluates_trained_on_people_and_calibrates_on_others():
+    cfg = load_config("configs/default.yaml", ["--eval.entities", "20", "--eval.calibration_entities", "10",
+                                               "--eval.heldout_entities", "5"])
+    pop = population(cfg)
+    split = lambda e: split_of(e.doc_id, cfg.data.val_fraction)  # noqa: E731
+    assert len(pop.train) == 20 and all(split(e) == "train" for e in pop.train)
+    assert len(pop.calibration) == 10 and all(split(e) == "train" for e in pop.calibration)
+    assert not {e.doc_id for e in pop.train} & {e.doc_id for e in pop.calibration}
+    assert pop.heldout and all(split(e) == "val" for e in pop.heldout)
+    assert all(e.doc_id in pop.articles for e in [*pop.train, *pop.heldout])
+    # The articles facts are checked against carry the description (life years of embedded people).
+    assert any("(" in pop.articles[e.doc_id]["text"].split("\n\n")[-1] for e in pop.train)

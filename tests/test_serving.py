@@ -1,0 +1,521 @@
+"""The served cascade without Ray (`lacy.serving`): request contract, answers, streaming, faults.
+
+Tiny real models: a `tiny` GPT-2 as the small model and another (seed 1) as the big model, both over
+the session's tiny tokenizer, in process (`LocalBig`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from lacy.cascade import Quantiles
+from lacy.config import ModelConfig, load_config
+from lacy.model import build_model
+from lacy.serving import (
+    APIError,
+    BigCall,
+    BigSessions,
+    BigUnavailable,
+    CascadeEngine,
+    LocalBig,
+    decode_json,
+)
+
+
+def save_tiny(path, tokenizer, seed: int):
+    torch.manual_seed(seed)
+    build_model(ModelConfig(preset="tiny", seq_len=128), tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("serving")
+    return save_tiny(root / "small", tiny_tokenizer, 0), save_tiny(root / "big", tiny_tokenizer, 1), root
+
+
+def make_cfg(dirs, *more: str):
+    small, big, root = dirs
+    return load_config(None, ["--run_dir", str(root), "--serve.small_path", str(small), "--big.path", str(big),
+                              "--cascade.word_start_only", "false", "--serve.max_tokens_limit", "40", *more])
+
+
+@pytest.fixture(scope="module")
+def engine(dirs):
+    cfg = make_cfg(dirs)
+    eng = CascadeEngine(cfg, LocalBig(BigSessions(cfg)))
+    assert eng.probe()
+    yield eng
+    eng.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(events) -> list[str]:
+    return [e async for e in events]
+
+
+def sse(events: list[str]) -> list:
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    return [e[6:-2] if e[6:-2] == "[DONE]" else json.loads(e[6:-2]) for e in events]
+
+
+# ----------------------------------------------------------------------------------------------
+# The request contract
+
+BAD = [  # (body, status, param or None, words of the message)
+    (b"{not json", 400, None, "not valid JSON"),
+    (b'{"prompt": "x", "call_threshold": NaN}', 400, None, "NaN is not JSON"),
+    (b'{"prompt": "x", "call_rate": Infinity}', 400, None, "Infinity is not JSON"),
+    (b'{"prompt": "x", "temperature": 1e999}', 400, None, "overflows"),
+    (b'["x"]', 400, None, "JSON object"),
+    (b'\xff\xfe', 400, None, "not valid JSON"),
+    (b'{"prompt": "\\ud800 Ada"}', 400, "prompt", "unpaired UTF-16 surrogate"),
+    (b'{"prompt": "Ada\\u0000 Lovelace"}', 400, "prompt", "U+0000"),
+    (b'{"prompt": "Ada", "topic": "Ada\\u001b[31m"}', 400, "topic", "U+001B"),
+    (b'{"prompt": "Ada", "stop": "\\ud83d"}', 400, "stop", "surrogate"),
+    ({"max_tokens": 3}, 400, "prompt", "Field required"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream", "valid boolean"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "x", "max_tokens": "8"}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "exceeds the limit"),
+    ({"prompt": "x", "allow_calls": 1}, 400, "allow_calls", "valid boolean"),
+    ({"prompt": "x", "call_rate": "0.2"}, 400, "call_rate", "valid number"),
+    ({"prompt": "x", "call_rate": 1.5}, 400, "call_rate", "less than or equal to 1"),
+    ({"prompt": "x", "call_threshold": 0.2, "call_rate": 0.2}, 400, "call_rate", "not both"),
+    ({"prompt": "x", "call_trigger": "entropy"}, 400, "call_trigger", "'p_call' or 'confidence'"),
+    ({"prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument"),
+    ({"prompt": "x", "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"prompt": "x", "n": 20}, 400, "n", "exceed the limit"),
+    ({"prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
+    ({"prompt": "x", "suffix": "!"}, 400, "suffix", "not supported"),
+    ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    ({"prompt": "x", "logit_bias": {"50256": -100}}, 400, "logit_bias", "not supported"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options",
+     "valid boolean"),
+    ({"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs", "not supported with 'stream'"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
+    ({"prompt": [1, 2, 3]}, 400, "prompt", "valid string"),
+    ({"prompt": []}, 400, "prompt", "empty list"),
+    ({"prompt": "x", "retrieval": True}, 400, "retrieval", "no knowledge store"),
+    ({"prompt": "x", "topic": "y" * 201}, 400, "topic", "longer than 200"),
+    ({"prompt": "x", "model": "nope"}, 404, "model", "does not exist"),
+    ({"prompt": "x" * 5000}, 413, "prompt", "the limit is 4000"),
+    ({"prompt": "word " * 700}, 400, "prompt", "maximum context length is 128"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,needle", BAD)
+def test_bad_requests_are_refused_before_any_work(engine, body, status, param, needle):
+    with pytest.raises(APIError) as caught:
+        engine.parse(body, "completions")
+    err = caught.value
+    assert (err.status, err.body()["error"]["param"]) == (status, param), err.body()
+    assert needle in err.message, err.message
+    text = json.dumps(err.body())  # serialisable, whatever the request held
+    assert "\\ud800" not in text and "Traceback" not in text and "/" not in err.message.replace("/v1", "")
+
+
+def test_a_body_over_the_limit_is_413_before_parsing():
+    with pytest.raises(APIError) as caught:
+        decode_json(b'{"prompt": "' + b"x" * 2000 + b'"}', max_bytes=1000)
+    assert caught.value.status == 413 and caught.value.code == "request_too_large"
+
+
+def test_clients_default_fields_are_accepted(engine):
+    # LangChain's OpenAI LLM sends these by default; the openai client sends nulls for unset fields.
+    langchain = {"model": "lacy", "prompt": ["Marie Curie was"], "temperature": 0.7, "top_p": 1, "n": 1,
+                 "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "max_tokens": 256 // 8,
+                 "seed": None, "logprobs": None, "best_of": 1, "stream": False, "suffix": None, "echo": False,
+                 "stop": None, "user": "someone", "stream_options": None}
+    job = engine.parse(langchain, "completions")
+    assert job.prompts == ["Marie Curie was"] and job.n == 1 and job.req.temperature == 0.7
+    assert engine.parse({"prompt": "x", "max_tokens": None}, "completions").max_tokens == 16  # OpenAI's default
+    # Extension fields of lacy, and a FTS5-looking topic (plain words to the store: not an error).
+    engine.parse({"prompt": "x", "call_trigger": "confidence", "topic": 'NEAR("a" b*) OR title:x'}, "completions")
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers
+
+
+def test_max_tokens_counts_what_the_client_gets(engine):
+    # Every step calls the big model (threshold 0), whose words are several tokens long: the completion
+    # is cut at exactly max_tokens tokens of the small tokenizer, and usage says so.
+    body = {"prompt": "The river", "max_tokens": 7, "call_threshold": 0.0}
+    out = run(engine.complete(engine.parse(body, "completions")))
+    (choice,) = out["choices"]
+    tok = engine.models["lacy"][1]
+    n = len(tok(choice["text"], add_special_tokens=False)["input_ids"])
+    assert n == 7 and out["usage"]["completion_tokens"] == 7 and choice["finish_reason"] == "length"
+    assert out["usage"]["prompt_tokens"] == len(tok("The river", add_special_tokens=False)["input_ids"])
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 7
+    assert 0 < out["usage"]["delegated_tokens"] <= 7
+    lacy = choice["lacy"]
+    assert "".join(s["text"] for s in lacy["spans"]) == choice["text"] and lacy["calls"] >= 1
+    # /generate keeps the library's meaning: max_tokens small-model steps, one call each here.
+    gen = run(engine.generate(engine.parse(body, "generate")))
+    assert gen["calls"] == 7 and gen["text"].startswith("The river") and gen["spans"][0]["source"] == "prompt"
+
+
+class CountingBig(LocalBig):
+    def __init__(self, sessions):
+        super().__init__(sessions)
+        self.calls = 0
+
+    def session(self, retrieval, cancel):
+        inner, outer = super().session(retrieval, cancel), self
+
+        class Counted:
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def continue_text(self, text, **kw):
+                outer.calls += 1
+                return inner.continue_text(text, **kw)
+
+        return Counted()
+
+
+def test_a_stop_sequence_ends_decoding_and_the_big_models_work(dirs):
+    cfg = make_cfg(dirs)
+    big = CountingBig(BigSessions(cfg))
+    eng = CascadeEngine(cfg, big)
+    try:
+        free = run(eng.generate(eng.parse({"prompt": "The river", "max_tokens": 6, "call_threshold": 0.0},
+                                          "generate")))
+        first = free["spans"][1]["text"]  # the big model's first words
+        assert big.calls == 6
+        big.calls = 0
+        stop = first.strip()[:3] or first
+        out = run(eng.complete(eng.parse({"prompt": "The river", "max_tokens": 30, "call_threshold": 0.0,
+                                          "stop": [stop]}, "completions")))
+        choice = out["choices"][0]
+        assert choice["finish_reason"] == "stop" and stop not in choice["text"]
+        assert big.calls == 1, "calls went on after the stop sequence appeared"
+    finally:
+        eng.close()
+
+
+def test_stream_equals_the_json_answer_with_usage_and_held_back_stops(engine):
+    body = {"prompt": "The river", "max_tokens": 12, "call_threshold": 0.5}
+    whole = run(engine.complete(engine.parse(body, "completions")))
+    text = whole["choices"][0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    events = sse(run(collect(engine.stream(engine.parse(
+        {**body, "stream": True, "stream_options": {"include_usage": True}, "stop": stop, "echo": True},
+        "completions")))))
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1
+    chunks = events[:-2]
+    assert all(c["usage"] is None for c in chunks) and chunks[0]["choices"][0]["text"] == "The river"
+    streamed = "".join(c["choices"][0]["text"] for c in chunks[1:])
+    assert streamed == text[:text.find(stop)] and stop not in streamed  # never a piece of the stop sent
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and "lacy" in chunks[-1]["choices"][0]
+
+
+def test_n_sampling_seed_echo_and_list_prompts(engine):
+    body = {"prompt": ["The river", "A city"], "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 7,
+            "allow_calls": False, "echo": True}
+    a = run(engine.complete(engine.parse(body, "completions")))
+    b = run(engine.complete(engine.parse(body, "completions")))
+    texts = [c["text"] for c in a["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2, 3] and texts == [c["text"] for c in b["choices"]]
+    assert texts[0].startswith("The river") and texts[2].startswith("A city") and texts[0] != texts[1]
+    greedy = run(engine.complete(engine.parse({**body, "temperature": 0}, "completions")))
+    assert greedy["choices"][0]["text"] == greedy["choices"][1]["text"]
+
+
+def test_logprobs_of_each_token_with_p_call(engine):
+    body = {"prompt": "The river", "max_tokens": 5, "allow_calls": False, "logprobs": 2}
+    choice = run(engine.complete(engine.parse(body, "completions")))["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["tokens"]) == 5
+    assert all(v <= 0 for v in lp["token_logprobs"]) and all(0 <= p <= 1 for p in lp["call_probs"])
+    assert all(len(top) == 2 for top in lp["top_logprobs"]) and lp["sources"] == ["small"] * 5
+    assert lp["text_offset"][0] == 0
+    # Greedy: a written token is the most likely real token (until no_repeat_ngram=4 blocks a repeat).
+    assert all(v == pytest.approx(max(top.values()), abs=1e-5) for v, top in zip(
+        lp["token_logprobs"][:3], lp["top_logprobs"][:3], strict=True))
+    echo = run(engine.complete(engine.parse({**body, "echo": True, "max_tokens": 0, "logprobs": 0},
+                                            "completions")))["choices"][0]
+    assert echo["text"] == "The river" and echo["finish_reason"] == "length"
+    assert "".join(echo["logprobs"]["tokens"]) == "The river" and echo["logprobs"]["top_logprobs"][0] is None
+
+
+def test_quantiles_are_shared_per_model_and_trigger_and_bounded(dirs):
+    cfg = make_cfg(dirs, "--serve.max_call_rates", "3")
+    shared = Quantiles(max_keys=3)  # what the cluster scope shares between replicas
+    one, two = CascadeEngine(cfg, None, shared), CascadeEngine(cfg, None, shared)
+    try:
+        for eng in (one, two):
+            run(eng.complete(eng.parse({"prompt": "The river", "max_tokens": 4, "call_rate": 0.3,
+                                        "allow_undelegated": True}, "completions")))
+        # No big model: the engine answers small-only at once, without consulting the policy.
+        assert len(shared) == 0
+        for rate in (0.1, 0.2, 0.3, 0.4, 0.5):
+            one.quantiles.observe(rate, 0.5, ("lacy", "p_call"))
+        assert len(shared) == 3 and len(one.quantiles) == 3
+    finally:
+        one.close()
+        two.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults
+
+
+def test_a_bad_call_in_a_big_batch_fails_alone(dirs):
+    sessions = BigSessions(make_cfg(dirs))  # no knowledge store
+    long_text = "word " * 400  # past the big model's context of 128: its own sync fails
+    calls = [BigCall("a", "The river", "word", 4), BigCall("b", "x", "word", 4, retrieval=True),
+             BigCall("c", long_text, "word", 4), BigCall("d", "A city", "tokens", 3)]
+    out = sessions.continue_many(calls)
+    assert "text" in out[0] and "text" in out[3] and out[3]["generated"] == 3
+    assert out[1] == {"error": "retrieval was asked for but this deployment has no knowledge store", "status": 400}
+    assert out[2]["status"] == 500 and "Traceback" not in out[2]["error"]
+    alone = BigSessions(make_cfg(dirs)).continue_many([calls[0], calls[3]])
+    assert [o["text"] for o in alone] == [out[0]["text"], out[3]["text"]]
+
+
+class DownBig:
+    """A big model whose replica is gone: calls and probes fail until `up`."""
+
+    def __init__(self, inner: LocalBig) -> None:
+        self.inner, self.up, self.calls = inner, False, 0
+
+    def session(self, retrieval, cancel):
+        inner, outer = self.inner.session(retrieval, cancel), self
+
+        class Session:
+            tokens_processed = tokens_generated = 0
+
+            def continue_text(self, text, **kw):
+                outer.calls += 1
+                if not outer.up:
+                    time.sleep(0.2)  # as a dead replica's call would, before it fails
+                    raise BigUnavailable("its replica did not answer")
+                return inner.continue_text(text, **kw)
+
+            def close(self):
+                inner.close()
+
+        return Session()
+
+    def ping(self, timeout_s):
+        if not self.up:
+            raise ConnectionError("replica gone")
+        return self.inner.ping(timeout_s)
+
+
+def test_big_model_down_503_or_flagged_at_once_then_recovery(dirs):
+    cfg = make_cfg(dirs, "--serve.health_interval_s", "0.2")
+    big = DownBig(LocalBig(BigSessions(cfg)))
+    big.up = True
+    eng = CascadeEngine(cfg, big)
+    body = {"prompt": "The river", "max_tokens": 4, "call_threshold": 0.0}
+    try:
+        deadline = time.monotonic() + 10
+        while eng.big_state() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run(eng.complete(eng.parse(body, "completions")))["choices"][0]["lacy"]["delegated"]
+        big.up = False
+        with pytest.raises(APIError) as caught:  # the call fails: 503 with Retry-After
+            run(eng.complete(eng.parse(body, "completions")))
+        assert caught.value.status == 503 and caught.value.retry_after_s == 1.0
+        assert eng.healthz()[0] == 503 and eng.healthz()[1]["big_model"] == "down"
+        calls = big.calls
+        start = time.perf_counter()
+        out = run(eng.complete(eng.parse({**body, "allow_undelegated": True}, "completions")))
+        lacy = out["choices"][0]["lacy"]
+        assert not lacy["delegated"] and lacy["calls"] == 0 and big.calls == calls  # no call, no wait
+        assert time.perf_counter() - start < 2.0
+        with pytest.raises(APIError, match="unavailable"):
+            run(collect(eng.stream(eng.parse({**body, "stream": True}, "completions"))))
+        big.up = True
+        deadline = time.monotonic() + 10
+        while eng.big_state() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.healthz()[0] == 200
+        assert run(eng.complete(eng.parse(body, "completions")))["choices"][0]["lacy"]["delegated"]
+    finally:
+        eng.close()
+
+
+def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dirs):
+    cfg = make_cfg(dirs)
+    big = DownBig(LocalBig(BigSessions(cfg)))
+    eng = CascadeEngine(cfg, big)
+    eng.health.up({})
+    try:
+        # The first call fails mid-stream: the small model goes on from the text written so far.
+        events = sse(run(collect(eng.stream(eng.parse(
+            {"prompt": "The river", "max_tokens": 6, "call_threshold": 0.0, "stream": True,
+             "allow_undelegated": True}, "completions")))))
+        last = events[-2]["choices"][0]
+        assert last["finish_reason"] == "length" and not last["lacy"]["delegated"]
+        assert "did not answer" in last["lacy"]["undelegated_reason"]
+        assert {c["choices"][0].get("source") for c in events[:-2] if c["choices"][0]["text"]} == {"small"}
+    finally:
+        eng.close()
+
+
+def test_a_client_that_leaves_cancels_decoding_and_big_calls(dirs):
+    cfg = make_cfg(dirs, "--serve.max_tokens_limit", "500", "--model.seq_len", "128")
+    big = CountingBig(BigSessions(cfg))
+    eng = CascadeEngine(cfg, big)
+    try:
+        async def leave_after_first() -> None:
+            events = eng.stream(eng.parse({"prompt": "The", "max_tokens": 100, "call_threshold": 0.0,
+                                           "stream": True}, "completions"))
+            await events.__anext__()
+            await events.aclose()  # what a disconnect does to the response's generator
+
+        run(leave_after_first())
+        deadline = time.monotonic() + 10
+        while eng.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        calls = big.calls
+        time.sleep(0.3)
+        assert eng.batcher.active == 0 and big.calls == calls < 20 and eng.cancelled == 1
+    finally:
+        eng.close()
+
+
+def test_concurrent_requests_with_bad_ones_all_answer(engine):
+    good = {"prompt": "The river", "max_tokens": 5, "call_threshold": 0.5}
+    bad = [{"prompt": "x", "retrieval": True}, {"prompt": "x", "max_tokens": True}, b"{oops"]
+    alone = run(engine.complete(engine.parse(good, "completions")))["choices"][0]["text"]
+
+    async def mixed() -> list:
+        async def one(body):
+            try:
+                return await engine.complete(engine.parse(body, "completions"))
+            except APIError as err:
+                return err.status
+        return await asyncio.gather(*(one(b) for b in [good, *bad] * 4))
+
+    results = run(mixed())
+    assert [r for r in results if isinstance(r, int)] == [400] * 12
+    assert [r["choices"][0]["text"] for r in results if isinstance(r, dict)] == [alone] * 4
+
+
+def test_engine_threads_are_bounded(engine):
+    assert engine.pool._max_workers == engine.cfg.serve.concurrency
+    assert len([t for t in threading.enumerate() if t.name == "big-health"]) >= 1
+
+
+class FakeResponse:
+    def __init__(self, answer=None, error: BaseException | None = None, after_s: float = 0.0) -> None:
+        self.answer, self.error, self.ready_at, self.cancelled = answer, error, time.monotonic() + after_s, False
+
+    def result(self, timeout_s: float):
+        if time.monotonic() < self.ready_at:
+            time.sleep(min(timeout_s, self.ready_at - time.monotonic()))
+            if time.monotonic() < self.ready_at:
+                raise TimeoutError
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    """What HandleBig needs of a DeploymentHandle: method.remote(...) -> response."""
+
+    def __init__(self, response: FakeResponse) -> None:
+        self.response = response
+        self.continue_text = self.end_session = self.info = self
+
+    def remote(self, *args):
+        return self.response
+
+
+class Overloaded(Exception):
+    pass
+
+
+def test_handle_big_waits_bounded_and_classifies_failures():
+    from lacy.cascade import BigModelError
+    from lacy.serving import HandleBig
+
+    ok = FakeResponse({"text": " Paris", "processed": 3, "generated": 1})
+    session = HandleBig(FakeHandle(ok), timeout_s=5).session(False, threading.Event())
+    assert session.continue_text("x") == " Paris" and session.tokens_generated == 1
+    slow = FakeResponse(ok.answer, after_s=60)
+    start = time.monotonic()
+    with pytest.raises(BigUnavailable, match="no answer within"):
+        HandleBig(FakeHandle(slow), timeout_s=0.5, poll_s=0.1).session(False, threading.Event()).continue_text("x")
+    assert slow.cancelled and time.monotonic() - start < 2
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    slow = FakeResponse(ok.answer, after_s=60)
+    with pytest.raises(BigModelError, match="client left"):
+        HandleBig(FakeHandle(slow), timeout_s=30, poll_s=0.1).session(False, cancel).continue_text("x")
+    assert slow.cancelled
+    with pytest.raises(BigModelError, match="overloaded") as caught:
+        HandleBig(FakeHandle(FakeResponse(error=Overloaded())), 5, overloaded=(Overloaded,)).session(
+            False, threading.Event()).continue_text("x")
+    assert not isinstance(caught.value, BigUnavailable)  # busy is not down
+    with pytest.raises(BigUnavailable, match="did not answer"):
+        HandleBig(FakeHandle(FakeResponse(error=RuntimeError("ActorDiedError /tmp/x pid 7"))), 5).session(
+            False, threading.Event()).continue_text("x")
+    with pytest.raises(BigModelError, match="no knowledge store"):
+        HandleBig(FakeHandle(FakeResponse({"error": "no knowledge store", "status": 400})), 5).session(
+            False, threading.Event()).continue_text("x")
+
+
+def test_load_small_model_wants_safetensors_and_call(tmp_path, dirs, tiny_model):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from lacy.model import load_small_model
+    from lacy.tokenizer import CALL_TOKEN
+
+    model, tok = load_small_model(dirs[0])
+    assert CALL_TOKEN in tok.get_vocab() and not model.training
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_small_model(tmp_path / "missing")
+    (tmp_path / "pickled").mkdir()
+    torch.save({}, tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_small_model(tmp_path / "pickled")
+    tiny_model.save_pretrained(tmp_path / "nocall")  # with a tokenizer that has no <CALL>
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")),
+                      unk_token="<unk>").save_pretrained(tmp_path / "nocall")
+    with pytest.raises(ValueError, match="no <CALL> token"):
+        load_small_model(tmp_path / "nocall")
+
+
+@pytest.mark.gpu
+def test_small_and_big_models_on_the_gpu_answer_as_on_the_cpu(dirs):
+    body = {"prompt": "The river", "max_tokens": 8, "call_threshold": 0.5}
+    answers = {}
+    for gpus in ("0", "1"):
+        cfg = make_cfg(dirs, "--serve.small_gpus", gpus, "--serve.big_gpus", gpus)
+        sessions = BigSessions(cfg)
+        eng = CascadeEngine(cfg, LocalBig(sessions))
+        try:
+            assert eng.device == ("cuda" if gpus == "1" else "cpu")
+            assert next(eng.models["lacy"][0].parameters()).device.type == eng.device
+            assert sessions.model.device.type == eng.device
+            answers[gpus] = run(eng.generate(eng.parse(body, "generate")))["text"]
+        finally:
+            eng.close()
+    assert answers["0"] == answers["1"]
