@@ -213,6 +213,13 @@ def feed_many(lms: Sequence[CachedLM], new_ids: Sequence[list[int]]) -> None:
             lm.seconds += seconds
 
 
+def sync_many(lms: Sequence[CachedLM], ids: Sequence[list[int]]) -> None:
+    """`lm.sync(ids)` for every session, what they still have to feed run as batched passes."""
+    todo = [(lm, new) for lm, want in zip(lms, ids, strict=True) if (new := lm.prepare(want))]
+    if todo:
+        feed_many([lm for lm, _ in todo], [new for _, new in todo])
+
+
 @dataclass
 class _Feed:
     lm: CachedLM
@@ -246,6 +253,9 @@ class FeedBatcher:
         self.batches = 0
         self.steps = 0
         """Passes run and steps fed (their ratio is the mean batch size)."""
+        self.forward_s = 0.0
+        self.wait_s = 0.0
+        """Seconds in passes, and summed over steps from submitting to the start of their pass."""
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -288,6 +298,7 @@ class FeedBatcher:
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
                 self._busy = True
                 self._cond.release()
+                start = time.monotonic()
                 try:
                     self._run(batch)
                 finally:
@@ -295,6 +306,8 @@ class FeedBatcher:
                     self._busy = False
                     self.batches += 1
                     self.steps += len(batch)
+                    self.forward_s += time.monotonic() - start
+                    self.wait_s += sum(start - fed.since for fed in batch)
                     for fed in batch:
                         fed.done = True
                     self._cond.notify_all()
@@ -325,6 +338,8 @@ class BigCall(NamedTuple):
     max_tokens: int
     retrieval: bool = False
     topic: str | None = None
+    sent: float = 0.0
+    """time.time() when the caller sent it (0: unknown), for the waiting time in `BigSessions.stats`."""
 
 
 def device_for(gpus: float, what: str) -> str:
@@ -355,6 +370,9 @@ class BigSessions:
             self.store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
         self.sessions: OrderedDict[tuple[str, bool], Any] = OrderedDict()
         self.lock = threading.Lock()  # one batch at a time: sessions' caches are not thread-safe
+        self.stats: dict[str, float] = {"batches": 0, "calls": 0, "wait_s": 0.0}
+        """Batches and calls so far, seconds the calls waited from `sent` to their batch's start, and
+        continue_batch's prefill_s / prefill_tokens / decode_s / decode_steps (the bench profiles these)."""
 
     def _session(self, session: str, retrieval: bool) -> Any:
         key = (session, retrieval)
@@ -374,6 +392,10 @@ class BigSessions:
 
     def continue_many(self, calls: Sequence[BigCall]) -> list[dict]:
         with self.lock:
+            now = time.time()
+            self.stats["batches"] += 1
+            self.stats["calls"] += len(calls)
+            self.stats["wait_s"] += sum(now - c.sent for c in calls if c.sent)
             results: list[dict | None] = [None] * len(calls)
             ready: list[tuple[int, Any, BigLM, str]] = []
             for i, call in enumerate(calls):
@@ -392,7 +414,7 @@ class BigSessions:
                 outs: list[str | BaseException] = list(continue_batch(
                     [b for _, _, b, _ in ready], [calls[i].text for i, *_ in ready],
                     units=[calls[i].unit for i, *_ in ready], max_tokens=[calls[i].max_tokens for i, *_ in ready],
-                    contexts=[c for *_, c in ready]))
+                    contexts=[c for *_, c in ready], stats=self.stats))
             except Exception:
                 log.exception("a batch of %d big-model calls failed; running them one by one", len(ready))
                 outs = []
@@ -416,7 +438,7 @@ class BigSessions:
 
     def info(self) -> dict:
         return {"parameters": count_parameters(self.model), "retrieval_available": self.store is not None,
-                "sessions": len(self.sessions), "device": str(self.model.device)}
+                "sessions": len(self.sessions), "device": str(self.model.device), "stats": dict(self.stats)}
 
 
 def _call_failure(err: BaseException) -> dict:

@@ -145,6 +145,13 @@ class CachedLM:
 
     def sync(self, ids: list[int]) -> None:
         """Cache exactly `ids` (start token included), feeding only what differs from the cache."""
+        if new := self.prepare(ids):
+            self._feed(new)
+
+    def prepare(self, ids: list[int]) -> list[int]:
+        """The first half of `sync`: crop the cache to its longest common prefix with `ids` and return
+        the ids still to feed ([] when the cache holds `ids` already); `lacy.batched.sync_many` feeds
+        many sessions' at once."""
         if self.max_positions is not None and len(ids) > self.max_positions:
             raise ValueError(f"text is {len(ids)} tokens, more than the model's context of "
                              f"{self.max_positions}")
@@ -154,7 +161,7 @@ class CachedLM:
                 break
             common += 1
         if common == len(ids) == len(self.ids) and self.logits is not None:
-            return
+            return []
         # Re-feed at least the last token: its logits are the next-token distribution we need.
         keep = min(common, len(ids) - 1)
         if keep == 0:
@@ -162,7 +169,7 @@ class CachedLM:
         elif keep < len(self.ids):
             self.cache.crop(keep - len(self.ids))
         self.ids = self.ids[:keep]
-        self._feed(ids[keep:])
+        return ids[keep:]
 
     def append(self, token_id: int) -> None:
         self._feed([token_id])

