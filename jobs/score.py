@@ -48,10 +48,10 @@ _KEYS = ["index", "unit", "id", "title"]
 
 
 def _docs(batch: pa.Table) -> list[dict]:
-    facts = batch.column("facts").to_pylist()
-    return [{"id": i, "title": t, "text": x, **({"facts": json.loads(f)} if f else {})}
-            for i, t, x, f in zip(batch.column("id").to_pylist(), batch.column("title").to_pylist(),
-                                  batch.column("text").to_pylist(), facts, strict=True)]
+    facts, people = batch.column("facts").to_pylist(), batch.column("person").to_pylist()
+    return [{"id": i, "title": t, "text": x, **({"facts": json.loads(f)} if f else {}), **({"person": p} if p else {})}
+            for i, t, x, f, p in zip(batch.column("id").to_pylist(), batch.column("title").to_pylist(),
+                                     batch.column("text").to_pylist(), facts, people, strict=True)]
 
 
 class TagActor:
@@ -101,7 +101,7 @@ def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
     ray = init_ray()
     sc, config = cfg.score, to_dict(cfg)
     items = [{"index": i, "unit": u, "id": str(d["id"]), "title": str(d.get("title", "")), "text": d["text"],
-              "facts": json.dumps(d["facts"]) if "facts" in d else ""}
+              "facts": json.dumps(d["facts"]) if "facts" in d else "", "person": str(d.get("person") or "")}
              for u, docs in units.items() for i, d in enumerate(docs)]
     if not items:
         return
@@ -112,14 +112,15 @@ def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         TagActor, batch_size=cfg.facts.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"cfg": config, "tokenizer_dir": str(tokenizer_dir), "keep_text": needs_model},
-        compute=ray.data.ActorPoolStrategy(size=sc.spacy_actors), num_cpus=sc.spacy_actor_cpus)
+        compute=ray.data.ActorPoolStrategy(size=sc.spacy_actors), num_cpus=sc.spacy_actor_cpus,
+        resources=sc.actor_resources or None)
     if needs_model:
         ds = ds.map_batches(
             ModelActor, batch_size=cfg.facts.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"cfg": config, "tokenizer_dir": str(tokenizer_dir),
                                    "device": "cuda" if sc.model_actor_gpus > 0 else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=sc.model_actors), num_cpus=sc.model_actor_cpus,
-            num_gpus=sc.model_actor_gpus)
+            num_gpus=sc.model_actor_gpus, resources=sc.model_actor_resources or None)
     arrived: dict[int, list[tuple[int, Result]]] = {u: [] for u in units}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for index, unit, result in results_from_table(batch, cfg.labels.judge_top_k):

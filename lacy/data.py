@@ -266,6 +266,12 @@ def article_by_id(source: str) -> dict[str, dict]:
     return {doc["id"]: doc for doc in read_corpus(source)}
 
 
+def doc_split(doc: dict, val_fraction: float) -> Literal["train", "val"]:
+    """A document's split: by its `person` when it has one (every biography of a synthetic person
+    lands in the same split, so trained-on and held-out people are clean), else by its id."""
+    return split_of(doc.get("person") or doc["id"], val_fraction)
+
+
 def split_of(doc_id: str, val_fraction: float) -> Literal["train", "val"]:
     """Stable split: the first 8 bytes of sha1(id) as a fraction of 2**64, below `val_fraction` → val."""
     h = int.from_bytes(hashlib.sha1(str(doc_id).encode("utf-8")).digest()[:8], "big")
@@ -326,9 +332,14 @@ def parse_occupation(description: str) -> str | None:
 
 
 def load_entities(source: str) -> list[Entity]:
-    """People with an article in `source`: Pantheon rows for "wiki2015", topic "People" for "embedded"."""
+    """People with an article in `source`: Pantheon rows for "wiki2015", topic "People" for "embedded",
+    the invented people of a generated synthbio corpus (`lacy.synthbio.people_entities`)."""
     if source == "wiki2015":
         return _wiki2015_entities()
+    if Path(source).name == "corpus.jsonl" and (Path(source).parent / "people.jsonl").is_file():
+        from lacy.synthbio import people_entities  # a generated synthbio corpus
+
+        return people_entities(source)
     if source == "embedded":
         return [Entity(name=doc["title"], title=doc["title"], doc_id=doc["id"],
                        description=doc.get("description") or "",

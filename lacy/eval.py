@@ -33,6 +33,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lacy.config import PROMPT_STYLES
+
 CLAIM_LABELS = ("PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
                 "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "CARDINAL")
 """spaCy labels that make a claim. ORDINAL ("first") is left out: alone it states nothing checkable."""
@@ -90,13 +92,16 @@ def bio_prompt(entity: EntityLike, style: str = "lead") -> str:
     leads almost always read "Name (8 February 1834 – 2 February 1907) was a Russian chemist ...", so an
     open parenthesis after the name makes them write life dates, then nationality and occupation - the
     attributes we check - in the first sentence. "instruct" is FActScore's "Tell me a bio of NAME."
-    for instruction-tuned models.
+    for instruction-tuned models. "name" is the name alone: synthetic biographies open with it
+    ("Anna Keller was born on ...").
     """
     if style == "lead":
         return f"{entity.name} ("
     if style == "instruct":
         return f"Tell me a bio of {entity.name}.\n"
-    raise ValueError(f"bio_prompt: unknown style {style!r}; choose lead or instruct")
+    if style == "name":
+        return entity.name
+    raise ValueError(f"bio_prompt: unknown style {style!r}; choose from {PROMPT_STYLES}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +312,8 @@ class Generation:
     calls: int | None = None
     decision_points: int | None = None
     """Calls and the decision points they were chosen among (a `CascadeResult`'s), when known."""
+    spans: list[tuple[str, str]] | None = None
+    """(text, source) pieces of the generation, when known: where the big model wrote."""
 
 
 @dataclass
@@ -487,7 +494,7 @@ def biographies(generate: Callable[[EntityLike, str], Any], entities: Sequence[E
         elif not text.startswith(prompt):
             text = prompt + text
         generations.append(Generation(entity, text, getattr(out, "call_rate", None), getattr(out, "calls", None),
-                                      getattr(out, "decision_points", None)))
+                                      getattr(out, "decision_points", None), getattr(out, "spans", None)))
     return generations
 
 

@@ -89,7 +89,8 @@ class LocalBackend:
 
 
 def knowledge_stage(cfg: LacyConfig) -> Path:
-    """The passage store of the corpus (each document with its description: `knowledge_text`)."""
+    """The passage store of the corpus (each document with its description: `knowledge_document`);
+    for a synthetic corpus, one record per person."""
     from lacy.data import corpus_source, knowledge_document, read_corpus
     from lacy.knowledge import build_store
 
@@ -98,7 +99,12 @@ def knowledge_stage(cfg: LacyConfig) -> Path:
     key = config_hash({"data": to_dict(cfg.data), "synth": synth, "passage_words": cfg.knowledge.passage_words,
                        "version": 2})
     if stage_done(db.parent / "knowledge", key) is None:
-        docs = (knowledge_document(d) for d in read_corpus(corpus_source(cfg), max_docs=cfg.data.max_docs))
+        if synth is not None:  # the people's records: the database the big side reads
+            from lacy.synthbio import records
+
+            docs = iter(records(corpus_source(cfg)).values())
+        else:
+            docs = (knowledge_document(d) for d in read_corpus(corpus_source(cfg), max_docs=cfg.data.max_docs))
         report = build_store(docs, db, cfg.knowledge.passage_words)
         log.info("knowledge store: %s", report.summary())
         stage_finish(db.parent / "knowledge", key, report=report.summary())
@@ -185,6 +191,29 @@ def validation_loss(cfg: LacyConfig, model_dir: str) -> dict:
         return evaluate(model, read_batches(cfg.score.output_dir, "val", cfg.train.batch_size), call_id(tokenizer))
 
 
+def _stored_bits(record: dict, pop: Any) -> dict:
+    """`lacy.synthbio.stored_bits` of a trained model over every trained-on person, cached beside it."""
+    from lacy.stages import cached_json
+    from lacy.synthbio import stored_bits
+
+    docs = pop.train_docs
+    path = Path(record["final"]).parent / "stored_bits.json"
+    value = cached_json(path, {"model": record["key"], "people": len(docs), "version": 1},
+                        lambda: stored_bits(record["final"], docs))
+    return {k: v for k, v in value.items() if k != "key"}
+
+
+def _proxy_stage(cfg: LacyConfig, results: Path) -> None:
+    """results/proxy_vs_oracle.json: the shards' fact flags scored against the oracle."""
+    import json
+
+    from lacy.synthbio import proxy_vs_oracle
+
+    proxy = proxy_vs_oracle(cfg.score.output_dir)
+    (results / "proxy_vs_oracle.json").write_text(json.dumps(proxy, indent=2))
+    log.info("spaCy proxy vs oracle: precision %.3f, recall %.3f", proxy["precision"] or 0, proxy["recall"] or 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -212,11 +241,15 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
             return results
         log.info("stage 3/5: knowledge store")
         knowledge_stage(cfg)
+        pop = population(cfg)
         for record in trained.values():
             record.update({f"val_{k}": v for k, v in validation_loss(cfg, record["final"]).items()})
+            if pop.synthetic:
+                record.update(_stored_bits(record, pop))
+        if pop.synthetic:
+            _proxy_stage(cfg, results)
         models = {name: rec["final"] for name, rec in trained.items()}
         keys = {name: rec["key"] for name, rec in trained.items()}
-        pop = population(cfg)
         log.info("stage 4/5: evaluating %d systems on %d people", len(evaluation_plan(cfg, list(models))),
                  len(pop.train))
         thresholds = thresholds_stage(cfg, models, keys, pop)

@@ -12,6 +12,7 @@ delegating never competes with ordinary prediction (the paper's modified NLL). R
     judge         positions whose argmax prediction the judge rejects (≤ the budget, highest loss first) -> <CALL>
     ignore        as `loss`, but the selected targets are masked out (no loss) instead
     ignore_facts  as `lacy`, but masked out
+    lacy_oracle   as `lacy`, over the exact fact positions of a synthetic corpus (the `oracle` column)
 
 The budget is one number for every rule: with `match_lacy` (default) each batch's count is the number
 LaCy delegates in that batch (round(fact_share x its fact positions)), so every rule trains at the same
@@ -28,6 +29,7 @@ Batch contract (`lacy_step`), one row per packed sequence of L = T + 1 tokens (s
     fact          [B, L] bool   fact flag of each token; the flags of the TARGET tokens ([:, 1:]) count
     ref_loss      [B, L] float  optional; reference-model NLL of each token, NaN = unknown
     judge_accept  [B, L, k] int optional; our-vocab ids the judge accepts AT each token, -1 pad
+    oracle        [B, L] int8   optional; exact attribute code of each token, 0 = none (synthetic corpora)
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def select(cfg: LabelConfig, loss: torch.Tensor, valid: torch.Tensor, fact: torc
     rule = cfg.rule
     if rule == "plain":
         return torch.zeros_like(valid)
-    if rule in ("lacy", "ignore_facts"):
+    if rule in ("lacy", "ignore_facts", "lacy_oracle"):
         _require(fact, "fact", rule)
         facts = valid & fact
         return _top_share(loss, facts, _share_count(cfg.fact_share, facts.sum()))
@@ -202,6 +204,10 @@ def lacy_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Label
     selectable = valid & (inputs != eos_id) if eos_id is not None else valid
 
     fact = _targets_of(batch, "fact", device)
+    candidates = fact  # the fact positions a fact rule selects among
+    if cfg.rule == "lacy_oracle":  # LaCy's selection over the true fact positions, not the proxy's
+        _require(batch.get("oracle"), "oracle", cfg.rule)
+        candidates = batch["oracle"][:, 1:].to(device) > 0
     ref_loss = _targets_of(batch, "ref_loss", device)
     if ref_loss is not None and cfg.rho_min_context > 0:
         ref_loss = _without_short_context(ref_loss, inputs, eos_id, cfg.rho_min_context)
@@ -215,9 +221,9 @@ def lacy_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Label
     real_nll = token_losses(logits, targets, call_id)
     current = real_nll.detach()  # selection never back-propagates
     if gather is None:
-        selected = select(cfg, current, selectable, fact=fact, ref_loss=ref_loss, judge_bad=judge_bad)
+        selected = select(cfg, current, selectable, fact=candidates, ref_loss=ref_loss, judge_bad=judge_bad)
     else:
-        selected = _select_global(cfg, gather, current, selectable, fact, ref_loss, judge_bad)
+        selected = _select_global(cfg, gather, current, selectable, candidates, ref_loss, judge_bad)
     loss, stats = objective(logits, targets, valid, selected, cfg.rule, call_id, real_nll=real_nll)
 
     n_valid = valid.sum().clamp(min=1)

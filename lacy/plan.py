@@ -162,27 +162,37 @@ class Population:
     heldout: list[Any]
     calibration: list[Any]
     articles: dict[str, dict]
-    """doc id -> the document facts are checked against (`lacy.data.knowledge_document`)."""
+    """doc id -> the document facts are checked against (`lacy.data.knowledge_document`); for a
+    synthetic corpus, person id -> the person's record (`lacy.synthbio.Person.record`)."""
     train_docs: list[dict]
     """Training-split documents (leakage probes)."""
+    synthetic: bool = False
+    """Scored exactly against records (lacy.synthbio) rather than by claims against articles."""
 
 
 def population(cfg: LacyConfig) -> Population:
-    from lacy.data import corpus_source, knowledge_document, load_entities, read_corpus, split_of
+    from lacy.data import corpus_source, doc_split, knowledge_document, load_entities, read_corpus
 
     source = corpus_source(cfg)
+    synthetic = cfg.data.corpus == "synthbio"
     corpus = list(read_corpus(source, max_docs=cfg.data.max_docs, min_chars=cfg.data.min_chars))
-    articles = {doc["id"]: knowledge_document(doc) for doc in corpus}
-    split = {doc["id"]: split_of(doc["id"], cfg.data.val_fraction) for doc in corpus}
-    people = [e for e in load_entities(cfg.data.corpus if cfg.data.corpus != "synthbio" else source)
-              if e.doc_id in split]
+    if synthetic:
+        from lacy.synthbio import records
+
+        articles = records(source)
+    else:
+        articles = {doc["id"]: knowledge_document(doc) for doc in corpus}
+    # A person's split: their article's (a synthetic person's biographies all share one).
+    split = {doc.get("person") or doc["id"]: doc_split(doc, cfg.data.val_fraction) for doc in corpus}
+    people = [e for e in load_entities(source if synthetic else cfg.data.corpus) if e.doc_id in split]
     random.Random(cfg.seed).shuffle(people)
     trained = [e for e in people if split[e.doc_id] == "train"]
     ecfg = cfg.eval
     return Population(train=trained[:ecfg.entities],
                       calibration=trained[ecfg.entities:ecfg.entities + ecfg.calibration_entities],
                       heldout=[e for e in people if split[e.doc_id] == "val"][:ecfg.heldout_entities],
-                      articles=articles, train_docs=[d for d in corpus if split[d["id"]] == "train"])
+                      articles=articles, synthetic=synthetic,
+                      train_docs=[d for d in corpus if doc_split(d, cfg.data.val_fraction) == "train"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +246,7 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
     ecfg = cfg.eval
     results = Path(cfg.run_dir) / "results"
     store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
-    nlp = lacy_eval.load_nlp(cfg.facts.spacy_model)
+    nlp = None if pop.synthetic else lacy_eval.load_nlp(cfg.facts.spacy_model)
     base_key = _row_key(cfg)
     probes = _leak_probes(cfg, pop, nlp, models)
     rows = []
@@ -254,8 +264,14 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
                                             threshold, cfg.cascade.max_new_tokens, topic=entity.name))
 
             bios = lacy_eval.biographies(write, people, ecfg.prompt_style, workers=cfg.experiment.eval_concurrency)
-            row = lacy_eval.score_biographies(system.name, bios, pop.articles, store, k=cfg.knowledge.top_k,
-                                              gamma=ecfg.gamma, bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=nlp)
+            if pop.synthetic:
+                from lacy.synthbio import score_synthetic
+
+                row = score_synthetic(system.name, bios, pop.articles, gamma=ecfg.gamma, bootstrap=ecfg.bootstrap,
+                                      seed=cfg.seed)
+            else:
+                row = lacy_eval.score_biographies(system.name, bios, pop.articles, store, k=cfg.knowledge.top_k,
+                                                  gamma=ecfg.gamma, bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=nlp)
             if system.small is not None and system.big is None:
                 row.update(_leakage_row(generator, system.small, probes, cfg.experiment.eval_concurrency))
             return row
@@ -276,7 +292,12 @@ def _leak_probes(cfg: LacyConfig, pop: Population, nlp: Any, models: dict[str, s
     if not models:
         return []
     tokenizer = load_small_model(next(iter(models.values())))[1]
-    probes = make_leak_probes(pop.train_docs, nlp, cfg.eval.leakage_facts, seed=cfg.seed)
+    if pop.synthetic:
+        from lacy.synthbio import leak_probes
+
+        probes = leak_probes(pop.train_docs, cfg.eval.leakage_facts, seed=cfg.seed)
+    else:
+        probes = make_leak_probes(pop.train_docs, nlp, cfg.eval.leakage_facts, seed=cfg.seed)
     return [_fit_probe(p, tokenizer, cfg.model.seq_len - 16) for p in probes]
 
 
@@ -308,7 +329,9 @@ def write_views(cfg: LacyConfig, generator: Generator, models: list[str], people
     xcfg = cfg.experiment
     big = "retrieval" if "retrieval" in xcfg.big_models else xcfg.big_models[0]
     for model in models:
-        trigger = _triggers(cfg, model)[0]
+        if not (triggers := _triggers(cfg, model)):
+            continue  # e.g. plain when only p_call is evaluated: it never calls
+        trigger = triggers[0]
         threshold = thresholds.get(f"{model}/{trigger}/{xcfg.headline_rate}")
         blocks = []
         for entity in people[:xcfg.views]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -96,7 +97,8 @@ def precision_plot(rows: Sequence[dict], path: str | Path, *, x: str = "call_rat
         lo = [r[y] - r.get(f"{y}_lo", r[y]) for r in pts]
         hi = [r.get(f"{y}_hi", r[y]) - r[y] for r in pts]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=str(name))
-    ax.set_xlabel("call rate (share of small-model decisions delegated)")
+    ax.set_xlabel({"call_rate": "call rate (share of small-model decisions delegated)",
+                   "people": "invented people in the corpus"}.get(x, x))
     ax.set_ylabel("factual precision")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -151,6 +153,11 @@ def _table(rows: list[dict], trained: dict[str, dict], comparison: str, big: str
                 if f"{attr}_stated" in r:
                     line[attr.replace("_", " ")] = r.get(f"{attr}_precision")
             line["leakage [CI]"] = _ci(alone, "leakage")
+            if "stored_bits" in rec:  # synthetic corpus: what the model holds, where its calls land
+                line["stored bits"] = rec["stored_bits"]
+                line["template loss"] = rec.get("template_loss")
+                line["train calls on facts"] = rec.get("selected_oracle_share")
+                line["cascade calls on facts"] = r.get("calls_on_facts")
             lines.append(line)
     return lines
 
@@ -194,6 +201,17 @@ def people_for_halfwidth(a: Sequence[float], b: Sequence[float], halfwidth: floa
     return max(len(diffs), math.ceil((1.96 * sd / halfwidth) ** 2)) if sd > 0 else len(diffs)
 
 
+def proxy_table(proxy: dict) -> list[str]:
+    """Markdown lines: the spaCy fact flags against the oracle (lacy.synthbio.proxy_vs_oracle)."""
+    recall = proxy["recall_by_attribute"]
+    line = {"flagged share": proxy.get("flagged_share"), "true fact share": proxy.get("fact_share"),
+            "precision": proxy["precision"], "recall": proxy["recall"],
+            **{f"recall {a.replace('_', ' ')}": v for a, v in recall.items()}}
+    words = ", ".join(f"{w.strip()!r} ({n})" for w, n in proxy["false_positive_tokens"])
+    return ["## The spaCy proxy against the truth (token level, training shards)", "",
+            markdown_table([line], list(line)), "", f"Most flagged tokens outside every fact: {words}", ""]
+
+
 def method_summary(rows: Sequence[dict], trained: dict[str, dict], cfg: LacyConfig, results_dir: str | Path) -> str:
     """Write the experiment's results (table.md, rows.csv, one plot per comparison and big model) and
     return the Markdown: per comparison and big side, each rule and trigger at the headline call rate —
@@ -227,6 +245,8 @@ def method_summary(rows: Sequence[dict], trained: dict[str, dict], cfg: LacyConf
             if plot_rows:
                 precision_plot(plot_rows, results_dir / f"precision_vs_call_rate-{comparison}-{big}.png",
                                title=f"{comparison}-equalised, {big} big model")
+    if (results_dir / "proxy_vs_oracle.json").is_file():
+        lines += proxy_table(json.loads((results_dir / "proxy_vs_oracle.json").read_text()))
     heldout = [r for r in rows if r["people"] == "heldout"]
     if heldout:
         lines += ["## Held-out people (articles in the validation split)", "",

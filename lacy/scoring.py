@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from lacy.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
-from lacy.data import ReadReport, read_corpus, split_of
+from lacy.data import ReadReport, corpus_source, doc_split, read_corpus
 from lacy.shards import (
     SCHEMA_VERSION,
     SPLITS,
@@ -91,7 +91,7 @@ def tag_documents(docs: list[dict], tokenizer: Any, tagger: Any, *, val_fraction
             continue
         doc_id = str(docs[i]["id"])
         results[i] = TokenizedDoc(id=doc_id, title=str(docs[i].get("title", "")),
-                                  split=split_of(doc_id, val_fraction), ids=np.asarray(result.ids, np.int32),
+                                  split=doc_split(docs[i], val_fraction), ids=np.asarray(result.ids, np.int32),
                                   fact=np.asarray(result.fact, bool),
                                   offsets=np.asarray(result.offsets, np.int32).reshape(-1, 2),
                                   oracle=result.oracle)
@@ -261,7 +261,7 @@ def unit_fingerprint(docs: Iterable[dict]) -> str:
     h = hashlib.sha256()
     for doc in docs:
         facts = json.dumps(doc["facts"], sort_keys=True) if "facts" in doc else ""
-        for part in (str(doc["id"]), str(doc.get("title", "")), doc["text"], facts):
+        for part in (str(doc["id"]), str(doc.get("title", "")), doc["text"], facts, str(doc.get("person") or "")):
             h.update(part.encode("utf-8", "surrogatepass"))
             h.update(b"\0")
     return h.hexdigest()
@@ -287,7 +287,7 @@ def prepare_tokenizer(cfg: LacyConfig, docs: list[dict], corpus_fingerprint: str
     marker = path / "lacy_tokenizer.json"
     if marker.is_file() and _read_json(marker).get("key") == key:
         return load_tokenizer(path), path
-    texts = [d["text"] for d in docs if split_of(d["id"], cfg.data.val_fraction) == "train"]
+    texts = [d["text"] for d in docs if doc_split(d, cfg.data.val_fraction) == "train"]
     texts = texts[:cfg.tokenizer.train_docs]
     if not texts:
         raise ValueError(f"no training documents to train the tokenizer on (corpus {cfg.data.corpus!r})")
@@ -401,7 +401,7 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
             partial.unlink()
     save_config(cfg, out / "config.yaml")
     report = ReadReport()
-    docs = list(read_corpus(cfg.data.corpus, report, cfg.data.max_docs, min_chars=cfg.data.min_chars))
+    docs = list(read_corpus(corpus_source(cfg), report, cfg.data.max_docs, min_chars=cfg.data.min_chars))
     if report.total_bad:
         log.warning("corpus %s: %s", cfg.data.corpus, report.summary(max_reasons=20))
     if not docs:

@@ -23,7 +23,6 @@ from lacy.eval import (
     factscore,
     is_supported,
     leakage,
-    wilson_interval,
     leaks,
     length_penalty_factor,
     load_nlp,
@@ -32,6 +31,7 @@ from lacy.eval import (
     paired_bootstrap,
     stated_birth_place,
     stated_birth_year,
+    wilson_interval,
 )
 from lacy.knowledge import SqlitePassageStore
 

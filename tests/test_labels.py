@@ -310,7 +310,8 @@ def _rank_selects(rank: int, world: int, init: str, batch: dict, out: str) -> No
         from lacy.labels import _select_global
 
         mask = _select_global(LabelConfig(rule=rule), gather, batch["loss"][rank * per:(rank + 1) * per],
-                              torch.ones_like(local["fact"][:, 1:]), local["fact"][:, 1:], local["ref_loss"][:, 1:], None)
+                              torch.ones_like(local["fact"][:, 1:]), local["fact"][:, 1:], local["ref_loss"][:, 1:],
+                              None)
         torch.save(mask, f"{out}.{rule}.mask{rank}")
     dist.destroy_process_group()
 

@@ -1,0 +1,165 @@
+"""The synthetic benchmark: a deterministic corpus with exact fact spans, exact scoring of stated values,
+the spaCy proxy against the oracle, stored bits, the lacy_oracle rule, and the whole pipeline on it."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lacy import synthbio
+from lacy.config import ConfigError, LabelConfig, SynthConfig, load_config
+from lacy.eval import Generation
+from lacy.facts import ORACLE_ATTRIBUTES, oracle_spans
+
+
+def test_same_seed_same_bytes_other_seed_other_people(tmp_path):
+    a = synthbio.ensure_corpus(SynthConfig(people=50, seed=3), tmp_path / "a")
+    b = synthbio.ensure_corpus(SynthConfig(people=50, seed=3), tmp_path / "b")
+    c = synthbio.ensure_corpus(SynthConfig(people=50, seed=4), tmp_path / "c")
+    assert a.read_bytes() == b.read_bytes()
+    assert (a.parent / "people.jsonl").read_bytes() == (b.parent / "people.jsonl").read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    assert len(a.read_text().splitlines()) == 50 * 3
+
+
+def test_biographies_name_first_pronouns_after_and_exact_spans():
+    cfg = SynthConfig(people=200, biographies=3)
+    people = {p.id: p for p in synthbio.make_people(cfg)}
+    assert len({p.name for p in people.values()}) == 200
+    assert all(len(set(t)) >= 20 for t in synthbio.TEMPLATES.values())
+    texts = {}
+    for doc in synthbio.documents(cfg, list(people.values())):
+        person = people[doc["person"]]
+        assert doc["text"].startswith(person.name) and doc["text"].count(person.name) == 1
+        spans = oracle_spans(doc)  # raises if a span does not hold its value
+        assert sorted(code for *_, code in spans) == list(range(1, 7))
+        texts.setdefault(person.id, set()).add(doc["text"])
+    assert all(len(t) == 3 for t in texts.values())  # fresh templates each time
+
+
+def test_a_wrong_value_is_caught_and_cities_are_told_apart():
+    record = {"attributes": {"birth_date": "March 4, 1952", "birth_city": "Lyon",
+                             "university": "the University of Oakridge", "field": "chemistry",
+                             "employer": "Cobalt Labs", "employer_city": "Oslo"}}
+    text = ("Anna Keller was born on March 4, 1952. She grew up in Lyon. She graduated from The University of "
+            "Oakridge. She studied physics. She worked for Cobalt Labs. Her office was in Lyon.")
+    checks = {s.attr: ok for s, ok in synthbio.check_biography(text, record)}
+    assert checks == {"birth_date": True, "birth_city": True, "university": True, "field": False,
+                      "employer": True, "employer_city": False}
+    assert synthbio.check_biography("Anna Keller was a person.", record) == []
+
+
+def _gen(entity_id: str, text: str, spans=None, calls=0, points=10):
+    return Generation(SimpleNamespace(doc_id=entity_id, name="x"), text, calls / points, calls, points, spans)
+
+
+def test_score_synthetic_exact_precision_abstention_and_where_calls_land():
+    people = {"a": {"attributes": {"birth_date": "May 1, 1950", "birth_city": "Oslo", "university": "Oakridge College",
+                                   "field": "law", "employer": "Zephyr Media", "employer_city": "Riga"}},
+              "b": {"attributes": {"birth_date": "June 2, 1960", "birth_city": "Riga", "university": "Oakridge College",
+                                   "field": "botany", "employer": "Lumen Foods", "employer_city": "Oslo"}}}
+    gens = [_gen("a", "A was born on May 1, 1950. He studied law at Oakridge College. He worked for Lumen Foods.",
+                 spans=[("A was born on ", "small"), ("May", "big"), (" 1, 1950. He studied ", "small"),
+                        ("law", "big"), (" at Oakridge College. He worked for Lumen Foods.", "small")], calls=2),
+            _gen("b", "B was a quiet person.")]
+    row = synthbio.score_synthetic("sys", gens, people, bootstrap=50)
+    assert row["precision"] == pytest.approx(3 / 4) and row["respond_ratio"] == 0.5
+    assert row["entity_scores"] == [pytest.approx(0.75), None]
+    assert (row["employer_correct"], row["employer_stated"]) == (0, 1)
+    assert row["birth_city_stated"] == 0 and row["birth_city_precision"] is None
+    assert row["calls_on_facts"] == 1.0  # both big spans wrote (part of) a stated value
+    # "Oakridge College" and "Lumen Foods" are b's too: not informative; the 2 others are right.
+    assert row["informative_precision"] == pytest.approx(1.0)
+    assert row["factscore"] == pytest.approx(0.75 * math.exp(1 - 10 / 4) / 2)
+
+
+def test_config_refuses_oracle_without_spans_and_lead_prompts_on_synthbio():
+    with pytest.raises(ConfigError, match="data.corpus/facts.source"):
+        load_config("configs/tiny.yaml", ["--experiment.rules", "[plain, lacy_oracle]"])
+    with pytest.raises(ConfigError, match="prompt_style"):
+        load_config("configs/synthbio-tiny.yaml", ["--eval.prompt_style", "lead"])
+
+
+def test_lacy_oracle_selects_among_the_true_facts_only(tiny_model):
+    from lacy.labels import lacy_step
+
+    model = tiny_model
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (2, 17))
+    fact = torch.zeros(2, 17, dtype=torch.bool)
+    fact[:, 1:9] = True  # the proxy's flags
+    oracle = torch.zeros(2, 17, dtype=torch.int8)
+    oracle[:, 10:14] = 3  # the truth, elsewhere
+    batch = {"input_ids": ids, "fact": fact, "oracle": oracle}
+    _, stats = lacy_step(model, batch, LabelConfig(rule="lacy_oracle", fact_share=0.5), call_id=0)
+    assert float(stats["selected_oracle_share"]) == 1.0 and float(stats["selected_fact_share"]) == 0.0
+    _, stats = lacy_step(model, batch, LabelConfig(rule="lacy", fact_share=0.5), call_id=0)
+    assert float(stats["selected_oracle_share"]) == 0.0
+    with pytest.raises(ValueError, match="oracle"):
+        lacy_step(model, {"input_ids": ids, "fact": fact}, LabelConfig(rule="lacy_oracle"), call_id=0)
+
+
+def test_shards_keep_the_oracle_split_by_person_and_proxy_scores(tmp_path):
+    """Real spaCy over a generated corpus: the proxy's token-level precision/recall against the truth."""
+    import pyarrow.parquet as pq
+
+    from lacy.scoring import build_shards
+
+    cfg = load_config("configs/synthbio-tiny.yaml", ["--run_dir", str(tmp_path / "run"), "--synth.people", "40",
+                                                    "--data.val_fraction", "0.3"])
+    manifest, _ = build_shards(cfg)
+    docs = pq.read_table(tmp_path / "run" / "shards" / "docs.parquet").to_pylist()
+    split_of_person = {}
+    for d in docs:
+        person = d["id"].split("-")[0]
+        assert split_of_person.setdefault(person, d["split"]) == d["split"]
+    assert set(split_of_person.values()) == {"train", "val"}
+    proxy = synthbio.proxy_vs_oracle(tmp_path / "run" / "shards")
+    assert 0 < proxy["precision"] < 1 and 0 < proxy["recall"] <= 1
+    assert set(proxy["recall_by_attribute"]) == set(ORACLE_ATTRIBUTES)
+    assert proxy["recall_by_attribute"]["birth_date"] > 0.8  # spaCy knows dates
+    assert proxy["false_positive_tokens"]
+
+
+def test_stored_bits_of_an_untrained_model_are_about_zero(tiny_model, tiny_tokenizer, tmp_path):
+    from lacy.config import LacyConfig
+    from lacy.train import save_final
+
+    save_final(tiny_model, tiny_tokenizer, tmp_path / "m", LacyConfig(run_dir=str(tmp_path)), {"steps": 0},
+               trainer="test")
+    docs = list(synthbio.documents(SynthConfig(people=10, biographies=1)))
+    bits = synthbio.stored_bits(tmp_path / "m", docs)
+    assert bits["bits_people"] == 10
+    assert bits["stored_bits"] == pytest.approx(sum(bits[f"stored_bits_{a}"] for a in ORACLE_ATTRIBUTES))
+    assert bits["stored_bits"] < 0.05 * 10 * sum(math.log2(len(synthbio.value_space(a))) for a in ORACLE_ATTRIBUTES)
+    assert bits["template_loss"] > 3  # random: about log(vocab)
+
+
+@pytest.mark.slow
+def test_synthetic_pipeline_table_with_stored_bits_and_proxy(tmp_path):
+    """corpus -> shards -> three rules -> records store -> exact evaluation -> table, in one process,
+    as one point of the capacity sweep (lacy.sweep)."""
+    from lacy.sweep import sweep
+
+    cfg = load_config("configs/synthbio-tiny.yaml", ["--run_dir", str(tmp_path / "run")])
+    lines = sweep(cfg, [60])
+    results = tmp_path / "run" / "people-60" / "results"
+    assert {line["model"] for line in lines} == {"plain-steps", "lacy-steps", "lacy_oracle-steps"}
+    assert all(line["stored_bits"] is not None and line["template_loss"] > 0 for line in lines)
+    lacy_line = next(line for line in lines if line["model"] == "lacy-steps")
+    assert lacy_line["cascade_precision"] is not None and lacy_line["call_rate"] > 0
+    assert (tmp_path / "run" / "sweep.png").stat().st_size > 0
+    assert "| people |" in (tmp_path / "run" / "sweep.md").read_text()
+    table = (results / "table.md").read_text()
+    for needle in ("| lacy_oracle | p_call |", "stored bits", "cascade calls on facts",
+                   "The spaCy proxy against the truth", "birth date"):
+        assert needle in table, needle
+    rows = {r["system"]: r for r in (json.loads(p.read_text()) for p in (results / "rows").rglob("*.json"))}
+    big = rows["big-retrieval"]
+    assert big["birth_date_stated"] > 0  # the big side reads the records and states values
+    assert "calls_on_facts" in rows["lacy-steps+retrieval@0.22/p_call"]
+    assert json.loads((results / "proxy_vs_oracle.json").read_text())["recall"] > 0
