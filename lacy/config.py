@@ -566,6 +566,11 @@ class MLflowConfig:
     """MLflow experiment every run of this config is logged under."""
 
 
+DERIVED_PATHS = {"score.output_dir": "shards", "train.output_dir": "train",
+                 "knowledge.db_path": "knowledge.sqlite", "serve.small_path": "train/final"}
+"""Stage paths that, left unset, live under run_dir (leaf names)."""
+
+
 @dataclass
 class LacyConfig:
     run_dir: str = "runs/default"
@@ -594,15 +599,24 @@ class LacyConfig:
         # absolute (against $LACY_RUN_ROOT when set, e.g. by cluster/submit.sh, else the working
         # directory) so Ray workers, which run elsewhere, see the same files.
         self.run_dir = str(resolve_path(self.run_dir))
-        derived = {"score.output_dir": "shards", "train.output_dir": "train",
-                   "knowledge.db_path": "knowledge.sqlite", "serve.small_path": "train/final"}
-        for dotted, leaf in derived.items():
+        for dotted, leaf in DERIVED_PATHS.items():
             section, name = dotted.split(".")
             stage = getattr(self, section)
             value = getattr(stage, name)
             setattr(stage, name, str(Path(self.run_dir) / leaf if value is None else resolve_path(value)))
         self.serve.models = {name: str(resolve_path(p)) for name, p in self.serve.models.items()}
         self._check_sections()
+
+    def moved(self, run_dir: str | Path) -> LacyConfig:
+        """A copy whose run lives in `run_dir`: stage paths that were derived from this run_dir move
+        with it, paths given explicitly stay."""
+        data = to_dict(self)
+        for dotted, leaf in DERIVED_PATHS.items():
+            section, name = dotted.split(".")
+            if data[section][name] == str(Path(self.run_dir) / leaf):
+                data[section][name] = None
+        data["run_dir"] = str(run_dir)
+        return from_dict(LacyConfig, data)
 
     def _check_sections(self) -> None:
         """Combinations of fields in different sections that could only fail late, refused at load."""

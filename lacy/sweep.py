@@ -14,7 +14,6 @@ Where the facts fit in the model, delegation should matter less.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import logging
@@ -65,12 +64,8 @@ def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[
         raise ValueError(f"--people must list positive numbers of people (got {people})")
     lines: list[dict[str, Any]] = []
     for n in people:
-        point = copy.deepcopy(cfg)
+        point = cfg.moved(Path(cfg.run_dir) / f"people-{n}")
         point.synth.people = n
-        point.run_dir = str(Path(cfg.run_dir) / f"people-{n}")
-        point.score.output_dir = str(Path(point.run_dir) / "shards")
-        point.tokenizer.output_dir = str(Path(point.run_dir) / "tokenizer")
-        point.knowledge.db_path = str(Path(point.run_dir) / "knowledge.sqlite")
         log.info("sweep point: %d people in %s", n, point.run_dir)
         run(point, backend)
         lines += collect(point, n)

@@ -72,6 +72,25 @@ def test_kuberay_manifests(name):
             _app_config_ok(app["args"])
 
 
+def test_kuberay_network_policy_keeps_the_job_api_inside_the_cluster():
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "networkpolicy.yaml").read_text())
+    assert doc["kind"] == "NetworkPolicy" and doc["spec"]["policyTypes"] == ["Ingress"]
+    assert doc["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    internal, public = doc["spec"]["ingress"]
+    assert {p["port"] for p in internal["ports"]} >= {8265, 6379}  # job submission, GCS: cluster pods only
+    assert [p["port"] for p in public["ports"]] == [8000]
+
+
+def test_nothing_on_a_vm_or_laptop_binds_every_interface():
+    """The dashboard (job submission = code execution) and MLflow bind to private or loopback addresses
+    on VMs and laptops; 0.0.0.0 only inside Kubernetes pods, behind the NetworkPolicy."""
+    for path in [ROOT / "ray_cluster.yaml", *sorted((ROOT / "cluster").glob("*.sh"))]:
+        assert "0.0.0.0" not in path.read_text(), path
+    raw = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    ssh = raw["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["IpRanges"][0]["CidrIp"] != "0.0.0.0/0") for r in ssh] == [(22, True)]
+
+
 def test_serve_config_yaml_is_a_valid_serve_deploy_schema():
     from ray.serve.schema import ServeDeploySchema
 

@@ -84,3 +84,14 @@ def test_the_default_config_is_valid_and_late_failures_are_refused_at_load():
         load_config(None, ["--eval.call_rates", "[0.22, 1.5]"])
     with pytest.raises(ConfigError, match="experiment.triggers"):
         load_config(None, ["--experiment.triggers", "[p_call, entropy]"])
+
+
+def test_moved_config_takes_derived_paths_along_and_keeps_given_ones(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "a"),
+                                            "--knowledge.db_path", str(tmp_path / "store.sqlite")])
+    moved = cfg.moved(tmp_path / "b")
+    assert moved.run_dir == str(tmp_path / "b")
+    assert moved.score.output_dir == str(tmp_path / "b" / "shards")
+    assert moved.train.output_dir == str(tmp_path / "b" / "train")
+    assert moved.knowledge.db_path == str(tmp_path / "store.sqlite")  # given explicitly: stays
+    assert cfg.score.output_dir == str(tmp_path / "a" / "shards")  # the original is untouched
