@@ -1,6 +1,6 @@
 """The capacity sweep of the synthetic benchmark: one model size, more and more invented people.
 
-    python -m lacy.sweep --config configs/synthbio-sweep.yaml                  # synth.people per sweep.people
+    python -m lacy.sweep --config configs/synthbio-sweep.yaml                  # synth.people x 1/4, 1, 4
     python -m lacy.sweep --config configs/synthbio-tiny.yaml --people 30,120   # any synthbio config
 
 For each N the whole experiment runs (`lacy.experiment`, in this process) in `<run_dir>/people-N`;
@@ -36,9 +36,14 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
         rows = list(csv.DictReader(f))
     rate = cfg.experiment.headline_rate
     lines = []
-    for bits_file in sorted((run_dir / "train").glob("*/stored_bits.json")):
-        model = bits_file.parent.name
-        bits = json.loads(bits_file.read_text())
+    from lacy.experiment import rule_config
+
+    # The models this config trains, in their own folders, not whatever else lies under train/.
+    folders = sorted(Path(rule_config(cfg, rule, comparison, None).train.output_dir)
+                     for rule in cfg.experiment.rules for comparison in cfg.experiment.comparisons)
+    for folder in folders:
+        model = folder.name
+        bits = json.loads((folder / "stored_bits.json").read_text())
         mine = [r for r in rows if r["model"] == model and r["people"] == "train"]
         alone = next((r for r in mine if r["big"] == "none"), {})
         cascade = next((r for r in mine if r["big"] != "none" and _float(r["target_rate"]) == rate), {})
@@ -75,7 +80,8 @@ def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[
     (out / "sweep.md").write_text(markdown_table(lines, columns) + "\n")
     plot_rows = [{"rule": line["model"], "people": line["people"], "precision": line["cascade_precision"] or 0.0,
                   "precision_lo": line["cascade_precision_lo"] or 0.0,
-                  "precision_hi": line["cascade_precision_hi"] or 0.0} for line in lines]
+                  "precision_hi": line["cascade_precision_hi"] or 0.0}
+                 for line in lines if line["cascade_precision"] is not None]  # plain has no P(<CALL>) cascade
     precision_plot(plot_rows, out / "sweep.png", x="people",
                    title="synthbio capacity sweep: cascade precision at the headline call rate")
     return lines
