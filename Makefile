@@ -47,5 +47,11 @@ test: setup browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The speed benchmarks against this machine's limits (bench/README.md); each refuses a busy machine.
+bench: setup
+	$(PY) -m bench.limits
+	$(PY) -m bench.pretrain
+	$(PY) -m bench.score
+
 clean:
 	rm -rf runs .pytest_cache

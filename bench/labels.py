@@ -4,9 +4,10 @@ One optimiser step (forward, loss, backward, AdamW) on random tokens with random
 reference losses and judge sets; the baseline is `F.cross_entropy` on the same model and batch.
 Variants are interleaved round by round and the median step time of each is reported:
 
-    .venv/bin/python -m bench.labels --preset tiny --vocab 8192 --seq-len 256 --batch 8 --rounds 5
+    .venv/bin/python -m bench.labels --preset small --vocab 4097 --seq-len 128 --batch 16 --threads 2  # make run
 
-Prints one JSON line per variant: median seconds per step and the ratio to cross-entropy.
+Prints one JSON line per variant: median seconds per step and the ratio to cross-entropy. Refuses to
+start above a load of 1.5 per core (`--force` to measure anyway, marked as under load).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.limits import load_guard, record
 from lacy.config import LabelConfig
 from lacy.labels import lacy_step
 from lacy.model import gpt2_config
@@ -44,7 +47,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
+    start_load = load_guard(args.force)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from transformers import GPT2LMHeadModel
@@ -80,11 +85,13 @@ def main() -> None:
                 optimizer.step()
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["cross_entropy"])
+    rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        print(json.dumps({"variant": name, "s_per_step": round(median, 4), "ratio_vs_ce": round(median / base, 3),
-                          "preset": args.preset, "vocab": args.vocab, "seq_len": args.seq_len,
-                          "batch": args.batch, "threads": args.threads}))
+        rows.append({"variant": name, "s_per_step": round(median, 4), "ratio_vs_ce": round(median / base, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    record(Path("bench/results/labels.json"), {"args": vars(args), "variants": rows}, start_load, args.threads,
+           args.force)
 
 
 if __name__ == "__main__":

@@ -149,13 +149,14 @@ class FactsConfig:
     pos_tags: list[str] = field(default_factory=lambda: ["PROPN", "NUM"])
     """Coarse part-of-speech tags whose words are facts (proper nouns, numerals)."""
     batch_size: int = 64
-    """Texts per `nlp.pipe` batch."""
+    """Most texts per `nlp.pipe` batch (a batch also stops at `max_chars` characters)."""
     source: str = "spacy"
     """Where fact flags come from: `spacy` (the grammar proxy above) or `oracle` (the exact attribute
     spans a synthetic corpus carries in each document's `facts` field: the upper bound of any proxy)."""
     max_chars: int = 100_000
-    """Texts longer than this go through spaCy in pieces of at most this many characters, so a
-    worker's memory is bounded whatever the document size."""
+    """Texts longer than this go through spaCy in pieces of at most this many characters, and a
+    spaCy batch holds at most this many characters beyond its first text, so a worker's memory is
+    bounded by this number whatever the document sizes."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "facts.batch_size", "must be positive")

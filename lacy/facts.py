@@ -131,6 +131,22 @@ def split_long(text: str, max_chars: int) -> list[tuple[int, str]]:
     return chunks
 
 
+def char_batches(pieces: list[tuple[int, int, str]], max_texts: int, max_chars: int
+                 ) -> list[list[tuple[int, int, str]]]:
+    """Consecutive runs of `(doc, start, chunk)` pieces, each of at most `max_texts` pieces and, beyond
+    its first piece, `max_chars` characters: spaCy's memory grows with a batch's characters, so a batch
+    of pieces of one huge document costs what one piece does, not what the document does."""
+    batches: list[list[tuple[int, int, str]]] = []
+    chars = 0
+    for piece in pieces:
+        if not batches or len(batches[-1]) >= max_texts or chars + len(piece[2]) > max_chars:
+            batches.append([])
+            chars = 0
+        batches[-1].append(piece)
+        chars += len(piece[2])
+    return batches
+
+
 def merge_spans(spans: np.ndarray) -> np.ndarray:
     """Sorted, non-overlapping int64 [k, 2] spans from any [k, 2] spans; touching spans are joined."""
     if len(spans) == 0:
@@ -183,9 +199,10 @@ class FactTagger:
         pieces = [(i, start, chunk) for i, text in enumerate(texts)
                   for start, chunk in split_long(text, limit) if chunk]
         found: list[list[np.ndarray]] = [[] for _ in texts]
-        docs = self.nlp.pipe((chunk for _, _, chunk in pieces), batch_size=self.cfg.batch_size)
-        for (i, start, _), doc in zip(pieces, docs, strict=True):
-            found[i].append(self._doc_spans(doc) + start)
+        for batch in char_batches(pieces, self.cfg.batch_size, limit):
+            docs = self.nlp.pipe([chunk for _, _, chunk in batch], batch_size=len(batch))
+            for (i, start, _), doc in zip(batch, docs, strict=True):
+                found[i].append(self._doc_spans(doc) + start)
         return [[(int(s), int(e)) for s, e in merge_spans(np.concatenate(parts) if parts else
                                                          np.zeros((0, 2), np.int64))]
                 for parts in found]

@@ -441,6 +441,7 @@ class _HandleSession:
         call = BigCall(self.id, text, unit, max_tokens, self.retrieval, topic, sent=time.time())
         response = self.big.handle.continue_text.remote(call)
         deadline = time.monotonic() + self.big.timeout_s
+        retried = False
         with self.big.waiting():  # other requests' small-model steps need not wait for this call
             while True:  # bounded: the deadline, or the client leaving
                 if self.cancel.is_set() or time.monotonic() > deadline:
@@ -458,7 +459,14 @@ class _HandleSession:
                 except self.big.overloaded:
                     raise BigModelError("the big model is overloaded") from None
                 except Exception as err:
-                    log.warning("big-model call failed: %r", err)
+                    if not retried:
+                        # A replica that just died may still be in the handle's routing table for a
+                        # moment after its successor answers health probes; the call carries the whole
+                        # text, so sending it once more (routed afresh) is safe.
+                        log.warning("big-model call failed (%r); retrying once", err)
+                        retried, response = True, self.big.handle.continue_text.remote(call)
+                        continue
+                    log.warning("big-model call failed again: %r", err)
                     raise BigUnavailable("its replica did not answer") from None
         self.tokens_processed += out["processed"]
         self.tokens_generated += out["generated"]

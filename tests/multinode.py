@@ -7,9 +7,8 @@ in a process of its own (a test process already holds the session's single-node 
 Scenarios: score (actors on both workers, shards equal to one process), score-node-lost (a worker
 node removed mid-scoring: the job finishes, same bytes), train (two workers on two nodes vs both on
 one: same losses), train-node-lost (a worker's node removed mid-training: restart from the last
-checkpoint on the nodes left, every sequence exactly once), serve (small and big model on different
-nodes), serve-node-lost (the big model's node removed under load: 503 or flagged answers, then
-recovery once Ray reschedules it).
+checkpoint on the nodes left, every sequence exactly once). `tests/test_multinode.py` runs each one
+in a subprocess and checks its JSON.
 """
 
 from __future__ import annotations

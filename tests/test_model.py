@@ -58,6 +58,19 @@ def test_small_preset_trains_a_step(tiny_tokenizer):
     assert losses[-1] < losses[0]
 
 
+def test_small_model_uses_the_fused_tanh_gelu_with_gpt2s_values(tiny_tokenizer):
+    """gelu_pytorch_tanh (one kernel) instead of transformers' Python gelu_new (a chain of elementwise
+    ops; steps 1.14-1.17x faster, bench.activation): the same function, the same model up to rounding."""
+    model = build_model(ModelConfig(preset="small", seq_len=32), tiny_tokenizer)
+    assert model.config.activation_function == "gelu_pytorch_tanh"
+    reference = GPT2LMHeadModel(model.config.__class__.from_dict({**model.config.to_dict(),
+                                                                  "activation_function": "gelu_new"}))
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["334m", "1.3b"])
 def test_paper_presets_build_and_forward(preset, tiny_tokenizer):
     width, layers = PRESETS[preset]["n_embd"], PRESETS[preset]["n_layer"]

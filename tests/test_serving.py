@@ -481,6 +481,30 @@ def test_handle_big_waits_bounded_and_classifies_failures():
             False, threading.Event()).continue_text("x")
 
 
+def test_handle_big_sends_a_call_once_more_when_its_replica_died():
+    """Just after a big-model replica dies, the handle may still route one call to it while its
+    successor already answers health probes: the call (which carries the whole text) goes once more."""
+    from lacy.serving import HandleBig
+
+    class Handle(FakeHandle):
+        def __init__(self, responses: list[FakeResponse]) -> None:
+            super().__init__(responses[0])
+            self.responses, self.sent = responses, 0
+
+        def remote(self, *args):
+            self.sent += 1
+            return self.responses[min(self.sent, len(self.responses)) - 1]
+
+    died = FakeResponse(error=RuntimeError("ActorDiedError: the replica's actor died"))
+    handle = Handle([died, FakeResponse({"text": " Paris", "processed": 3, "generated": 1})])
+    assert HandleBig(handle, 5).session(False, threading.Event()).continue_text("x") == " Paris"
+    assert handle.sent == 2
+    twice = Handle([died, died, FakeResponse({"text": " never", "processed": 1, "generated": 1})])
+    with pytest.raises(BigUnavailable, match="did not answer"):
+        HandleBig(twice, 5).session(False, threading.Event()).continue_text("x")
+    assert twice.sent == 2  # once more, not until it works
+
+
 def test_load_small_model_wants_safetensors_and_call(tmp_path, dirs, tiny_model):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
