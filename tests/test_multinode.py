@@ -28,3 +28,12 @@ def test_scoring_actors_on_two_nodes_write_the_one_process_shards(tmp_path):
     result = run_scenario("score", tmp_path)
     assert result["actor_nodes"] == 2 and result["worker_nodes"] == 2, result
     assert result["identical"] and result["units"] >= 3, result
+
+
+@pytest.mark.slow
+def test_two_training_workers_on_two_nodes_match_both_on_one(tmp_path):
+    """DeepSpeed ZeRO-2 over gloo with a worker on each of two nodes: the same losses, step by step, as
+    the same run with both workers on one node (global selection, same data order)."""
+    result = run_scenario("train", tmp_path)
+    assert result["spread_nodes"] == 2, result
+    assert len(result["spread"]) == 6 and result["spread"] == pytest.approx(result["packed"], abs=1e-5), result
