@@ -3,7 +3,8 @@
 
     .venv/bin/python -m bench.activation --rounds 8      # the make run shapes: small, 16 x 128, 2 threads
 
-Prints the largest logit difference and the median seconds per step of each; refuses a busy machine.
+Prints the largest logit difference and the median seconds per step of each; refuses a busy machine;
+writes `bench/results/activation.json`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.limits import load_guard, load_now
+from bench.limits import load_guard, record
 from lacy.model import gpt2_config
 
 
@@ -31,7 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
-    load_guard(args.force)
+    start_load = load_guard(args.force)
     from transformers import GPT2LMHeadModel
 
     torch.set_num_threads(args.threads)
@@ -57,12 +59,11 @@ def main() -> None:
                 optimizer.step()
             times[act].append((time.perf_counter() - start) / args.steps)
     median = {act: statistics.median(t) for act, t in times.items()}
-    print(json.dumps({"max_logit_diff": (a - b).abs().max().item(),
-                      "s_per_step": {k: round(v, 4) for k, v in median.items()},
-                      "speedup": round(median["gelu_new"] / median["gelu_pytorch_tanh"], 3),
-                      "rounds": {k: [round(x, 3) for x in v] for k, v in times.items()}, "args": vars(args)}))
-    print(f"# end: {load_now()}")
-
+    result = {"max_logit_diff": (a - b).abs().max().item(), "s_per_step": {k: round(v, 4) for k, v in median.items()},
+              "speedup": round(median["gelu_new"] / median["gelu_pytorch_tanh"], 3),
+              "rounds": {k: [round(x, 3) for x in v] for k, v in times.items()}, "args": vars(args)}
+    print(json.dumps(result), flush=True)
+    record(Path("bench/results/activation.json"), result, start_load, args.threads, args.force)
 
 if __name__ == "__main__":
     main()

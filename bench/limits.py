@@ -91,19 +91,15 @@ def record(path: Path, result: dict, start: Load, own_threads: int = 0, force: b
 
 
 def machine() -> dict:
-    flags = ""
+    """CPU model, cores, AVX2 / AVX-512 and torch version: what a figure was measured on."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    model = ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "avx2": " avx2" in flags,
-            "avx512f": " avx512f" in flags, "torch": torch.__version__}
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    field = lambda name: next((line.split(":", 1)[1] for line in lines if line.startswith(name)), "")
+    flags = field("flags").split()
+    return {"cpu": field("model name").strip() or platform.processor(), "cores": os.cpu_count(),
+            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "torch": torch.__version__}
 
 
 def process_group(title: str) -> str | None:

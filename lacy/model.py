@@ -42,7 +42,7 @@ def gpt2_config(preset: str, vocab_size: int, seq_len: int, dropout: float = 0.0
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     # gelu_pytorch_tanh is GPT-2's tanh GELU (gelu_new) as one fused kernel: same values to ~1e-6,
-    # and training steps 1.14-1.17x faster on CPU than with gelu_new's Python chain (bench.activation).
+    # and training steps 1.12-1.17x faster on CPU than with gelu_new's Python chain (bench.activation).
     return GPT2Config(vocab_size=vocab_size, n_positions=seq_len, bos_token_id=bos_id,
                       eos_token_id=eos_id, pad_token_id=pad_id, resid_pdrop=dropout,
                       embd_pdrop=dropout, attn_pdrop=dropout, activation_function="gelu_pytorch_tanh",

@@ -60,7 +60,7 @@ def test_small_preset_trains_a_step(tiny_tokenizer):
 
 def test_small_model_uses_the_fused_tanh_gelu_with_gpt2s_values(tiny_tokenizer):
     """gelu_pytorch_tanh (one kernel) instead of transformers' Python gelu_new (a chain of elementwise
-    ops; steps 1.14-1.17x faster, bench.activation): the same function, the same model up to rounding."""
+    ops; steps 1.12-1.17x faster, bench.activation): the same function, the same model up to rounding."""
     model = build_model(ModelConfig(preset="small", seq_len=32), tiny_tokenizer)
     assert model.config.activation_function == "gelu_pytorch_tanh"
     reference = GPT2LMHeadModel(model.config.__class__.from_dict({**model.config.to_dict(),
