@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import bisect
 import inspect
+import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -622,18 +623,10 @@ def _merge(spans: list[Span]) -> list[Span]:
 # Calibration
 
 
-def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
-              max_new_tokens: int | None = None, trigger: str | None = None) -> float:
-    """The fixed threshold on `trigger`'s score (None: the cascade's config) whose call rate on `prompts`
-    is `target_rate`.
-
-    Decodes each prompt with calls disabled, collects the trigger's score at the decision points, and
-    returns their (1 - rate) quantile: a share `target_rate` of them lies strictly above it (up to ties).
-    Calls change what the small model reads next, so the realised rate with calls on is close to,
-    not exactly, the target.
-    """
-    if not 0.0 <= target_rate <= 1.0:
-        raise ValueError(f"target_rate must be in [0, 1], got {target_rate}")
+def decision_scores(cascade: Cascade, prompts: list[str], *, max_new_tokens: int | None = None,
+                    trigger: str | None = None) -> np.ndarray:
+    """`trigger`'s score (None: the cascade's config) at every decision point of each prompt decoded
+    with calls disabled: the open-loop distribution `calibrate` takes its quantiles from."""
     if not prompts:
         raise ValueError("calibrate needs at least one prompt")
     probs: list[float] = []
@@ -642,4 +635,83 @@ def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
                                   trigger=trigger).call_probs
     if not probs:
         raise ValueError("no decision points while decoding the prompts; nothing to calibrate on")
-    return float(np.quantile(np.asarray(probs, dtype=np.float64), 1.0 - target_rate))
+    return np.asarray(probs, dtype=np.float64)
+
+
+def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
+              max_new_tokens: int | None = None, trigger: str | None = None) -> float:
+    """The fixed threshold on `trigger`'s score (None: the cascade's config) whose call rate on `prompts`
+    is `target_rate` with calls disabled (open loop).
+
+    Returns the (1 - rate) quantile of `decision_scores`: a share `target_rate` of them lies strictly
+    above it (up to ties). Calls change what the small model reads next, so the realised rate with
+    calls on can differ a lot (a model that calls where it is confused calls again after the big
+    model's words); `closed_loop_threshold` corrects for that.
+    """
+    if not 0.0 <= target_rate <= 1.0:
+        raise ValueError(f"target_rate must be in [0, 1], got {target_rate}")
+    scores = decision_scores(cascade, prompts, max_new_tokens=max_new_tokens, trigger=trigger)
+    return float(np.quantile(scores, 1.0 - target_rate))
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    realised_rate: float | None
+    """Call rate with calls on at `threshold` (None: open loop only, never measured)."""
+    rounds: int = 0
+    """Closed-loop rounds run (each one decodes the calibration prompts with calls on)."""
+    open_loop_rate: float | None = None
+    """Realised rate at the open-loop threshold (the first round's), when measured."""
+
+
+def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Callable[[float], float],
+                          rounds: int, tolerance: float = 0.02, step: float = 1.0) -> Calibration:
+    """The threshold whose call rate *with calls on* (`realised(threshold)`) is closest to `target_rate`.
+
+    Starts at the open-loop threshold (`calibrate`'s quantile of `scores`) and, until the target is
+    bracketed, moves to the open-loop quantile at the level scaled by target / realised rate, or (when
+    that cannot move it: after a call the scores can leave the open-loop range altogether) by a logit
+    step of `step`, doubling; then interpolation of logit(rate) between the bracket's ends (the
+    midpoint when that lands near an end). Stops after `rounds` measurements or within `tolerance`;
+    returns the best measured threshold. rounds = 0 is the open-loop threshold, unmeasured.
+    """
+    if not 0.0 < target_rate <= 1.0:
+        raise ValueError(f"target_rate must be in (0, 1], got {target_rate}")
+    start = float(np.quantile(scores, 1.0 - target_rate))
+    if rounds <= 0:
+        return Calibration(start, None, 0)
+    eps = 1e-6
+    logit = lambda p: math.log(min(max(p, eps), 1 - eps) / (1 - min(max(p, eps), 1 - eps)))  # noqa: E731
+    threshold, best, first, measured = start, None, None, 0
+    above: tuple[float, float] | None = None  # (x, rate) of the highest threshold still calling too often
+    below: tuple[float, float] | None = None  # (x, rate) of the lowest threshold calling too rarely
+    while measured < rounds:
+        rate, measured, x = realised(threshold), measured + 1, logit(threshold)
+        first = rate if first is None else first
+        if best is None or abs(rate - target_rate) < abs(best.realised_rate - target_rate):
+            best = Calibration(threshold, rate)
+        if abs(rate - target_rate) <= tolerance:
+            break
+        if rate > target_rate:
+            above = (x, rate) if above is None or x > above[0] else above
+        else:
+            below = (x, rate) if below is None or x < below[0] else below
+        if above is None or below is None:
+            # Unbracketed: the open-loop quantile at a proportionally scaled level, when that moves the
+            # threshold the right way; else a logit step, doubling.
+            level = float(np.mean(scores > threshold)) * target_rate / max(rate, eps)
+            guess = logit(float(np.quantile(scores, 1.0 - min(level, 1.0))))
+            if (guess > x) == (rate > target_rate) and guess != x:
+                x = guess
+            else:
+                x, step = x + (step if rate > target_rate else -step), 2 * step
+        else:
+            (x1, r1), (x2, r2) = above, below
+            y1, y2 = logit(r1), logit(r2)
+            x = x1 + (logit(target_rate) - y1) * (x2 - x1) / (y2 - y1) if y2 != y1 else (x1 + x2) / 2
+            if not min(x1, x2) + 0.1 * abs(x2 - x1) < x < max(x1, x2) - 0.1 * abs(x2 - x1):
+                x = (x1 + x2) / 2
+        threshold = 1 / (1 + math.exp(-x))
+    best.rounds, best.open_loop_rate = measured, first
+    return best

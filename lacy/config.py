@@ -408,6 +408,12 @@ class EvalConfig:
     calibration_entities: int = 20
     """Trained-on people, disjoint from the evaluation people, whose prompts calibrate the call
     thresholds (a method is never tuned on the people it is scored on)."""
+    calibration_rounds: int = 3
+    """Closed-loop rounds per cascade: each decodes the calibration people with calls on and moves the
+    threshold toward the target rate (0: the open-loop threshold, calls off, which a model whose calls
+    beget calls can overshoot several times)."""
+    calibration_tolerance: float = 0.02
+    """Stop the closed-loop rounds once the realised rate is this close to the target."""
     heldout_entities: int = 0
     """People whose article is in the validation split, evaluated as separate rows at the headline
     rate (0: none)."""
@@ -419,6 +425,8 @@ class EvalConfig:
         _check(self.entities > 0, "eval.entities", "must be positive")
         _check(self.calibration_entities > 0, "eval.calibration_entities", "must be positive")
         _check(self.heldout_entities >= 0, "eval.heldout_entities", "must be 0 or more")
+        _check(self.calibration_rounds >= 0, "eval.calibration_rounds", "must be 0 or more")
+        _check(0 <= self.calibration_tolerance < 1, "eval.calibration_tolerance", "must be in [0, 1)")
         _check(all(0.0 <= r <= 1.0 for r in self.call_rates), "eval.call_rates", "each in [0, 1]")
         _check(self.leakage_facts > 0, "eval.leakage_facts", "must be positive")
         _check(self.bootstrap > 0, "eval.bootstrap", "must be positive")
@@ -448,6 +456,10 @@ class ServeConfig:
     """GPUs per SmallModel replica (0 on CPU clusters)."""
     big_gpus: float = 0.0
     """GPUs per BigModel replica (0 on CPU clusters)."""
+    small_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per SmallModel replica, to place it on a kind of node (e.g. {cpu_node: 1})."""
+    big_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per BigModel replica (e.g. {gpu_node: 1} with big_gpus 0 on a CPU test cluster)."""
     max_prompt_chars: int = 4000
     """Longer prompts are refused with 413."""
     max_tokens_limit: int = 512

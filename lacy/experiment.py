@@ -252,8 +252,8 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
         keys = {name: rec["key"] for name, rec in trained.items()}
         log.info("stage 4/5: evaluating %d systems on %d people", len(evaluation_plan(cfg, list(models))),
                  len(pop.train))
-        thresholds = thresholds_stage(cfg, models, keys, pop)
         with backend.generator(cfg, models) as generator:
+            thresholds = thresholds_stage(cfg, models, keys, pop, generator)
             # Big alone involves no small model: in process for every backend.
             rows = evaluate(cfg, evaluation_plan(cfg, list(models)), models, keys, thresholds, generator,
                             LocalGenerator(cfg, {}), pop)

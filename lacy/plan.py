@@ -2,9 +2,9 @@
 
 A `System` is a small model (or none), a big side (or none), a call trigger and a target rate, on a
 group of people; `evaluation_plan` lists them for an experiment. Thresholds are calibrated per model,
-trigger and rate on people the systems are never scored on, and fixed, so every row is independent
-of request order and concurrency. A `Generator` writes the text (in process here; over HTTP to Ray
-Serve in `jobs.experiment`); `evaluate` generates every system's biographies, scores them
+big side, trigger and rate, with calls on, on people the systems are never scored on, and fixed, so
+every row is independent of request order and concurrency. A `Generator` writes the text (in process
+here; over HTTP to Ray Serve in `jobs.experiment`); `evaluate` generates every system's biographies, scores them
 (`lacy.eval`) and caches each row under what determines it.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,9 +23,10 @@ from lacy.stages import cached_json
 
 log = logging.getLogger(__name__)
 
-ROW_VERSION = 3
+ROW_VERSION = 4
 """Bump when an evaluation row's meaning changes, so cached rows are recomputed (3: fixed calibrated
-thresholds, confidence trigger, informative precision, FactScore with abstentions, containment leakage)."""
+thresholds, confidence trigger, informative precision, FactScore with abstentions, containment leakage;
+4: thresholds calibrated closed-loop per big side)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,25 +202,57 @@ def population(cfg: LacyConfig) -> Population:
 # Stage: evaluation
 
 
-def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[Any]) -> dict[str, float]:
-    """{"model/trigger/rate": threshold}: the fixed threshold of each model and trigger whose call rate
-    on the calibration people's prompts is the target (`lacy.cascade.calibrate`, small model alone).
-    Fixed thresholds make every row independent of request order and concurrency."""
-    from lacy.cascade import Cascade, SmallLM, calibrate
+def threshold_key(small: str, big: str, trigger: str, rate: float) -> str:
+    return f"{small}+{big}/{trigger}/{rate}"
+
+
+def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[Any],
+                         generator: Generator) -> dict[str, dict]:
+    """{threshold_key: {"threshold", "realised_rate", "rounds", "open_loop_rate"}} for every cascade of
+    the plan, on the calibration people (never the evaluation people).
+
+    Open loop first (`lacy.cascade.calibrate`'s quantile of the small model's scores with calls off),
+    then `eval.calibration_rounds` closed-loop rounds through `generator` with the big side on
+    (`lacy.cascade.closed_loop_threshold`): rules are compared at the call rate they realise, and a
+    model whose calls beget calls would otherwise realise several times the target. Fixed thresholds
+    make every row independent of request order and concurrency."""
+    from dataclasses import asdict
+
+    from lacy.cascade import Cascade, SmallLM, closed_loop_threshold, decision_scores
     from lacy.eval import bio_prompt
     from lacy.model import load_small_model
 
-    prompts = [bio_prompt(e, cfg.eval.prompt_style) for e in people]
+    ecfg = cfg.eval
+    prompts = [bio_prompt(e, ecfg.prompt_style) for e in people]
     if not prompts:
         raise ValueError("no calibration people: raise eval.calibration_entities or the corpus size")
     out = {}
     for name, path in models.items():
         cascade = Cascade(SmallLM(*load_small_model(path)), None, cfg.cascade)
         for trigger in _triggers(cfg, name):
-            for rate in cfg.eval.call_rates:
-                if rate > 0:
-                    out[f"{name}/{trigger}/{rate}"] = calibrate(cascade, prompts, rate, trigger=trigger)
+            scores = decision_scores(cascade, prompts, trigger=trigger)
+            for big in cfg.experiment.big_models:
+                for rate in (r for r in ecfg.call_rates if r > 0):
+                    realised = partial(_realised_rate, cfg, generator, people, prompts, name, big, trigger)
+                    result = closed_loop_threshold(scores, rate, realised, ecfg.calibration_rounds,
+                                                   ecfg.calibration_tolerance)
+                    out[threshold_key(name, big, trigger, rate)] = asdict(result)
+                    log.info("calibrated %s+%s/%s at %.2f: threshold %.4g, realised %s after %d rounds (open "
+                             "loop %s)", name, big, trigger, rate, result.threshold, result.realised_rate,
+                             result.rounds, result.open_loop_rate)
     return out
+
+
+def _realised_rate(cfg: LacyConfig, generator: Generator, people: list[Any], prompts: list[str], model: str,
+                   big: str, trigger: str, threshold: float) -> float:
+    """All calls over all decision points of the people's biographies with calls on at `threshold`."""
+    def write(entity: Any, prompt: str) -> Generated:
+        return generator.generate(Request(prompt, model, big, trigger, threshold, cfg.cascade.max_new_tokens,
+                                          topic=entity.name))
+
+    with ThreadPoolExecutor(max(1, cfg.experiment.eval_concurrency)) as pool:
+        outs = list(pool.map(write, people, prompts))
+    return sum(o.calls for o in outs) / max(1, sum(o.decision_points for o in outs))
 
 
 def _row_key(cfg: LacyConfig) -> dict:
@@ -227,16 +262,16 @@ def _row_key(cfg: LacyConfig) -> dict:
 
 
 def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[str, str],
-                     pop: Population) -> dict[str, float]:
+                     pop: Population, generator: Generator) -> dict[str, dict]:
     """`calibrate_thresholds`, cached in results/thresholds.json for these models."""
     path = Path(cfg.run_dir) / "results" / "thresholds.json"
-    value = cached_json(path, {**_row_key(cfg), "models": stage_keys},
-                        lambda: calibrate_thresholds(cfg, models, pop.calibration))
+    value = cached_json(path, {**_row_key(cfg), "models": stage_keys, "bigs": cfg.experiment.big_models},
+                        lambda: calibrate_thresholds(cfg, models, pop.calibration, generator))
     return {k: v for k, v in value.items() if k != "key"}
 
 
 def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_keys: dict[str, str],
-             thresholds: dict[str, float], generator: Generator, big_generator: Generator,
+             thresholds: dict[str, dict], generator: Generator, big_generator: Generator,
              pop: Population) -> list[dict]:
     """Every system of the plan: its biographies, scored (lacy.eval.score_biographies), plus leakage
     for each small model alone; rows cached under results/rows by what determines them."""
@@ -252,7 +287,8 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
     rows = []
     for system in plan:
         people = pop.train if system.people == "train" else pop.heldout
-        threshold = thresholds.get(f"{system.small}/{system.trigger}/{system.rate}")
+        calibration = thresholds.get(threshold_key(system.small, system.big, system.trigger, system.rate), {})
+        threshold = calibration.get("threshold")
         key = {**base_key, "system": system.name, "model": stage_keys.get(system.small or ""),
                "threshold": threshold, "people": [e.doc_id for e in people]}
 
@@ -278,7 +314,8 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
 
         row = cached_json(results / "rows" / f"{system.name}.json", key, compute)
         rows.append({**row, "model": system.small, "big": system.big or "none", "trigger": system.trigger,
-                     "target_rate": system.rate, "people": system.people, "threshold": threshold})
+                     "target_rate": system.rate, "people": system.people, "threshold": threshold,
+                     "calibration_rate": calibration.get("realised_rate")})
         log.info("eval %s: strict precision %s, call rate %s", system.name, row.get("precision_strict"),
                  row.get("call_rate"))
     return rows
@@ -321,7 +358,7 @@ def _fit_probe(probe: Any, tokenizer: Any, max_tokens: int) -> Any:
 
 
 def write_views(cfg: LacyConfig, generator: Generator, models: list[str], people: list[Any],
-                thresholds: dict[str, float]) -> None:
+                thresholds: dict[str, dict]) -> None:
     """One HTML page per model: biographies at the headline call rate, delegated spans coloured."""
     from lacy.eval import bio_prompt
     from lacy.report import generation_block, page_html
@@ -332,7 +369,7 @@ def write_views(cfg: LacyConfig, generator: Generator, models: list[str], people
         if not (triggers := _triggers(cfg, model)):
             continue  # e.g. plain when only p_call is evaluated: it never calls
         trigger = triggers[0]
-        threshold = thresholds.get(f"{model}/{trigger}/{xcfg.headline_rate}")
+        threshold = thresholds.get(threshold_key(model, big, trigger, xcfg.headline_rate), {}).get("threshold")
         blocks = []
         for entity in people[:xcfg.views]:
             out = generator.generate(Request(bio_prompt(entity, cfg.eval.prompt_style), model, big, trigger,

@@ -147,7 +147,8 @@ def _table(rows: list[dict], trained: dict[str, dict], comparison: str, big: str
                     "supervised": rec.get("supervised_tokens"), "small alone": alone.get("precision"),
                     "cascade [CI]": _ci(r, "precision"), "informative": r.get("informative_precision"),
                     "FactScore": r.get("factscore"), "respond": r.get("respond_ratio"),
-                    "claims/resp": r.get("claims_per_response"), "call rate": r.get("call_rate"),
+                    "claims/resp": r.get("claims_per_response"), "calib. rate": r.get("calibration_rate"),
+                    "call rate": r.get("call_rate"),
                     "gap closed": gap_closed(r.get("precision"), alone.get("precision"), big_row.get("precision"))}
             for attr in ATTRIBUTES:
                 if f"{attr}_stated" in r:
@@ -217,7 +218,8 @@ def method_summary(rows: Sequence[dict], trained: dict[str, dict], cfg: LacyConf
     return the Markdown: per comparison and big side, each rule and trigger at the headline call rate —
     its training (validation loss, realised training call share, supervised tokens), small-alone and
     cascade precision with 95 % bootstrap CIs over people, informative precision, FactScore with
-    abstentions, respond ratio, claims per response, realised call rate, gap closed, per-attribute
+    abstentions, respond ratio, claims per response, realised call rate on the calibration and on the
+    evaluation people, gap closed, per-attribute
     precision, leakage with its CI — then paired differences of LaCy against every other line."""
     results_dir = Path(results_dir)
     rows = list(rows)
@@ -225,7 +227,8 @@ def method_summary(rows: Sequence[dict], trained: dict[str, dict], cfg: LacyConf
     flat = [{k: v for k, v in r.items() if not k.startswith("entity_") and not isinstance(v, dict)} for r in rows]
     write_csv(flat, results_dir / "rows.csv")
     lines = [f"# Method table (headline call rate {rate:.0%}; precision over the people who made a claim, "
-             "95 % bootstrap CI over people; fixed thresholds calibrated on other people)", ""]
+             "95 % bootstrap CI over people; fixed thresholds calibrated with calls on, on other people: "
+             "calib. rate is their realised rate there, call rate on the evaluation people)", ""]
     for comparison in xcfg.comparisons:
         for big in xcfg.big_models:
             big_row = next((r for r in rows if r["model"] is None and r["big"] == big), {})

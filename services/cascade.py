@@ -130,11 +130,13 @@ def build_app(cfg: LacyConfig) -> Any:
     big = None
     if s.big_enabled:
         big = BigModel.options(num_replicas=s.big_replicas, max_ongoing_requests=s.big_max_ongoing_requests,
-                               ray_actor_options={"num_cpus": s.big_cpus, "num_gpus": s.big_gpus}).bind(config)
+                               ray_actor_options={"num_cpus": s.big_cpus, "num_gpus": s.big_gpus,
+                                                  "resources": s.big_resources}).bind(config)
     return SmallModel.options(
         num_replicas=s.small_replicas, max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests, backpressure_config=pressure,
-        ray_actor_options={"num_cpus": s.small_cpus, "num_gpus": s.small_gpus}).bind(big, config)
+        ray_actor_options={"num_cpus": s.small_cpus, "num_gpus": s.small_gpus,
+                           "resources": s.small_resources}).bind(big, config)
 
 
 def app(args: dict) -> Any:

@@ -31,6 +31,8 @@ from lacy.cascade import (
     Span,
     _word_start,
     calibrate,
+    closed_loop_threshold,
+    decision_scores,
 )
 from lacy.config import CascadeConfig, ConfigError
 from lacy.tokenizer import CALL_TOKEN, EOS_TOKEN, PAD_TOKEN
@@ -332,6 +334,44 @@ def test_calibrate_returns_quantile_for_target_rate():
     assert sum(p > threshold for p in probs) == 3  # half of the six decision points
     with pytest.raises(ValueError, match="target_rate"):
         calibrate(cascade, ["The"], 1.5)
+
+
+def test_closed_loop_calibration_holds_the_rate_that_calls_begetting_calls_overshoot():
+    """A small model that writes "la di da ..." and grows more unsure after a " Paris", which only the
+    big model writes: with calls off its scores set a threshold for 20 %, with calls on
+    that threshold calls far more often; closed-loop rounds find one that realises the target."""
+    cycle, paris = ids(" la di da"), ids(" Paris")[0]
+
+    def next_logits(prefix: list[int]) -> torch.Tensor:
+        logits = torch.zeros(len(TOK))
+        k = len(prefix) - 1
+        logits[cycle[k % 3]] = STORY_LOGIT
+        # Unsure at positions spread over 30 levels, and very unsure right after one " Paris": each call
+        # begets one more (a chain of two, as a model confused by the big model's words).
+        logits[CALL] = -4.0 + (k * 7 % 30) * 0.3 + 12.0 * (prefix[-1] == paris and prefix[-2] != paris)
+        return logits
+
+    big_logits = torch.zeros(len(TOK))
+    big_logits[paris] = STORY_LOGIT
+    cascade = cascade_of(ScriptedLM(next_logits), ScriptedLM(lambda prefix: big_logits), max_new_tokens=40,
+                         big_unit="tokens", big_max_tokens=1)
+    prompts = ["The", "It has"]
+
+    def realised(threshold: float) -> float:
+        outs = [cascade.generate(p, call_threshold=threshold) for p in prompts]
+        return sum(o.calls for o in outs) / sum(o.decision_points for o in outs)
+
+    scores = decision_scores(cascade, prompts)
+    assert calibrate(cascade, prompts, 0.2) == pytest.approx(float(np.quantile(scores, 0.8)))
+    open_loop = closed_loop_threshold(scores, 0.2, realised, rounds=0)
+    assert open_loop.realised_rate is None and open_loop.threshold == pytest.approx(float(np.quantile(scores, 0.8)))
+    assert realised(open_loop.threshold) > 0.4  # the open-loop threshold more than doubles the rate
+    closed = closed_loop_threshold(scores, 0.2, realised, rounds=8, tolerance=0.03)
+    assert closed.open_loop_rate == pytest.approx(realised(open_loop.threshold))
+    assert abs(closed.realised_rate - 0.2) <= 0.03 and 1 < closed.rounds <= 8
+    assert realised(closed.threshold) == closed.realised_rate  # what it reports is what the threshold does
+    with pytest.raises(ValueError, match="target_rate"):
+        closed_loop_threshold(scores, 0.0, realised, rounds=1)
 
 
 def test_quantiles_are_bounded_and_thread_safe():

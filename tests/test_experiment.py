@@ -39,7 +39,8 @@ def ray_run(ray_session, mlflow_uri, tmp_path_factory):
     cfg = load_config("configs/tiny.yaml", [
         "--run_dir", str(run_dir), "--data.max_docs", "150", "--train.max_steps", "6",
         "--experiment.rules", "[plain, lacy]", "--eval.entities", "4", "--eval.call_rates", "[0.22]",
-        "--eval.calibration_entities", "3", "--eval.leakage_facts", "6", "--eval.bootstrap", "100",
+        "--eval.calibration_entities", "3", "--eval.calibration_rounds", "2", "--eval.leakage_facts", "6",
+        "--eval.bootstrap", "100",
         "--experiment.views", "2", "--experiment.eval_concurrency", "1", "--serve.port", str(_free_port()),
         "--mlflow.tracking_uri", mlflow_uri, "--mlflow.experiment", "test-experiment"])
     return cfg, run(cfg)
@@ -59,7 +60,11 @@ def test_ray_experiment_table_views_and_mlflow(ray_run, mlflow_uri):
             "lacy-steps+retrieval@0.22/p_call", "plain-steps+plain@0.22/confidence"} <= systems
     assert "plain-steps+plain@0.22/p_call" not in systems  # plain never learned <CALL>: no P(CALL) rows
     thresholds = json.loads((results / "thresholds.json").read_text())
-    assert {"lacy-steps/p_call/0.22", "lacy-steps/confidence/0.22", "plain-steps/confidence/0.22"} <= set(thresholds)
+    cascades = {f"{m}+{b}/{t}/0.22" for m, t in (("lacy-steps", "p_call"), ("lacy-steps", "confidence"),
+                                                 ("plain-steps", "confidence")) for b in ("plain", "retrieval")}
+    assert cascades == set(thresholds) - {"key"}
+    for calibration in (thresholds[k] for k in cascades):  # measured with calls on, through Serve
+        assert 1 <= calibration["rounds"] <= 2 and 0 <= calibration["realised_rate"] <= 1, calibration
     assert (results / "precision_vs_call_rate-steps-retrieval.png").stat().st_size > 1000
     assert 'data-source="prompt"' in (results / "view-lacy-steps.html").read_text()
     final = cfg.run_dir + "/train/lacy-steps/final"
@@ -95,8 +100,8 @@ def test_one_process_pipeline_gives_the_same_shards_and_table(ray_run, tmp_path)
         "--run_dir", str(tmp_path / "run"), *[a for pair in (
             ("--data.max_docs", "150"), ("--train.max_steps", "6"), ("--experiment.rules", "[plain, lacy]"),
             ("--eval.entities", "4"), ("--eval.call_rates", "[0.22]"), ("--eval.calibration_entities", "3"),
-            ("--eval.leakage_facts", "6"), ("--eval.bootstrap", "100"), ("--experiment.views", "2"),
-            ("--experiment.eval_concurrency", "1")) for a in pair]])
+            ("--eval.calibration_rounds", "2"), ("--eval.leakage_facts", "6"), ("--eval.bootstrap", "100"),
+            ("--experiment.views", "2"), ("--experiment.eval_concurrency", "1")) for a in pair]])
     # Shards afresh, in one process, with the Ray run's tokenizer: byte for byte the same files.
     fresh = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "fresh"), "--data.max_docs", "150",
                                               "--tokenizer.path", f"{cfg.run_dir}/tokenizer"])

@@ -37,3 +37,38 @@ def test_two_training_workers_on_two_nodes_match_both_on_one(tmp_path):
     result = run_scenario("train", tmp_path)
     assert result["spread_nodes"] == 2, result
     assert len(result["spread"]) == 6 and result["spread"] == pytest.approx(result["packed"], abs=1e-5), result
+
+
+@pytest.mark.slow
+def test_scoring_survives_a_lost_node_with_the_same_bytes(tmp_path):
+    """A worker node of the actor pool removed (not gracefully) once the first unit is written: the job
+    finishes on the nodes left and writes byte-identical shards to the one-process run."""
+    result = run_scenario("score-node-lost", tmp_path)
+    assert result["removed_mid_run"] and result["worker_nodes"] == 3, result
+    assert result["identical"] and result["units"] >= 3, result
+
+
+@pytest.mark.slow
+def test_training_survives_a_lost_node_using_every_sequence_once(tmp_path):
+    """A training worker's node removed after the first checkpoint: Ray Train restarts the worker group
+    from that checkpoint on the nodes left, finishes, and (by the rows each rank audited, the last attempt
+    counting) every one of the 480 training rows is used exactly once, in the one-process order."""
+    result = run_scenario("train-node-lost", tmp_path)
+    assert result["final"] and result["attempts"] >= 2 and result["alive_nodes"] == 3, result
+    assert result["rows_once"] and result["same_rows"], result
+
+
+@pytest.mark.slow
+def test_serve_across_nodes_and_the_big_models_node_lost_under_load(tmp_path):
+    """SmallModel and BigModel replicas on different nodes (custom resources), one request delegated
+    across them; then the BigModel's node removed under load: plain requests 503 (or, retried onto the
+successor in time, delegated 200s), flagged
+    small-only answers for `allow_undelegated`, nothing hangs, and once Serve has rescheduled the replica
+    on the spare node the cascade delegates again."""
+    result = run_scenario("serve-node-lost", tmp_path)
+    assert result["ready"] and result["small_on"] == 0 and result["big_on"] in (1, 2), result
+    assert result["delegated"] and result["calls"] == 6, result
+    assert set(result["strict_codes"]) <= {200, 503} and result["strict_200s_delegated"], result
+    assert result["lenient_codes"] == [200] and result["lenient_undelegated"], result
+    assert result["recovered"] and result["big_moved"], result
+    assert result["after_delegated"] and result["after_calls"] == 6, result
