@@ -4,15 +4,14 @@ A `System` is a small model (or none), a big side (or none), a call trigger and 
 group of people; `evaluation_plan` lists them for an experiment. Thresholds are calibrated per model,
 big side, trigger and rate, with calls on, on people the systems are never scored on, and fixed, so
 every row is independent of request order and concurrency. A `Generator` writes the text (in process
-here; over HTTP to Ray Serve in `jobs.experiment`); `evaluate` generates every system's biographies, scores them
-(`lacy.eval`) and caches each row under what determines it.
+here; over HTTP to Ray Serve in `jobs.experiment`); `evaluate` generates every system's biographies,
+scores them (`lacy.eval`) and caches each row under what determines it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -233,7 +232,7 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
             scores = decision_scores(cascade, prompts, trigger=trigger)
             for big in cfg.experiment.big_models:
                 for rate in (r for r in ecfg.call_rates if r > 0):
-                    realised = partial(_realised_rate, cfg, generator, people, prompts, name, big, trigger)
+                    realised = partial(_realised_rate, cfg, generator, people, name, big, trigger)
                     result = closed_loop_threshold(scores, rate, realised, ecfg.calibration_rounds,
                                                    ecfg.calibration_tolerance)
                     out[threshold_key(name, big, trigger, rate)] = asdict(result)
@@ -243,16 +242,17 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
     return out
 
 
-def _realised_rate(cfg: LacyConfig, generator: Generator, people: list[Any], prompts: list[str], model: str,
-                   big: str, trigger: str, threshold: float) -> float:
+def _realised_rate(cfg: LacyConfig, generator: Generator, people: list[Any], model: str, big: str, trigger: str,
+                   threshold: float) -> float:
     """All calls over all decision points of the people's biographies with calls on at `threshold`."""
+    from lacy.eval import biographies
+
     def write(entity: Any, prompt: str) -> Generated:
         return generator.generate(Request(prompt, model, big, trigger, threshold, cfg.cascade.max_new_tokens,
                                           topic=entity.name))
 
-    with ThreadPoolExecutor(max(1, cfg.experiment.eval_concurrency)) as pool:
-        outs = list(pool.map(write, people, prompts))
-    return sum(o.calls for o in outs) / max(1, sum(o.decision_points for o in outs))
+    bios = biographies(write, people, cfg.eval.prompt_style, workers=cfg.experiment.eval_concurrency)
+    return sum(b.calls or 0 for b in bios) / max(1, sum(b.decision_points or 0 for b in bios))
 
 
 def _row_key(cfg: LacyConfig) -> dict:
