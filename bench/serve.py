@@ -106,7 +106,8 @@ def _summary(delta: dict, seconds: float) -> dict:
             "big_decode_share": delta.get("big_decode_s", 0) / seconds,
             "big_prefill_tokens_per_batch": per("big_prefill_tokens", "big_batches"),
             "big_decode_steps_per_batch": per("big_decode_steps", "big_batches"),
-            "big_wait_ms_per_call": 1000 * per("big_wait_s", "big_calls")}
+            "big_wait_ms_per_call": 1000 * per("big_wait_s", "big_calls"),
+            "big_arrival_ms_per_call": 1000 * per("big_arrival_s", "big_calls")}
 
 
 def main() -> None:

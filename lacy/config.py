@@ -495,9 +495,9 @@ class ServeConfig:
     big_max_ongoing_requests: int = 64
     """Calls Serve hands one BigModel replica at once (above big_batch, so batches can fill)."""
     big_batch: int = 16
-    """Most big-model calls decoded as one batch (`@serve.batch` max_batch_size)."""
+    """Most big-model calls decoded as one batch (`lacy.batched.BatchQueue`)."""
     big_batch_wait_s: float = 0.005
-    """How long the first call of a big-model batch waits for others (`@serve.batch`)."""
+    """How long a call that finds the big model idle waits for others to batch with."""
     quantile_scope: str = "replica"
     """Where running call-rate quantiles live: replica (each SmallModel replica holds its own, so a
     target rate holds per replica) or cluster (one actor per app: the same rate with any replica count,

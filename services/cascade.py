@@ -2,7 +2,7 @@
 
 `SmallModel` (the ingress: `lacy.serving.CascadeEngine` and its routes) holds a `DeploymentHandle` to
 `BigModel` (`lacy.batched.BigSessions`: SmolLM2 or any local HF causal LM, optionally retrieval-augmented,
-its calls batched with `@serve.batch`). This file is the Ray wiring and the routes only.
+its calls batched by `lacy.batched.BatchQueue`). This file is the Ray wiring and the routes only.
 
     serve run services.cascade:app config=configs/tiny.yaml                # serve.host:serve.port
     serve run services.cascade:app config=configs/tiny.yaml overrides="--serve.port 8001 --big.retrieval true"
@@ -31,7 +31,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from lacy import serving
-from lacy.batched import BigCall, BigSessions
+from lacy.batched import BatchQueue, BigCall, BigSessions
 from lacy.cascade import Quantiles
 from lacy.config import LacyConfig, from_dict, load_config, to_dict
 
@@ -43,15 +43,12 @@ class BigModel:
     def __init__(self, config: dict) -> None:
         cfg = from_dict(LacyConfig, config)
         self.sessions = BigSessions(cfg)
-        self._batched.set_max_batch_size(cfg.serve.big_batch)
-        self._batched.set_batch_wait_timeout_s(cfg.serve.big_batch_wait_s)
+        # Not @serve.batch: it forms the next batch while one runs (see BatchQueue).
+        self.queue = BatchQueue(self.sessions.continue_many, cfg.serve.big_batch, cfg.serve.big_batch_wait_s)
 
     async def continue_text(self, call: BigCall) -> dict:
-        return await self._batched(call)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # sizes from cfg.serve, set in __init__
-    async def _batched(self, calls: list[BigCall]) -> list[dict]:
-        return await asyncio.to_thread(self.sessions.continue_many, calls)
+        self.sessions.arrived(call)
+        return await self.queue.submit(call)
 
     def end_session(self, session: str) -> None:
         self.sessions.end_session(session)
