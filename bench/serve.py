@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.serve [--small runs/default/train/lacy-steps/final] [--requests 1000]
     .venv/bin/python -m bench.serve --quick          # a sanity run: 2 prompts, 20 requests, nothing written
     .venv/bin/python -m bench.serve --quick --serve.small_batch_wait_s 0.01   # any config override
+    .venv/bin/python -m bench.serve --threads 1 --out bench/results/serve-threads1.json
 
 Measured in one run, on 127.0.0.1 only, bounded in count and time, the plain big model (SmolLM2, fp32):
   1. seconds per generated token, in-process `Cascade` vs POST /generate (sequential, same prompts, same
@@ -12,20 +13,18 @@ Measured in one run, on 127.0.0.1 only, bounded in count and time, the plain big
      model's prefill vs decode seconds, and the time steps and calls waited for their batch;
   3. `--requests` requests at concurrency 16: errors (aim 0), latency p50/p99.
 "Generated tokens" are both models' own tokens (CascadeResult.small_tokens + big_tokens), the same
-count in process and through Serve. The 1-minute load average is sampled throughout; above 3.0
-(1.5 per core) the figures are printed but bench/results/serve.json is not written: a shared machine's
-figures are not results.
+count in process and through Serve. A run refuses to start on a busy machine (`bench.limits.load_guard`)
+and writes its figures only if the machine was idle at the start and, less the bench's own threads,
+at the end (`bench.limits.record`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,10 +34,11 @@ for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "d
                    "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
     os.environ.setdefault(key, value)
 
+from bench.limits import load_guard, record  # noqa: E402
+
 PROMPTS = ["Marie Curie (", "Albert Einstein was born in", "The Eiffel Tower is located in", "Isaac Newton (",
            "Johann Sebastian Bach was a", "The capital of Japan is", "Leonardo da Vinci (",
            "Charles Darwin was born in"]
-MAX_LOAD = 3.0  # 1-minute load average above which nothing is written (1.5 per core on 2 cores)
 
 
 def _free_port() -> int:
@@ -61,25 +61,6 @@ def _tiny_small_model(path: Path) -> Path:
     torch.manual_seed(0)
     build_model(ModelConfig(preset="small", seq_len=128), tok).save_pretrained(path)
     return path
-
-
-class LoadWatch:
-    """The highest 1-minute load average seen while the bench runs (sampled every 2 s)."""
-
-    def __init__(self) -> None:
-        self.samples = [os.getloadavg()[0]]
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(2.0):
-            self.samples.append(os.getloadavg()[0])
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self.samples.append(os.getloadavg()[0])
-        return {"load_1min_start": self.samples[0], "load_1min_max": max(self.samples),
-                "load_1min_end": self.samples[-1]}
 
 
 def _tokens(out: dict) -> int:
@@ -119,10 +100,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads per replica (in-process uses torch's default)")
     parser.add_argument("--quick", action="store_true", help="2 prompts per stream, 20 load requests, no file")
+    parser.add_argument("--force", action="store_true", help="run and write on a busy machine (marked under_load)")
+    parser.add_argument("--out", default="bench/results/serve.json", help="where the figures are written")
     args, overrides = parser.parse_known_args()
     prompts = PROMPTS[:2] if args.quick else PROMPTS
     requests = 20 if args.quick else args.requests
-    watch = LoadWatch()
+    start_load = load_guard(args.force)
 
     import httpx
     import ray
@@ -216,18 +199,15 @@ def main() -> None:
         "load_requests": len(done), "load_errors": sum(s != 200 for s, _ in done),
         "load_seconds": load_seconds, "load_p50_s": statistics.median(latencies),
         "load_p99_s": latencies[int(0.99 * (len(latencies) - 1))],
-        **watch.stop(),
     }
     print("| measure | value |\n|---|---|")
     for key, value in out.items():
         print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if args.quick or out["load_1min_max"] > MAX_LOAD:
-        print("\nNOT written to bench/results/serve.json: "
-              + ("--quick" if args.quick else f"the 1-minute load average reached {out['load_1min_max']:.2f} "
-                 f"(> {MAX_LOAD}); rerun on an idle machine"))
+    if args.quick:
+        print("\nNOT written (--quick)")
         return
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/serve.json").write_text(json.dumps(out, indent=2))
+    # At the end Serve's replicas and Ray's daemons are still winding down: about two busy threads.
+    record(Path(args.out), out, start_load, own_threads=2, force=args.force)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from lacy.cascade import BigLM, BigModelError, BigRequestError, CachedLM, _ends_unit
+from lacy.compute import compute_thread
 from lacy.model import count_parameters, load_big_model
 
 if TYPE_CHECKING:
@@ -243,10 +244,13 @@ class FeedBatcher:
     model) with `with batcher.paused():`. If a batch fails, its steps run one by one so only the
     failing session sees the error."""
 
-    def __init__(self, max_batch: int = 32, max_wait_s: float = 0.002) -> None:
+    def __init__(self, max_batch: int = 32, max_wait_s: float = 0.002,
+                 run_on: Callable[..., Any] | None = None) -> None:
         if max_batch <= 0 or max_wait_s < 0:
             raise ValueError(f"max_batch must be positive and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.run_on = run_on or (lambda fn, *args: fn(*args))
+        """Runs each pass (`ComputeThread.call` in a server; default: in the feeding thread)."""
         self._cond = threading.Condition()
         self._pending: list[_Feed] = []
         self._busy = False
@@ -302,7 +306,7 @@ class FeedBatcher:
                 self._cond.release()
                 start = time.monotonic()
                 try:
-                    self._run(batch)
+                    self.run_on(self._run, batch)
                 finally:
                     self._cond.acquire()
                     self._busy = False
@@ -363,10 +367,11 @@ class BigSessions:
 
     def __init__(self, cfg: LacyConfig, device: str | None = None) -> None:
         self.cfg = cfg
-        if cfg.serve.torch_threads is not None:  # else Ray's default: 1 thread for a fractional big_cpus
-            torch.set_num_threads(cfg.serve.torch_threads)
-        self.model, self.tokenizer = load_big_model(cfg.big.path, cfg.big.dtype)
-        self.model.to(device or device_for(cfg.serve.big_gpus, "big"))
+        self.compute = compute_thread()  # loads and decodes on the process's one compute thread
+        self.compute.set_threads(cfg.serve.torch_threads)  # else Ray's: 1 thread for a fractional big_cpus
+        self.model, self.tokenizer = self.compute.call(load_big_model, cfg.big.path, cfg.big.dtype)
+        self.compute.call(self.model.to, device or device_for(cfg.serve.big_gpus, "big"))
+        self.torch_threads = self.compute.call(torch.get_num_threads)
         self.store = None
         if cfg.big.retrieval:
             from lacy.knowledge import SqlitePassageStore
@@ -401,6 +406,9 @@ class BigSessions:
             self.stats["arrival_s"] += time.time() - call.sent
 
     def continue_many(self, calls: Sequence[BigCall]) -> list[dict]:
+        return self.compute.call(self._continue_many, calls)
+
+    def _continue_many(self, calls: Sequence[BigCall]) -> list[dict]:
         with self.lock:
             now = time.time()
             self.stats["batches"] += 1
@@ -449,7 +457,7 @@ class BigSessions:
     def info(self) -> dict:
         return {"parameters": count_parameters(self.model), "retrieval_available": self.store is not None,
                 "sessions": len(self.sessions), "device": str(self.model.device),
-                "torch_threads": torch.get_num_threads(), "stats": dict(self.stats)}
+                "torch_threads": self.torch_threads, "stats": dict(self.stats)}
 
 
 class BatchQueue:

@@ -62,14 +62,17 @@ class Generator(Protocol):
 
 
 class LocalGenerator:
-    """Every request decoded in this process (small models loaded once, one big model)."""
+    """Every request decoded in this process (small models loaded once, one big model), on the process's
+    compute thread whichever thread asks (`lacy.compute`: concurrent requests are not batched here, and
+    forwards spread over threads run slower)."""
 
     def __init__(self, cfg: LacyConfig, models: dict[str, str]) -> None:
+        from lacy.compute import compute_thread
         from lacy.model import load_big_model, load_small_model
 
-        self.cfg = cfg
-        self.small = {name: load_small_model(path) for name, path in models.items()}
-        self.big_model, self.big_tokenizer = load_big_model(cfg.big.path, cfg.big.dtype)
+        self.cfg, self.compute = cfg, compute_thread()
+        self.small = {name: self.compute.call(load_small_model, path) for name, path in models.items()}
+        self.big_model, self.big_tokenizer = self.compute.call(load_big_model, cfg.big.path, cfg.big.dtype)
         self.store = None
         if Path(cfg.knowledge.db_path).exists():
             from lacy.knowledge import SqlitePassageStore
@@ -86,6 +89,9 @@ class LocalGenerator:
         return RetrievalBigLM.from_config(lm, self.store, self.cfg.knowledge) if kind == "retrieval" else lm
 
     def generate(self, request: Request) -> Generated:
+        return self.compute.call(self._generate, request)
+
+    def _generate(self, request: Request) -> Generated:
         from lacy.cascade import Cascade, SmallLM
 
         big = self._big(request.big)

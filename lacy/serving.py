@@ -73,6 +73,7 @@ from lacy.cascade import (
     SmallLM,
     Span,
 )
+from lacy.compute import compute_thread
 from lacy.config import LacyConfig, to_dict
 from lacy.model import count_parameters, load_small_model
 from lacy.report import generation_block, page_html
@@ -520,21 +521,21 @@ class CascadeEngine:
 
     def __init__(self, cfg: LacyConfig, big: BigBackend | None, quantiles: Any = None) -> None:
         self.cfg, self.big, s = cfg, big, cfg.serve
-        if s.torch_threads is not None:
-            torch.set_num_threads(s.torch_threads)
+        self.compute = compute_thread()  # every load and forward here runs on the process's one thread
+        self.compute.set_threads(s.torch_threads)
         self.device = device_for(s.small_gpus, "small")
         paths = {DEFAULT_MODEL: s.small_path, **s.models}
         loaded: dict[str, tuple[Any, Any]] = {}
         self.models: dict[str, tuple[Any, Any]] = {}
         for name, path in paths.items():
             if path not in loaded:  # a path served under two names is loaded once
-                model, tokenizer = load_small_model(path)
-                loaded[path] = (model.to(self.device), tokenizer)
+                model, tokenizer = self.compute.call(load_small_model, path)
+                loaded[path] = (self.compute.call(model.to, self.device), tokenizer)
             self.models[name] = loaded[path]
         self.quantiles = quantiles if quantiles is not None else Quantiles(max_keys=s.max_call_rates)
         # Each choice decodes in its own thread; their small-model steps meet in one batcher.
         self.pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="cascade")
-        self.batcher = FeedBatcher(s.small_batch, s.small_batch_wait_s)
+        self.batcher = FeedBatcher(s.small_batch, s.small_batch_wait_s, run_on=self.compute.call)
         self.health = BigHealth()
         self.cancelled = 0
         """Choices whose client left before they were done (decoding and big calls stopped)."""
@@ -753,7 +754,7 @@ class CascadeEngine:
             stop = choice.results[-1].stop_reason if choice.results else "max_new_tokens"
             choice.finish = "stop" if stop == "eos" else "length"
         if req.logprobs is not None:
-            choice.logprobs = self._logprobs(job, choice)
+            choice.logprobs = self.compute.call(self._logprobs, job, choice)
 
     def _big_failed(self, err: BigModelError) -> str:
         if isinstance(err, BigRequestError):

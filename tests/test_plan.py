@@ -35,3 +35,37 @@ def test_population_evaluates_trained_on_people_and_calibrates_on_others():
     assert all(e.doc_id in pop.articles for e in [*pop.train, *pop.heldout])
     # The articles facts are checked against carry the description (life years of embedded people).
     assert any("(" in pop.articles[e.doc_id]["text"].split("\n\n")[-1] for e in pop.train)
+
+
+def test_local_generator_decodes_every_request_on_the_one_compute_thread(tmp_path, tiny_tokenizer):
+    # Evaluation asks from several threads (experiment.eval_concurrency); forwards spread over threads
+    # run slower under libgomp (lacy.compute), and unbatched concurrency gains nothing on a CPU.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from lacy.compute import compute_thread
+    from lacy.config import ModelConfig
+    from lacy.model import build_model
+    from lacy.plan import LocalGenerator, Request
+
+    paths = {}
+    for name, seed in (("small", 0), ("big", 1)):
+        torch.manual_seed(seed)
+        build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    cfg = load_config(None, ["--run_dir", str(tmp_path), "--big.path", paths["big"],
+                             "--cascade.word_start_only", "false"])
+    gen = LocalGenerator(cfg, {"lacy": paths["small"]})
+    threads: set[int] = set()
+    models = [gen.small["lacy"][0], gen.big_model]
+    hooks = [m.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident())) for m in models]
+    request = Request("The river", "lacy", "plain", threshold=0.0, max_tokens=6)  # every point calls
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: gen.generate(request), range(8)))
+    for hook in hooks:
+        hook.remove()
+    assert all(out.calls > 0 for out in outs) and len({out.text for out in outs}) == 1
+    assert threads == {compute_thread().ident}, f"{len(threads)} threads ran forwards"

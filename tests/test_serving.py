@@ -414,6 +414,28 @@ def test_concurrent_requests_with_bad_ones_all_answer(engine):
     assert [r["choices"][0]["text"] for r in results if isinstance(r, dict)] == [alone] * 4
 
 
+def test_every_forward_of_concurrent_requests_runs_on_the_one_compute_thread(engine):
+    # libgomp waits passively once a second OS thread has its own OpenMP pool, and a forward then runs
+    # ~1.5x slower (lacy.compute): the decoding threads must hand every pass to one thread.
+    small = engine.models["lacy"][0]
+    big = engine.big.sessions.model
+    threads: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident())) for m in (small, big)]
+    body = {"prompt": "The river", "max_tokens": 8, "call_threshold": 0.0, "logprobs": 1}  # every point calls
+
+    async def many() -> list:
+        return await asyncio.gather(*(engine.complete(engine.parse(body, "completions")) for _ in range(6)))
+
+    try:
+        outs = run(many())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(o["usage"]["delegated_tokens"] > 0 for o in outs)  # both models ran for every request
+    assert len(threads) == 1, f"{len(threads)} threads ran forwards"
+    assert threads == {engine.compute.ident}
+
+
 def test_engine_threads_are_bounded(engine):
     assert engine.pool._max_workers == engine.cfg.serve.concurrency
     assert len([t for t in threading.enumerate() if t.name == "big-health"]) >= 1
