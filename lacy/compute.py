@@ -3,11 +3,11 @@
 libgomp, torch's OpenMP on Linux, keeps its idle workers spinning between parallel regions only while
 it manages no more threads than the machine has CPUs. Every other OS thread that runs a parallel region
 brings a pool of its own, and from then on every pool waits passively, so each of a forward's many
-small regions pays a wake-up. On the 2-core machine, ten SmolLM2 forwards at 2 threads took 0.87-0.96 s
-on the only thread that ever computed and 1.35-1.7 s on a second thread once another had computed
-(1.57 s at 1 thread; bench/README.md, Serve cascade). A server whose decoding threads each run forwards
-is in the second state; `compute_thread().call(fn)` keeps every model load and forward on one thread,
-whoever asks.
+small regions pays a wake-up. On the 2-core machine, ten SmolLM2 forwards at 2 threads take 0.85 s on
+the only thread that ever computes and 1.25 s on a second thread once the main thread has computed:
+as slow as 1 thread (1.27 s; `python -m bench.threads`, bench/results/threads.json). A server whose
+decoding threads each run forwards is in the second state; `compute_thread().call(fn)` keeps every
+model load and forward on one thread, whoever asks.
 """
 
 from __future__ import annotations
