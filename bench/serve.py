@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.serve --quick          # a sanity run: 2 prompts, 20 requests, nothing written
     .venv/bin/python -m bench.serve --quick --serve.small_batch_wait_s 0.01   # any config override
     .venv/bin/python -m bench.serve --threads 1 --out bench/results/serve-threads1.json
+    .venv/bin/python -m bench.serve --threads 1 --in-process-threads 2 --out /tmp/serve.json  # in process on both cores
 
 Measured in one run, on 127.0.0.1 only, bounded in count and time, the plain big model (SmolLM2, fp32):
   1. seconds per generated token, in-process `Cascade` vs POST /generate (sequential, same prompts, same
@@ -97,8 +98,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--load-max-tokens", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads per replica (in-process uses torch's default)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per replica")
+    parser.add_argument("--in-process-threads", type=int, default=None,
+                        help="torch threads of the in-process cascade (default: --threads, like for like)")
     parser.add_argument("--quick", action="store_true", help="2 prompts per stream, 20 load requests, no file")
     parser.add_argument("--force", action="store_true", help="run and write on a busy machine (marked under_load)")
     parser.add_argument("--out", default="bench/results/serve.json", help="where the figures are written")
@@ -122,6 +124,7 @@ def main() -> None:
                              "--serve.port", str(_free_port()), "--cascade.max_new_tokens", str(args.max_tokens),
                              # Small and big replicas compute in turn for a request, as in-process.
                              "--serve.torch_threads", str(args.threads), *overrides])
+    torch.set_num_threads(args.in_process_threads or args.threads)  # each model as many threads as a replica
     small_model, small_tok = load_small_model(small_dir)
     big_model, big_tok = load_big_model(cfg.big.path)
 
