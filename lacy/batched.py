@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -378,7 +379,7 @@ class BigSessions:
 
             self.store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
         self.sessions: OrderedDict[tuple[str, bool], Any] = OrderedDict()
-        self.lock = threading.Lock()  # one batch at a time: sessions' caches are not thread-safe
+        self.lock = threading.Lock()  # end_session (any thread) against the batch on the compute thread
         self.stats: dict[str, float] = {"batches": 0, "calls": 0, "wait_s": 0.0, "arrival_s": 0.0}
         """Batches and calls so far, seconds the calls waited from `sent` to their batch's start (of
         which arrival_s: from `sent` to reaching the replica, see `arrived`), and
@@ -461,7 +462,7 @@ class BigSessions:
 
 
 class BatchQueue:
-    """Async calls run as batches by `run` (a blocking function of a list, in a worker thread), one batch
+    """Async calls run as batches by `run` (a blocking function of a list, on `executor`), one batch
     at a time: the next batch takes every call that arrived while the previous one ran (up to
     `max_batch`), and only a call that finds the model idle waits `max_wait_s` for company.
 
@@ -469,10 +470,13 @@ class BatchQueue:
     that arrive during a batch wait behind it in batches of one or two (measured: 1.6 calls per batch,
     636 ms waits, at 8 streams). Calls whose caller left before their batch starts are dropped."""
 
-    def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int, max_wait_s: float,
+                 executor: Executor | None = None) -> None:
         if max_batch <= 0 or max_wait_s < 0:
             raise ValueError(f"max_batch must be positive and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
         self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self.executor = executor
+        """Where `run` runs (None: the event loop's default executor)."""
         self._queue: list[tuple[Any, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
@@ -495,7 +499,8 @@ class BatchQueue:
             if not batch:
                 continue
             try:
-                results = await asyncio.to_thread(self.run, [item for item, _ in batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.run, [item for item, _ in batch])
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)

@@ -224,6 +224,7 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
     from dataclasses import asdict
 
     from lacy.cascade import Cascade, SmallLM, closed_loop_threshold, decision_scores
+    from lacy.compute import compute_thread
     from lacy.eval import bio_prompt
     from lacy.model import load_small_model
 
@@ -231,11 +232,11 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
     prompts = [bio_prompt(e, ecfg.prompt_style) for e in people]
     if not prompts:
         raise ValueError("no calibration people: raise eval.calibration_entities or the corpus size")
-    out = {}
+    out, compute = {}, compute_thread()  # the thread LocalGenerator decodes on (lacy.compute)
     for name, path in models.items():
-        cascade = Cascade(SmallLM(*load_small_model(path)), None, cfg.cascade)
+        cascade = Cascade(SmallLM(*compute.call(load_small_model, path)), None, cfg.cascade)
         for trigger in _triggers(cfg, name):
-            scores = decision_scores(cascade, prompts, trigger=trigger)
+            scores = compute.call(decision_scores, cascade, prompts, trigger=trigger)
             for big in cfg.experiment.big_models:
                 for rate in (r for r in ecfg.call_rates if r > 0):
                     realised = partial(_realised_rate, cfg, generator, people, name, big, trigger)

@@ -44,7 +44,8 @@ class BigModel:
         cfg = from_dict(LacyConfig, config)
         self.sessions = BigSessions(cfg)
         # Not @serve.batch: it forms the next batch while one runs (see BatchQueue).
-        self.queue = BatchQueue(self.sessions.continue_many, cfg.serve.big_batch, cfg.serve.big_batch_wait_s)
+        self.queue = BatchQueue(self.sessions.continue_many, cfg.serve.big_batch, cfg.serve.big_batch_wait_s,
+                                executor=self.sessions.compute.executor)
 
     async def continue_text(self, call: BigCall) -> dict:
         self.sessions.arrived(call)

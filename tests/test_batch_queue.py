@@ -92,3 +92,18 @@ def test_a_caller_that_left_is_not_run():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="max_batch"):
         BatchQueue(Recorder(), max_batch=0, max_wait_s=0.0)
+
+
+def test_batches_run_on_the_given_executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as executor:
+        ident = executor.submit(threading.get_ident).result()
+        seen = []
+        queue = BatchQueue(lambda items: seen.append(threading.get_ident()) or items, 4, 0.0, executor=executor)
+
+        async def two() -> list:
+            return await asyncio.gather(queue.submit(1), queue.submit(2))
+
+        assert asyncio.run(two()) == [1, 2]
+    assert seen and set(seen) == {ident}
