@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from lacy import storage
 from lacy.config import LacyConfig, TrainConfig, from_dict, parse_cli, save_config, to_dict
 from lacy.paths import cache_dir
 
@@ -112,6 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: LacyConfig = from_dict(LacyConfig, config["cfg"])
     train = cfg.train
+    storage.pull(cfg, config["shards_dir"], config["tokenizer_dir"])  # this node's mirror may be empty
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
@@ -130,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = read_batches(config["shards_dir"], "train", train.batch_size, seed=train.seed,
                           start_row=position.rows, loop=True)
     audit = _audit(train.output_dir, rank, stream, ranks, position) if train.audit_rows else stream
+    rows = Path(train.output_dir) / "rows"
     val = (lambda: read_batches(config["shards_dir"], "val", train.batch_size, seed=0)) if config["has_val"] else None
     mlflow_client = _mlflow_client(config) if rank == 0 else None
 
@@ -140,6 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def after_step(pos: Position, done: bool) -> None:
         if pos.step % train.checkpoint_every == 0 and not done:
             _save_and_report(engine, pos)
+            storage.push(cfg, rows)  # the audit so far, with the checkpoint it belongs to
         if train.fault_at_step == pos.step and checkpoint is None and rank == world - 1:
             _crash_once_a_checkpoint_is_registered(Path(train.output_dir) / "ray" / RUN_NAME)
 
@@ -147,6 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          ranks=ranks, log_fn=log_row, val_batches=val, after_step=after_step)
     summary["device"] = str(engine.device)
     _save_and_report(engine, position, final=(tokenizer, cfg, summary) if rank == 0 else None)
+    storage.push(cfg, rows)
 
 
 def _audit(output_dir: str, rank: int, stream: Any, ranks: Any, position: Any) -> Any:
@@ -216,6 +221,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
 
     train, output_dir = cfg.train, Path(cfg.train.output_dir)
     save_config(cfg, output_dir / "config.yaml")
+    storage.pull(cfg, Path(cfg.score.output_dir) / "manifest.json")  # the shards: each worker pulls them
     manifest = read_manifest(cfg.score.output_dir)
     if manifest.seq_len != cfg.model.seq_len:
         raise ValueError(f"model.seq_len={cfg.model.seq_len} but the shards in {cfg.score.output_dir} "
@@ -230,6 +236,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
         raise ValueError(f"train.use_gpu: {train.num_workers} GPU workers wanted, the Ray cluster has {gpus:g} GPUs")
     env = worker_env(train)
     os.environ.update(env)
+    storage_path, storage_fs = storage.ray_storage(cfg, output_dir / "ray")  # checkpoints: in the store if any
     with start_run(cfg, run_name=f"pretrain-{cfg.labels.rule}", nested=mlflow.active_run() is not None,
                    parent_run_id=parent_run_id) as mlflow_run:
         trainer = TorchTrainer(
@@ -241,17 +248,18 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
             scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                          resources_per_worker={"CPU": train.cpus_per_worker,
                                                                **train.worker_resources}),
-            run_config=RunConfig(name=RUN_NAME, storage_path=str(output_dir / "ray"),
+            run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
                                  failure_config=FailureConfig(max_failures=train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
             resume_from_checkpoint=Checkpoint.from_directory(train.resume_from) if train.resume_from else None)
         result = trainer.fit()
         if result.checkpoint is None:
-            raise RuntimeError(f"training reported no checkpoint (see {output_dir / 'ray'})")
+            raise RuntimeError(f"training reported no checkpoint (see {storage_path})")
         final = output_dir / "final"
         with result.checkpoint.as_directory() as ckpt_dir:
             shutil.rmtree(final, ignore_errors=True)
             shutil.copytree(Path(ckpt_dir) / "final", final)
+        storage.push(cfg, output_dir)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in result.metrics.items()})
         mlflow.log_artifacts(str(final), artifact_path="final")
     return final

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lacy import storage
 from lacy.config import LacyConfig, from_dict, parse_cli, to_dict
 from lacy.scoring import (
     Result,
@@ -61,6 +62,7 @@ class TagActor:
         from lacy.facts import FactTagger
 
         self.cfg = from_dict(LacyConfig, cfg)
+        storage.pull(self.cfg, tokenizer_dir)  # this node's mirror of a store-backed run may be empty
         self.tagger, self.tokenizer = FactTagger(self.cfg.facts), load_tokenizer(tokenizer_dir)
         self.keep_text = keep_text  # the model actors downstream need texts and offsets
 
@@ -80,6 +82,7 @@ class ModelActor:
 
     def __init__(self, cfg: dict, tokenizer_dir: str, device: str) -> None:
         self.cfg = from_dict(LacyConfig, cfg)
+        storage.pull(self.cfg, tokenizer_dir)
         self.reference, self.judge = load_scorers(self.cfg, load_tokenizer(tokenizer_dir), device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers import DynamicCache
 
+from lacy import storage
 from lacy.cascade import BigLM, BigModelError, BigRequestError, CachedLM, _ends_unit
 from lacy.compute import compute_thread
 from lacy.model import count_parameters, load_big_model
@@ -377,6 +378,7 @@ class BigSessions:
         if cfg.big.retrieval:
             from lacy.knowledge import SqlitePassageStore
 
+            storage.pull(cfg, cfg.knowledge.db_path)  # a replica on another node than the run's driver
             self.store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
         self.sessions: OrderedDict[tuple[str, bool], Any] = OrderedDict()
         self.lock = threading.Lock()  # end_session (any thread) against the batch on the compute thread

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from lacy.paths import resolve_path
+from lacy.storage import is_uri, join, mirror_dir
 
 
 class ConfigError(ValueError):
@@ -587,7 +588,11 @@ DERIVED_PATHS = {"score.output_dir": "shards", "train.output_dir": "train",
 @dataclass
 class LacyConfig:
     run_dir: str = "runs/default"
-    """Root of this run's outputs."""
+    """Root of this run's outputs: a local folder (shared by every node on a cluster), or an object-store
+    URI (`s3://bucket/prefix`, any pyarrow.fs URI), which `store` then names and run_dir becomes its
+    node-local mirror (lacy.storage)."""
+    store: str | None = None
+    """The object store this run lives in (set from a URI run_dir; None: run_dir is the truth)."""
     seed: int = 0
     """Seed of everything outside training (evaluation sampling, bootstrap, leakage probes)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -611,6 +616,13 @@ class LacyConfig:
         # One place to move a run: stage paths left unset live under run_dir, and every path is made
         # absolute (against $LACY_RUN_ROOT when set, e.g. by cluster/submit.sh, else the working
         # directory) so Ray workers, which run elsewhere, see the same files.
+        paths = {dotted: getattr(getattr(self, dotted.split(".")[0]), dotted.split(".")[1]) for dotted in DERIVED_PATHS}
+        paths.update({f"serve.models.{name}": path for name, path in self.serve.models.items()})
+        for dotted, value in paths.items():
+            _check(value is None or not is_uri(value), dotted, f"{value!r}: only run_dir may be an object-store "
+                   "URI (the stages' paths then live under it)")
+        if is_uri(self.run_dir):  # the stages work on a local mirror, synced with the store (lacy.storage)
+            self.store, self.run_dir = self.run_dir.rstrip("/"), str(mirror_dir(self.run_dir))
         self.run_dir = str(resolve_path(self.run_dir))
         for dotted, leaf in DERIVED_PATHS.items():
             section, name = dotted.split(".")
@@ -629,6 +641,10 @@ class LacyConfig:
             if data[section][name] == str(Path(self.run_dir) / leaf):
                 data[section][name] = None
         data["run_dir"] = str(run_dir)
+        if self.store is not None:  # a store-backed run moves inside its store, its mirror with it
+            data["store"] = None
+            if not is_uri(run_dir):
+                data["run_dir"] = join(self.store, Path(run_dir).relative_to(self.run_dir).as_posix())
         return from_dict(LacyConfig, data)
 
     def _check_sections(self) -> None:

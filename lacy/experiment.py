@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from lacy import storage
 from lacy.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
 from lacy.plan import (
     Generator,
@@ -108,6 +109,7 @@ def knowledge_stage(cfg: LacyConfig) -> Path:
         report = build_store(docs, db, cfg.knowledge.passage_words)
         log.info("knowledge store: %s", report.summary())
         stage_finish(db.parent / "knowledge", key, report=report.summary())
+        storage.push(cfg, db, db.parent / "knowledge")  # before Serve's replicas look for it
     return db
 
 
@@ -157,7 +159,9 @@ def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int |
     if not summary.get("budget_reached", True):
         raise RuntimeError(f"{rule}/{comparison} stopped at train.max_steps={rcfg.train.max_steps} with "
                            f"{summary['supervised_tokens']} of {token_budget} supervised tokens")
-    return stage_finish(out, key, final=str(final), comparison=comparison, **summary)
+    record = stage_finish(out, key, final=str(final), comparison=comparison, **summary)
+    storage.push(cfg, out)
+    return record
 
 
 def train_all(cfg: LacyConfig, train_one: Callable[[str, str, int | None], dict]) -> dict[str, dict]:
@@ -228,9 +232,11 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
 
     backend = backend or LocalBackend()
     results = Path(cfg.run_dir) / "results"
+    if storage.pull(cfg):  # a store-backed run: whatever another machine finished is reused
+        log.info("run %s: mirror %s up to date", cfg.store, cfg.run_dir)
     results.mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    with _tracking(cfg, track) as parent:
+    with _tracking(cfg, track) as parent, _pushed_at_exit(cfg):
         log.info("stage 1/5: tokenizer + shards")
         manifest = backend.build_shards(cfg, parent)
         if until == "shards":
@@ -284,6 +290,15 @@ def _trainer(cfg: LacyConfig, backend: Backend, manifest_hash: str, parent: str 
         return record or {}
 
     return train_one
+
+
+@contextlib.contextmanager
+def _pushed_at_exit(cfg: LacyConfig) -> Iterator[None]:
+    """Push the whole mirror when the run ends, also when it fails: nothing finished is lost."""
+    try:
+        yield
+    finally:
+        storage.push(cfg)
 
 
 @contextlib.contextmanager

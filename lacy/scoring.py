@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lacy import storage
 from lacy.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
 from lacy.data import ReadReport, corpus_source, doc_split, read_corpus
 from lacy.shards import (
@@ -395,6 +396,7 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
     from lacy.facts import tagger_info
 
     out = Path(cfg.score.output_dir).resolve()
+    storage.pull(cfg, out, Path(cfg.run_dir) / "tokenizer")  # units another machine finished are reused
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.rglob(".*.tmp"):  # half-written files of a killed run, never renamed into place
         if partial.is_file():
@@ -411,6 +413,7 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
     fingerprints = [unit_fingerprint(u) for u in units]
     corpus_fp = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
     tokenizer, tok_path = prepare_tokenizer(cfg, docs, corpus_fp)
+    storage.push(cfg, tok_path)  # the scoring actors load it, wherever they run
     tok_hash = tokenizer_hash(tokenizer)
     shard_hash = shard_config_hash(cfg, tok_hash)
     records = {u: r for u, fp in enumerate(fingerprints) if (r := unit_done(out, u, shard_hash, fp)) is not None}
@@ -436,6 +439,7 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
     _remove_stale_units(out, len(units))
     manifest = finalize(out, cfg, [records[u] for u in range(len(units))], shard_hash=shard_hash,
                         tok_hash=tok_hash, tok_path=tok_path, report=report, spacy=tagger_info(cfg.facts))
+    storage.push(cfg, out)
     tokens = sum(c["tokens"] for c in manifest.counts.values())
     facts = sum(c["fact_tokens"] for c in manifest.counts.values())
     metrics = {f"{split}_{key}": value for split, c in manifest.counts.items() for key, value in c.items()}

@@ -62,6 +62,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lacy import storage
 from lacy.batched import BigCall, BigSessions, FeedBatcher, device_for, raise_for_failure
 from lacy.cascade import (
     BigModelError,
@@ -525,6 +526,7 @@ class CascadeEngine:
         self.compute.set_threads(s.torch_threads)
         self.device = device_for(s.small_gpus, "small")
         paths = {DEFAULT_MODEL: s.small_path, **s.models}
+        storage.pull(cfg, *paths.values())  # a replica on another node than the run's driver
         loaded: dict[str, tuple[Any, Any]] = {}
         self.models: dict[str, tuple[Any, Any]] = {}
         for name, path in paths.items():

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lacy import storage
 from lacy.config import LacyConfig, TrainConfig, parse_cli, save_config
 from lacy.labels import Gather, lacy_step, token_losses
 
@@ -341,6 +342,7 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
     from lacy.tokenizer import call_id as find_call_id
 
     shards = Path(cfg.score.output_dir)
+    storage.pull(cfg, shards, Path(cfg.run_dir) / "tokenizer")
     manifest = read_manifest(shards)
     if manifest.seq_len != cfg.model.seq_len:
         raise ValueError(f"model.seq_len {cfg.model.seq_len} differs from the shards' seq_len "
@@ -368,6 +370,7 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
     summary["device"] = str(device)
     save_final(model, tokenizer, out / "final", cfg, summary, trainer=trainer, save_dtype=save_dtype,
                max_shard_mb=max_shard_mb)
+    storage.push(cfg, out)
     summary.pop("history")
     return summary
 

@@ -13,6 +13,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests/test_storage.py's loopback S3 server takes any credentials; Ray's workers inherit these.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "lacy-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "lacy-test")
 
 import pytest  # noqa: E402
 
