@@ -112,6 +112,30 @@ def ray_job(work: Path, name: str, docs: list[dict], tok_dir: Path, batch: int, 
     return result
 
 
+def model_actor_profile(events: list[dict], since: float) -> dict:
+    """Where the model actor's core went, from `ray.timeline()`: its busy share between its first start
+    and its last end, and its idle time split into waiting for the spaCy actor (the next tagged batch
+    did not exist yet) and hand-over (it existed: Ray Data had not delivered it yet)."""
+    def spans(actor: str) -> list[tuple[float, float]]:
+        return sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in events
+                      if e.get("ph") == "X" and e["ts"] / 1e6 >= since
+                      and e.get("cat") == f"task::MapWorker(MapBatches({actor})).submit")
+
+    tagged, model = spans("TagActor"), spans("ModelActor")
+    ready = sorted(end for _, end in tagged)
+    busy = sum(end - start for start, end in model)
+    waiting = handover = 0.0
+    for i in range(len(model) - 1):
+        gap_start, gap = model[i][1], model[i + 1][0] - model[i][1]
+        starved = min(max(ready[i + 1] - gap_start, 0.0), gap) if i + 1 < len(ready) else 0.0
+        waiting, handover = waiting + starved, handover + gap - starved
+    window = model[-1][1] - model[0][0]
+    return {"batches": len(model), "window_s": window, "busy_share": busy / window,
+            "idle_waiting_for_spacy_s": waiting, "idle_handover_s": handover,
+            "spacy_busy_share": sum(e - s for s, e in tagged) / window,
+            "mean_model_batch_s": busy / len(model), "mean_spacy_batch_s": sum(e - s for s, e in tagged) / len(tagged)}
+
+
 def huge_corpus(docs: list[dict], tok, tokens: int) -> list[dict]:
     """20 ordinary documents and one of about `tokens` tokens (the corpus' texts joined, repeated)."""
     joined = "\n".join(d["text"] for d in docs)
@@ -132,6 +156,9 @@ def main() -> None:
                         help="facts.max_chars of the memory runs")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the ceiling, bare, ray-1, ray-2 (median)")
     parser.add_argument("--force", action="store_true", help="run (and record) on a busy machine")
+    parser.add_argument("--reference-only", type=int, default=0, metavar="N",
+                        help="only bare+ref and N runs of ray+ref, with the model actor's timeline profile "
+                             "(writes bench/results/score-reference.json)")
     args = parser.parse_args()
     start_load = load_guard(args.force)
 
@@ -160,6 +187,9 @@ def main() -> None:
         return FactTagger(cfg.facts)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=400 * 1024**2)
+    if args.reference_only:
+        reference_runs(args, work, docs, tok, fresh(), start_load)
+        return
     results: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {"spacy ceiling": [], "bare": [], "ray-1": [], "ray-2": []}
     for r in range(args.repeats):  # interleaved, so drift of the machine's load biases no variant
@@ -215,6 +245,31 @@ def main() -> None:
     record(REPO / "bench" / "results" / "score.json",
            {"args": vars(args), "tokens": n_tokens, "results": results, "memory": memory, **ratios},
            start_load, own_threads=2, force=args.force)
+
+
+def reference_runs(args: argparse.Namespace, work: Path, docs: list[dict], tok, tagger, start_load: float) -> None:
+    """bare+ref once, ray+ref `--reference-only` times, each with the model actor's timeline profile."""
+    import ray
+
+    from lacy.model import load_big_model
+    from lacy.reference import ReferenceScorer
+
+    ref_model, ref_tok = load_big_model(str(work / "ref"))
+    bare_ref = bare(docs[:args.reference_docs], tok, tagger, ReferenceScorer(ref_model, ref_tok))
+    runs = []
+    for r in range(args.reference_only):
+        since = time.time()
+        run = ray_job(work, f"rayref{r}", docs[:args.reference_docs], work / "tok", args.batch,
+                      ["--score.spacy_actors", "1", "--score.reference", str(work / "ref")])
+        run["profile"] = model_actor_profile(ray.timeline(), since)
+        runs.append(run)
+        print(json.dumps({"run": r, "tok_s": round(run["tok_s"]),
+                          "vs_bare_ref": round(run["tok_s"] / bare_ref["tok_s"], 3),
+                          "sampled_model_cpu": round(run["cpu_share"]["ModelActor"], 3),
+                          **{k: round(v, 3) for k, v in run["profile"].items()}}), flush=True)
+    ray.shutdown()
+    record(REPO / "bench" / "results" / "score-reference.json",
+           {"args": vars(args), "bare+ref": bare_ref, "ray+ref": runs}, start_load, own_threads=2, force=args.force)
 
 
 if __name__ == "__main__":

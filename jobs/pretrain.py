@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from jobs import init_ray
 from lacy import storage
 from lacy.config import LacyConfig, TrainConfig, from_dict, parse_cli, save_config, to_dict
 from lacy.paths import cache_dir
@@ -229,8 +230,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
     if train.resume_from is not None and not (Path(train.resume_from) / CHECKPOINT_TAG).is_dir():
         raise FileNotFoundError(f"train.resume_from: {train.resume_from} is not a checkpoint of this job "
                                 f"(no {CHECKPOINT_TAG}/ inside)")
-    if not ray.is_initialized():
-        ray.init(address="auto") if os.environ.get("RAY_ADDRESS") else ray.init()
+    init_ray()
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if train.use_gpu and gpus < train.num_workers:
         raise ValueError(f"train.use_gpu: {train.num_workers} GPU workers wanted, the Ray cluster has {gpus:g} GPUs")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from jobs import init_ray
 from lacy import storage
 from lacy.config import LacyConfig, from_dict, parse_cli, to_dict
 from lacy.scoring import (
@@ -137,15 +137,6 @@ def _check_gpus(ray: Any, wanted: float, field: str) -> None:
     have = ray.cluster_resources().get("GPU", 0.0)
     if wanted > have:
         raise ValueError(f"{field}: {wanted:g} GPUs wanted, the Ray cluster has {have:g}")
-
-
-def init_ray() -> Any:
-    """Connect to the cluster named by RAY_ADDRESS, else reuse an initialised Ray, else start one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="auto") if os.environ.get("RAY_ADDRESS") else ray.init(include_dashboard=False)
-    return ray
 
 
 def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:

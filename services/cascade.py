@@ -30,6 +30,7 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from jobs import RAY_ENV_DEFAULTS, init_ray
 from lacy import serving
 from lacy.batched import BatchQueue, BigCall, BigSessions
 from lacy.cascade import Quantiles
@@ -142,6 +143,8 @@ def app(args: dict) -> Any:
     overrides = args.get("overrides", [])
     cfg = load_config(args.get("config"), shlex.split(overrides) if isinstance(overrides, str) else list(overrides))
     if not ray.is_initialized():  # `serve run IMPORT_PATH`: Serve is not started yet, so it can take our address
+        for name, value in RAY_ENV_DEFAULTS.items():  # for a Ray this call starts
+            os.environ.setdefault(name, value)
         ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     return build_app(cfg)
@@ -150,6 +153,7 @@ def app(args: dict) -> Any:
 def run(cfg: LacyConfig, blocking: bool = False, name: str = "cascade", route_prefix: str = "/") -> Any:
     """Start Serve on cfg.serve.host:port (unless it runs already) and deploy the app as `name` at
     `route_prefix`; returns its handle. Remove it with `delete(name)`."""
+    init_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
 

@@ -100,3 +100,23 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_schema():
     assert schema.http_options.host == "127.0.0.1"
     for app in raw["applications"]:
         _app_config_ok(app["args"])
+
+
+def test_a_ray_we_start_gives_serves_proxy_time_to_start() -> None:
+    """Serve's default 5 s for a starting HTTP proxy was too short on loaded cores; a Ray our jobs start
+    (and cluster/env.sh's `ray start`) hands its processes 60 s, read where Serve reads it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ray\nfrom jobs import init_ray\ninit_ray()\n"
+            "@ray.remote\ndef timeout():\n"
+            "    from ray.serve._private.constants import PROXY_READY_CHECK_TIMEOUT_S\n"
+            "    return PROXY_READY_CHECK_TIMEOUT_S\n"
+            "print('TIMEOUT', ray.get(timeout.remote()))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert "TIMEOUT 60.0" in out.stdout, out.stderr[-2000:]
+    assert "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=${RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S:-60}" in (
+        Path(__file__).resolve().parent.parent / "cluster" / "env.sh").read_text()
