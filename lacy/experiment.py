@@ -232,8 +232,7 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
 
     backend = backend or LocalBackend()
     results = Path(cfg.run_dir) / "results"
-    if storage.pull(cfg):  # a store-backed run: whatever another machine finished is reused
-        log.info("run %s: mirror %s up to date", cfg.store, cfg.run_dir)
+    storage.pull(cfg)  # a store-backed run: whatever another machine finished is reused
     results.mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     with _tracking(cfg, track) as parent, _pushed_at_exit(cfg):

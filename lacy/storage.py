@@ -22,16 +22,21 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from lacy.paths import cache_dir
 
+if TYPE_CHECKING:  # lacy.config imports this module
+    from lacy.config import LacyConfig
+
 log = logging.getLogger(__name__)
 
 SYNC_RECORD = ".lacy-sync.json"
+CHUNK = 1 << 22
 SKIPPED_DIRS = {"ray"}
 """Folders never mirrored: Ray Train's storage (checkpoints live in the store only)."""
 
@@ -103,8 +108,7 @@ class Mirror:
                     local.parent.mkdir(parents=True, exist_ok=True)
                     tmp = local.with_name(f".{local.name}.{os.getpid()}.pull")
                     with self.fs.open_input_stream(remote.path) as src, open(tmp, "wb") as dst:
-                        while chunk := src.read(1 << 22):
-                            dst.write(chunk)
+                        shutil.copyfileobj(src, dst, CHUNK)
                     os.replace(tmp, local)
                     record[name] = _stat(local) + theirs
                     moved += 1
@@ -127,8 +131,7 @@ class Mirror:
                     remote = self._remote(name)
                     self.fs.create_dir(remote.rsplit("/", 1)[0], recursive=True)
                     with open(local, "rb") as src, self.fs.open_output_stream(remote) as dst:
-                        while chunk := src.read(1 << 22):
-                            dst.write(chunk)
+                        shutil.copyfileobj(src, dst, CHUNK)
                     info = self.fs.get_file_info(remote)
                     record[name] = _stat(local) + [info.size, info.mtime_ns]
                     moved += 1
@@ -175,20 +178,20 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def pull(cfg: Any, *paths: str | Path) -> int:
+def pull(cfg: LacyConfig, *paths: str | Path) -> int:
     """`Mirror.pull` for a store-backed config (`cfg.store`); nothing to do for a local run."""
-    return Mirror(cfg.store, cfg.run_dir).pull(*paths) if getattr(cfg, "store", None) else 0
+    return Mirror(cfg.store, cfg.run_dir).pull(*paths) if cfg.store else 0
 
 
-def push(cfg: Any, *paths: str | Path) -> int:
+def push(cfg: LacyConfig, *paths: str | Path) -> int:
     """`Mirror.push` for a store-backed config (`cfg.store`); nothing to do for a local run."""
-    return Mirror(cfg.store, cfg.run_dir).push(*paths) if getattr(cfg, "store", None) else 0
+    return Mirror(cfg.store, cfg.run_dir).push(*paths) if cfg.store else 0
 
 
-def ray_storage(cfg: Any, local: str | Path) -> tuple[str, Any]:
+def ray_storage(cfg: LacyConfig, local: str | Path) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: the store's counterpart of the
     local folder `local` for a store-backed run, else the folder itself."""
-    if not getattr(cfg, "store", None):
+    if not cfg.store:
         return str(local), None
     fs, root = filesystem(cfg.store)
     rel = Path(local).relative_to(cfg.run_dir).as_posix()
