@@ -1,8 +1,9 @@
-# Two commands on a fresh machine: `make run` (set up + main job on the embedded default), `make test`.
+# Two commands on a fresh machine: `make run` (set up + the main job: the synthetic benchmark, whose data the
+# project generates), `make test`. Wikipedia: `make run CONFIG=configs/default.yaml`.
 VENV ?= .venv
 PY := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/default.yaml
+CONFIG ?= configs/synthbio-quick.yaml
 PYTEST_ARGS ?=
 
 # Single-node environment from ../shared/PLATFORM.md (never set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER on a

@@ -1,7 +1,7 @@
 """GPT-2's tanh GELU as transformers' Python `gelu_new` against the fused `gelu_pytorch_tanh` (what
 `lacy.model` uses): same weights, same batch, one training step each, interleaved round by round.
 
-    .venv/bin/python -m bench.activation --rounds 8      # the make run shapes: small, 16 x 128, 2 threads
+    .venv/bin/python -m bench.activation --rounds 8      # configs/default.yaml shapes: small, 16 x 128, 2 threads
 
 Prints the largest logit difference and the median seconds per step of each; refuses a busy machine;
 writes `bench/results/activation.json`.

@@ -4,7 +4,7 @@ One optimiser step (forward, loss, backward, AdamW) on random tokens with random
 reference losses and judge sets; the baseline is `F.cross_entropy` on the same model and batch.
 Variants are interleaved round by round and the median step time of each is reported:
 
-    .venv/bin/python -m bench.labels --preset small --vocab 4097 --seq-len 128 --batch 16 --threads 2  # make run
+    .venv/bin/python -m bench.labels --preset small --vocab 4097 --seq-len 128 --batch 16 --threads 2  # default.yaml
 
 Prints one JSON line per variant: median seconds per step and the ratio to cross-entropy. Refuses to
 start above a load of 1.5 per core (`--force` to measure anyway, marked as under load).

@@ -7,12 +7,12 @@ start-up: Ray Train, DeepSpeed, the first steps). In order:
   ceiling        a bare loop over the model's GEMMs (`bench.limits.matmul_ceiling`): FLOP/s
   torch          a bare PyTorch loop: GPT-2 forward, `F.cross_entropy`, backward, AdamW (the ceiling of
                  every trainer: no objective, no stats, no schedule)
-  lacy.train     the library's loop with `--rule` (`lacy.train.train`), the `make run` path
+  lacy.train     the library's loop with `--rule` (`lacy.train.train`), the path of every training run
   ray_deepspeed  `jobs.pretrain` (Ray Train + DeepSpeed ZeRO-1, 1 worker of `--threads` CPUs)
   torch (again)  the bare loop once more: how far the machine drifted meanwhile
 
 MFU = tokens/s x `train_flops_per_token` / the GEMM ceiling. Targets (issue 19): lacy.train MFU >= 50 %,
-ray_deepspeed >= 0.9x lacy.train. The `make run` shapes:
+ray_deepspeed >= 0.9x lacy.train. The shapes of the embedded default (configs/default.yaml):
 
     .venv/bin/python -m bench.pretrain --preset small --seq-len 128 --batch 16 --vocab 4096 --threads 2
 
@@ -133,7 +133,7 @@ def ray_job(cfg: LacyConfig) -> tuple[list[float], dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=150, help="as `make run` trains each rule")
+    parser.add_argument("--steps", type=int, default=150, help="as configs/default.yaml trains each rule")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--seq-len", type=int, default=128)

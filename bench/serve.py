@@ -131,11 +131,11 @@ def main() -> None:
     # 1a. In-process: a fresh cascade per prompt (as Serve makes one per request), fixed threshold.
     probe = Cascade(SmallLM(small_model, small_tok), BigLM(big_model, big_tok), cfg.cascade)
     threshold = calibrate(probe, PROMPTS, 0.22)
-    probe.generate(PROMPTS[0], call_threshold=threshold)  # warm-up, as Serve gets one below
+    probe.generate(PROMPTS[0], call_log_odds=threshold)  # warm-up, as Serve gets one below
     start, tokens, calls = time.perf_counter(), 0, 0
     for prompt in prompts:
         r = Cascade(SmallLM(small_model, small_tok), BigLM(big_model, big_tok), cfg.cascade).generate(
-            prompt, call_threshold=threshold)
+            prompt, call_log_odds=threshold)
         tokens += r.small_tokens + r.big_tokens
         calls += r.calls
     in_process = (time.perf_counter() - start) / tokens
@@ -145,7 +145,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     run(cfg, name="bench-serve", route_prefix="/")
     http = httpx.Client(base_url=f"http://127.0.0.1:{cfg.serve.port}", timeout=600)
-    body = lambda p, m=args.max_tokens: {"prompt": p, "max_tokens": m, "call_threshold": threshold}  # noqa: E731
+    body = lambda p, m=args.max_tokens: {"prompt": p, "max_tokens": m, "call_log_odds": threshold}  # noqa: E731
     http.post("/generate", json=body(PROMPTS[0])).raise_for_status()  # warm-up
     start, serve_tokens = time.perf_counter(), 0
     for prompt in prompts:

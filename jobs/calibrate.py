@@ -1,21 +1,25 @@
 """Calibrate the cascade: the fixed P(<CALL>) threshold that gives a target call rate.
 
 Decodes held-out prompts with the small model alone (no big model needed) and takes the (1 - rate)
-quantile of P(<CALL>) at the decision points (`lacy.cascade.calibrate`). Prompts: one per line of
+quantile of P(<CALL>)'s log-odds at the decision points (`lacy.cascade.calibrate`): log-odds, because a
+sure model's probabilities round to exactly 1 and tie. Prompts: one per line of
 `--prompts FILE`, else the first `--prompt-words` words of `--n` validation documents of `data.corpus`.
 
     python -m jobs.calibrate --config configs/tiny.yaml --small runs/tiny/train/final --rate 0.22
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python -m jobs.calibrate --config configs/small.yaml --small runs/small/train/final --rate 0.22
 
-Prints and writes JSON {threshold, rate, prompts, small, config_hash} to `--out`
-(default `<run_dir>/calibration.json`), with the resolved config beside it.
+Prints and writes JSON {log_odds, threshold, rate, prompts, small, config_hash} to `--out`
+(default `<run_dir>/calibration.json`), with the resolved config beside it: deploy with
+`cascade.call_log_odds` (or send `call_log_odds`); `threshold` is the same as a probability, which
+rounds to 1.0 past log-odds ≈ 37.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
@@ -75,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(args.small, use_safetensors=True)
     cascade = Cascade(SmallLM(model, load_tokenizer(args.small)), None, cfg.cascade)
-    threshold = calibrate(cascade, prompts, rate)
+    bound = calibrate(cascade, prompts, rate)
 
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "calibration.json"
-    result = {"threshold": threshold, "rate": rate, "prompts": len(prompts),
+    result = {"log_odds": bound, "threshold": 1 / (1 + math.exp(-bound)), "rate": rate, "prompts": len(prompts),
               "small": str(Path(args.small).resolve()), "config_hash": config_hash(cfg)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

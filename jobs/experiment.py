@@ -1,6 +1,7 @@
 """The whole experiment on Ray: `lacy.experiment.run` with its heavy stages distributed.
 
-    python -m jobs.experiment --config configs/default.yaml           # `make run`: embedded default
+    python -m jobs.experiment --config configs/synthbio-quick.yaml    # `make run`: the synthetic benchmark
+    python -m jobs.experiment --config configs/default.yaml           # embedded Wikipedia leads
     python -m jobs.experiment --config configs/tiny.yaml --experiment.rules '[plain, lacy]'  # minutes
     cluster/submit.sh experiment configs/gpu-334m.yaml                # ray job submit to a cluster
 
@@ -39,7 +40,7 @@ class ServeGenerator:
                                 "allow_calls": request.big is not None, "topic": request.topic}
         if request.big is not None:
             body.update(retrieval=request.big == "retrieval", call_trigger=request.trigger,
-                        call_threshold=request.threshold)
+                        call_log_odds=request.threshold)
         r = self.http.post("/generate", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"/generate answered {r.status_code}: {r.text[:300]}")

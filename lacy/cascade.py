@@ -12,14 +12,17 @@ the non-<CALL> token t* it would write (the argmax, or a sample at temperature >
 entity, or a few tokens) and the small model resumes from the new text; otherwise the small model emits
 t*. Triggers: `p_call`, P(<CALL>) under the full softmax (a model trained with <CALL>); `confidence`,
 1 - the largest probability of the real-token distribution (the softmax with <CALL> removed): BiLD-style
-calling that needs no <CALL> training. Both models keep a KV cache and, when the text changes
-under them, re-encode only the suffix after the longest common token prefix (so a generation with many
-calls costs each model a number of forward tokens linear in the text length, not quadratic).
+calling that needs no <CALL> training. Each is scored as log-odds (`SmallLM.call_score`): a probability
+rounds to exactly 1.0 once a model is sure, and no threshold splits such ties, while log-odds keep
+their order. Both models keep a KV cache and, when the text changes under them, re-encode only the
+suffix after the longest common token prefix (so a generation with many calls costs each model a
+number of forward tokens linear in the text length, not quadratic).
 
-Threshold: fixed (`call_threshold`), or held at a requested call rate by a running quantile of the
-scores seen at decision points (`RunningQuantile`, shared across cascades through `Quantiles`);
-`calibrate` maps a rate to a fixed threshold offline. A call fires when the score is strictly above
-the threshold.
+Threshold: fixed — as a probability (`call_threshold`, compared as its log-odds) or directly as
+log-odds (`call_log_odds`, what calibration returns) — or held at a requested call rate by a running
+quantile of the scores seen at decision points (`RunningQuantile`, shared across cascades through
+`Quantiles`); `calibrate` maps a rate to a fixed log-odds threshold offline. A call fires when the
+score is strictly above the threshold.
 
 Word starts (cfg.word_start_only): a call replaces a whole word, so it may fire only where a new word
 begins. We decide this from t*, the token the small model would write instead: the position is a word
@@ -84,8 +87,8 @@ class CascadeResult:
     """Steps where a call was allowed (word starts, when cfg.word_start_only)."""
     call_rate: float
     """calls / decision_points (0.0 without decision points)."""
-    call_probs: list[float]
-    """The trigger's score (P(<CALL>), or 1 - confidence) at every word-start step (recorded even with
+    call_scores: list[float]
+    """The trigger's log-odds score (`SmallLM.call_score`) at every word-start step (recorded even with
     calls disabled; used by `calibrate`)."""
     tokens_processed: dict[str, int]
     """Forward-pass tokens per model ("small", "big") during this generation."""
@@ -212,19 +215,19 @@ class SmallLM(CachedLM):
         """Make the model's state the full `text` (re-encoding only what changed)."""
         self.sync(self.encode(text))
 
-    def p_call(self) -> float:
-        """P(<CALL>) of the next token under the full softmax."""
-        assert self.logits is not None, "sync a text first"
-        return float(torch.softmax(self.logits, dim=-1)[self.call_id])
-
     def call_score(self, trigger: str = "p_call") -> float:
-        """The score a call trigger compares with its threshold: P(<CALL>) ("p_call"), or 1 - the largest
-        probability of the real-token distribution, the softmax with <CALL> removed ("confidence")."""
-        if trigger == "p_call":
-            return self.p_call()
-        if trigger == "confidence":
-            return 1.0 - float(torch.softmax(self.next_logits(allow_call=False), dim=-1).max())
-        raise ValueError(f"unknown call trigger {trigger!r}; choose from {TRIGGERS}")
+        """The score a call trigger compares with its threshold, as log-odds log(p / (1 - p)) computed from
+        the logits, so it never rounds to a tie where p rounds to 1: p = P(<CALL>) ("p_call":
+        z_CALL - logsumexp of the other logits), or p = 1 - the largest probability of the real-token
+        distribution, the softmax with <CALL> removed ("confidence": logsumexp of the other real logits
+        - the largest)."""
+        if trigger not in TRIGGERS:
+            raise ValueError(f"unknown call trigger {trigger!r}; choose from {TRIGGERS}")
+        logits = self.next_logits(allow_call=trigger == "p_call").double()
+        top = self.call_id if trigger == "p_call" else int(logits.argmax())
+        rest = logits.clone()
+        rest[top] = float("-inf")
+        return float(logits[top] - torch.logsumexp(rest, dim=-1)) * (1 if trigger == "p_call" else -1)
 
     def next_logits(self, allow_call: bool = True) -> torch.Tensor:
         """Next-token logits [V]; with allow_call=False the <CALL> logit is -inf (small-alone, leakage)."""
@@ -302,16 +305,26 @@ def _ends_unit(out: str, piece: str, unit: str) -> bool:
 # Threshold control
 
 
+def log_odds(p: float) -> float:
+    """log(p / (1 - p)): the score scale of every trigger; 0 -> -inf (always fires), 1 -> inf (never)."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
 class RunningQuantile:
     """Holds a call rate: decides "fire" when a value is above the running (1 - rate) quantile.
 
     `observe(p)` adds p to the last `window` values and returns p > quantile(values, 1 - rate)
     (numpy's linear interpolation). For the first `warmup` values the quantile is too noisy, so
-    `initial` is the threshold instead. rate 0 never fires, rate 1 always fires. Not thread-safe on its
-    own: cascades that share one go through `Quantiles`, which locks.
+    `initial` is the threshold instead (0: log-odds of probability 0.5). rate 0 never fires, rate 1
+    always fires. Not thread-safe on its own: cascades that share one go through `Quantiles`, which
+    locks.
     """
 
-    def __init__(self, rate: float, warmup: int = 16, initial: float = 0.5, window: int = 4096) -> None:
+    def __init__(self, rate: float, warmup: int = 16, initial: float = 0.0, window: int = 4096) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be in [0, 1], got {rate}")
         if warmup < 0 or window <= 0:
@@ -361,7 +374,7 @@ class Quantiles:
     send many distinct rates cannot grow memory.
     """
 
-    def __init__(self, max_keys: int = 64, warmup: int = 16, initial: float = 0.5, window: int = 4096) -> None:
+    def __init__(self, max_keys: int = 64, warmup: int = 16, initial: float = 0.0, window: int = 4096) -> None:
         if max_keys <= 0:
             raise ValueError(f"max_keys must be positive, got {max_keys}")
         self.max_keys, self.warmup, self.initial, self.window = max_keys, warmup, initial, window
@@ -402,15 +415,16 @@ class _Run:
     calls: int = 0
     small_tokens: int = 0
     decision_points: int = 0
-    call_probs: list[float] = field(default_factory=list)
+    call_scores: list[float] = field(default_factory=list)
     stop_reason: Literal["eos", "max_new_tokens", "context", "stopped", "error"] = "stopped"
 
 
 class Cascade:
     """Small model + big model. `big` may be None when calls are never made (calibration, small-alone).
 
-    Per-request policy: call_threshold / call_rate / trigger / max_new_tokens / allow_calls override the
-    config; temperature / top_p / seed sample the small model's tokens (the big model stays greedy).
+    Per-request policy: call_threshold / call_log_odds / call_rate / trigger / max_new_tokens /
+    allow_calls override the config; temperature / top_p / seed sample the small model's tokens (the
+    big model stays greedy).
     Running quantiles live in `quantiles` (a `Quantiles`, or anything with its `observe`): pass one to
     many cascades (e.g. per-request ones in Serve) to share their warm-up and hold a rate across them.
     """
@@ -430,7 +444,8 @@ class Cascade:
         return self.result
 
     def generate_stream(self, prompt: str, *, call_threshold: float | None = None,
-                        call_rate: float | None = None, trigger: str | None = None,
+                        call_log_odds: float | None = None, call_rate: float | None = None,
+                        trigger: str | None = None,
                         max_new_tokens: int | None = None, allow_calls: bool = True,
                         topic: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
                         seed: int | None = None) -> Iterator[Span]:
@@ -444,7 +459,7 @@ class Cascade:
         trigger = self.cfg.trigger if trigger is None else trigger
         if trigger not in TRIGGERS:
             raise ValueError(f"unknown call trigger {trigger!r}; choose from {TRIGGERS}")
-        decide = self._decider(call_threshold, call_rate, trigger) if allow_calls else None
+        decide = self._decider(call_threshold, call_log_odds, call_rate, trigger) if allow_calls else None
         if decide is not None and self.big is None:
             raise ValueError("calls are allowed but the cascade has no big model")
         if decide is not None and topic is not None and not _takes_topic(self.big):
@@ -489,10 +504,10 @@ class Cascade:
                 token = _choose(logits, temperature, top_p, generator)
                 at_word_start = not self.cfg.word_start_only or _word_start(run.text, small.decode([token]))
                 if at_word_start:
-                    run.call_probs.append(small.call_score(trigger))
+                    run.call_scores.append(small.call_score(trigger))
                 if decide is not None and at_word_start:
                     run.decision_points += 1
-                    if decide(run.call_probs[-1]):
+                    if decide(run.call_scores[-1]):
                         if pending:
                             yield flush(pending)
                         run.calls += 1
@@ -532,21 +547,29 @@ class Cascade:
                 text=run.text, spans=_merge(run.spans), calls=run.calls, small_tokens=run.small_tokens,
                 big_tokens=after[3] - before[3], decision_points=run.decision_points,
                 call_rate=run.calls / run.decision_points if run.decision_points else 0.0,
-                call_probs=run.call_probs,
+                call_scores=run.call_scores,
                 tokens_processed={"small": after[0] - before[0], "big": after[2] - before[2]},
                 timings={"small": after[1] - before[1], "big": big_seconds},
                 stop_reason=run.stop_reason)
 
-    def _decider(self, call_threshold: float | None, call_rate: float | None, trigger: str):
+    def _decider(self, call_threshold: float | None, call_log_odds: float | None, call_rate: float | None,
+                 trigger: str):
         """score -> fire? from the request's policy, else the config's (a threshold wins over a rate)."""
-        if call_threshold is not None and call_rate is not None:
-            raise ValueError("give call_threshold or call_rate, not both")
-        if call_threshold is None and call_rate is None:
-            call_threshold, call_rate = self.cfg.call_threshold, self.cfg.call_rate
+        given = [name for name, v in (("call_threshold", call_threshold), ("call_log_odds", call_log_odds),
+                                      ("call_rate", call_rate)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of call_threshold, call_log_odds or call_rate, not both {given}")
+        if not given:
+            call_threshold, call_log_odds = self.cfg.call_threshold, self.cfg.call_log_odds
+            call_rate = None if call_threshold is not None or call_log_odds is not None else self.cfg.call_rate
         if call_threshold is not None:
             if not 0.0 <= call_threshold <= 1.0:
                 raise ValueError(f"call_threshold must be in [0, 1], got {call_threshold}")
-            return lambda p: p > call_threshold
+            call_log_odds = log_odds(call_threshold)
+        if call_log_odds is not None:
+            if math.isnan(call_log_odds):
+                raise ValueError("call_log_odds must be a number, got NaN")
+            return lambda score: score > call_log_odds
         if call_rate is None:
             raise ValueError("no call policy: set call_threshold or call_rate (or allow_calls=False)")
         if not 0.0 <= call_rate <= 1.0:
@@ -629,19 +652,19 @@ def decision_scores(cascade: Cascade, prompts: list[str], *, max_new_tokens: int
     with calls disabled: the open-loop distribution `calibrate` takes its quantiles from."""
     if not prompts:
         raise ValueError("calibrate needs at least one prompt")
-    probs: list[float] = []
+    scores: list[float] = []
     for prompt in prompts:
-        probs += cascade.generate(prompt, allow_calls=False, max_new_tokens=max_new_tokens,
-                                  trigger=trigger).call_probs
-    if not probs:
+        scores += cascade.generate(prompt, allow_calls=False, max_new_tokens=max_new_tokens,
+                                   trigger=trigger).call_scores
+    if not scores:
         raise ValueError("no decision points while decoding the prompts; nothing to calibrate on")
-    return np.asarray(probs, dtype=np.float64)
+    return np.asarray(scores, dtype=np.float64)
 
 
 def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
               max_new_tokens: int | None = None, trigger: str | None = None) -> float:
-    """The fixed threshold on `trigger`'s score (None: the cascade's config) whose call rate on `prompts`
-    is `target_rate` with calls disabled (open loop).
+    """The fixed log-odds threshold (`call_log_odds`) on `trigger`'s score (None: the cascade's config)
+    whose call rate on `prompts` is `target_rate` with calls disabled (open loop).
 
     Returns the (1 - rate) quantile of `decision_scores`: a share `target_rate` of them lies strictly
     above it (up to ties). Calls change what the small model reads next, so the realised rate with
@@ -657,6 +680,7 @@ def calibrate(cascade: Cascade, prompts: list[str], target_rate: float, *,
 @dataclass
 class Calibration:
     threshold: float
+    """On the trigger's log-odds score (a cascade's `call_log_odds`)."""
     realised_rate: float | None
     """Call rate with calls on at `threshold` (None: open loop only, never measured)."""
     rounds: int = 0
@@ -667,12 +691,13 @@ class Calibration:
 
 def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Callable[[float], float],
                           rounds: int, tolerance: float = 0.02, step: float = 1.0) -> Calibration:
-    """The threshold whose call rate *with calls on* (`realised(threshold)`) is closest to `target_rate`.
+    """The log-odds threshold whose call rate *with calls on* (`realised(threshold)`) is closest to
+    `target_rate`.
 
     Starts at the open-loop threshold (`calibrate`'s quantile of `scores`) and, until the target is
     bracketed, moves to the open-loop quantile at the level scaled by target / realised rate, or (when
-    that cannot move it: after a call the scores can leave the open-loop range altogether) by a logit
-    step of `step`, doubling; then interpolation of logit(rate) between the bracket's ends (the
+    that cannot move it: after a call the scores can leave the open-loop range altogether) by a step of
+    `step` log-odds, doubling; then interpolation of logit(rate) between the bracket's ends (the
     midpoint when that lands near an end). Stops after `rounds` measurements or within `tolerance`;
     returns the best measured threshold. rounds = 0 is the open-loop threshold, unmeasured.
     """
@@ -687,7 +712,7 @@ def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Call
     above: tuple[float, float] | None = None  # (x, rate) of the highest threshold still calling too often
     below: tuple[float, float] | None = None  # (x, rate) of the lowest threshold calling too rarely
     while measured < rounds:
-        rate, measured, x = realised(threshold), measured + 1, logit(threshold)
+        rate, measured, x = realised(threshold), measured + 1, threshold
         first = rate if first is None else first
         if best is None or abs(rate - target_rate) < abs(best.realised_rate - target_rate):
             best = Calibration(threshold, rate)
@@ -699,9 +724,9 @@ def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Call
             below = (x, rate) if below is None or x < below[0] else below
         if above is None or below is None:
             # Unbracketed: the open-loop quantile at a proportionally scaled level, when that moves the
-            # threshold the right way; else a logit step, doubling.
+            # threshold the right way; else a fixed step, doubling.
             level = float(np.mean(scores > threshold)) * target_rate / max(rate, eps)
-            guess = logit(float(np.quantile(scores, 1.0 - min(level, 1.0))))
+            guess = float(np.quantile(scores, 1.0 - min(level, 1.0)))
             if (guess > x) == (rate > target_rate) and guess != x:
                 x = guess
             else:
@@ -712,6 +737,6 @@ def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Call
             x = x1 + (logit(target_rate) - y1) * (x2 - x1) / (y2 - y1) if y2 != y1 else (x1 + x2) / 2
             if not min(x1, x2) + 0.1 * abs(x2 - x1) < x < max(x1, x2) - 0.1 * abs(x2 - x1):
                 x = (x1 + x2) / 2
-        threshold = 1 / (1 + math.exp(-x))
+        threshold = x
     best.rounds, best.open_loop_rate = measured, first
     return best

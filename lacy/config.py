@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import sys
 import types
 import typing
@@ -358,8 +359,11 @@ class KnowledgeConfig:
 @dataclass
 class CascadeConfig:
     call_threshold: float | None = None
-    """Fixed threshold on the trigger's score (a call fires strictly above it); when set it wins over
-    call_rate."""
+    """Fixed threshold on the trigger's probability (a call fires strictly above it; compared as its
+    log-odds); when set it wins over call_rate."""
+    call_log_odds: float | None = None
+    """Fixed threshold on the trigger's log-odds score (what calibration returns: it resolves models
+    whose probabilities round to 1); set this or call_threshold, not both; wins over call_rate."""
     call_rate: float | None = 0.22
     """Target call rate held by a running quantile of the trigger's score."""
     trigger: str = "p_call"
@@ -379,6 +383,10 @@ class CascadeConfig:
     def __post_init__(self) -> None:
         _check(self.call_threshold is None or 0.0 <= self.call_threshold <= 1.0,
                "cascade.call_threshold", "must be in [0, 1]")
+        _check(self.call_log_odds is None or not math.isnan(self.call_log_odds), "cascade.call_log_odds",
+               "must be a number")
+        _check(self.call_threshold is None or self.call_log_odds is None, "cascade.call_log_odds",
+               "set call_threshold or call_log_odds, not both")
         _check(self.call_rate is None or 0.0 <= self.call_rate <= 1.0, "cascade.call_rate",
                "must be in [0, 1]")
         _check(self.big_unit in ("word", "entity", "tokens"), "cascade.big_unit",

@@ -7,7 +7,7 @@
     python -m lacy.experiment --config configs/tiny.yaml                  # all of it, one process
     python -m lacy.experiment --config configs/wiki2015-gpu.yaml --until train --reuse_shards \\
         --save_dtype bfloat16 --max_shard_mb 15    # a lent GPU box: train on shards made elsewhere
-    python -m jobs.experiment --config configs/default.yaml               # the same on Ray (`make run`)
+    python -m jobs.experiment --config configs/synthbio-quick.yaml        # the same on Ray (`make run`)
 
 A `Backend` says how the three heavy stages run: `LocalBackend` here (lacy.scoring, lacy.train, the
 cascade in process); `jobs.experiment.RayBackend` on Ray Data, Ray Train + DeepSpeed and Ray Serve.

@@ -182,24 +182,25 @@ def _paired(rows: list[dict], comparison: str, big: str, rate: float, bootstrap:
         n = len(lacy["entity_factscore"])
         text = (f"lacy/p_call − {name}: FactScore {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n}; "
                 f"±0.05 needs ≈{people_for_halfwidth(lacy['entity_factscore'], other['entity_factscore'])} people)")
-        both = sum(x is not None and y is not None for x, y in zip(lacy["entity_scores"], other["entity_scores"],
-                                                                    strict=True))
-        if both:
+        pairs = [(x, y) for x, y in zip(lacy["entity_scores"], other["entity_scores"], strict=True)
+                 if x is not None and y is not None]
+        if pairs:
             d, lo, hi = paired_bootstrap(lacy["entity_scores"], other["entity_scores"], n=bootstrap, seed=seed)
-            text += f", precision {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={both} both answered)"
+            text += (f", precision {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={len(pairs)} both answered; ±0.05 needs "
+                     f"≈{people_for_halfwidth(*zip(*pairs, strict=True))} people)")
         out.append(text)
     return out
 
 
 def people_for_halfwidth(a: Sequence[float], b: Sequence[float], halfwidth: float = 0.05) -> int:
     """People a paired comparison needs for a 95 % CI of ±`halfwidth` at the spread of these
-    per-person differences (normal approximation, 1.96 σ / √n); at least the people given when the
-    differences do not spread (σ = 0)."""
+    per-person differences (normal approximation, 1.96 σ / √n): fewer than were given when the CI is
+    already narrower; the people given when the differences do not spread (σ = 0)."""
     import numpy as np
 
     diffs = np.asarray(a, float) - np.asarray(b, float)
     sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
-    return max(len(diffs), math.ceil((1.96 * sd / halfwidth) ** 2)) if sd > 0 else len(diffs)
+    return math.ceil((1.96 * sd / halfwidth) ** 2) if sd > 0 else len(diffs)
 
 
 def proxy_table(proxy: dict) -> list[str]:

@@ -12,7 +12,9 @@ POST /v1/completions, in OpenAI's terms:
   stream, stream_options.include_usage, echo, logprobs (0-5), user (accepted, unused);
 - accepted at their neutral value only, else 400 naming the field: best_of (= n), suffix (empty),
   frequency_penalty / presence_penalty (0), logit_bias ({});
-- lacy's: call_threshold | call_rate, call_trigger (p_call | confidence), allow_calls, retrieval, topic
+- lacy's: call_threshold (a probability) | call_log_odds (the same threshold as log-odds, beyond what a
+  probability resolves: what calibration returns) | call_rate, call_trigger (p_call | confidence),
+  allow_calls, retrieval, topic
   (the knowledge-store title for retrieval; ignored without it), allow_undelegated (big model down:
   the small model's answer, flagged, instead of 503);
 - refused: other fields, values of the wrong JSON type (no coercion: "yes" is not a boolean, true is
@@ -182,6 +184,7 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     call_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    call_log_odds: float | None = None
     call_rate: float | None = Field(None, ge=0.0, le=1.0)
     call_trigger: Literal["p_call", "confidence"] | None = None
     allow_calls: bool = True
@@ -636,8 +639,10 @@ class CascadeEngine:
             raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
         if req.stream and req.logprobs is not None:
             raise APIError(400, "'logprobs' is not supported with 'stream'", param="logprobs")
-        if req.call_threshold is not None and req.call_rate is not None:
-            raise APIError(400, "give call_threshold or call_rate, not both", param="call_rate")
+        policies = [n for n in ("call_threshold", "call_log_odds", "call_rate") if getattr(req, n) is not None]
+        if len(policies) > 1:
+            raise APIError(400, f"give one of call_threshold, call_log_odds or call_rate, not both {policies}",
+                           param=policies[-1])
         if not prompts:
             raise APIError(400, "'prompt' must not be an empty list", param="prompt")
         if len(prompts) * n > s.max_choices:
@@ -673,10 +678,11 @@ class CascadeEngine:
         if retrieval and not self.cfg.big.retrieval:
             raise APIError(400, "retrieval was asked for but this deployment has no knowledge store "
                                 "(deploy with big.retrieval: true)", param="retrieval")
-        if (req.allow_calls and req.call_threshold is None and req.call_rate is None
-                and self.cfg.cascade.call_threshold is None and self.cfg.cascade.call_rate is None):
-            raise APIError(400, "no call policy: send call_threshold or call_rate (or allow_calls: false)",
-                           param="call_rate")
+        c = self.cfg.cascade
+        if req.allow_calls and not policies and c.call_threshold is None and c.call_log_odds is None \
+                and c.call_rate is None:
+            raise APIError(400, "no call policy: send call_threshold, call_log_odds or call_rate (or "
+                                "allow_calls: false)", param="call_rate")
         if endpoint == "generate":
             return Job(req, endpoint, prompts, 1, None, max_tokens, stops, retrieval,
                        req.call_trigger or self.cfg.cascade.trigger)
@@ -705,7 +711,8 @@ class CascadeEngine:
         if allow:
             assert self.big is not None
             big = self.big.session(job.retrieval, cancel)
-        policy = {"call_threshold": req.call_threshold, "call_rate": req.call_rate, "trigger": job.trigger,
+        policy = {"call_threshold": req.call_threshold, "call_log_odds": req.call_log_odds,
+                  "call_rate": req.call_rate, "trigger": job.trigger,
                   "topic": req.topic if job.retrieval else None, "temperature": req.temperature or 0.0,
                   "top_p": 1.0 if req.top_p is None else req.top_p,
                   "seed": None if req.seed is None else req.seed + choice.index}

@@ -2,13 +2,16 @@
 
     python -m lacy.sweep --config configs/synthbio-sweep.yaml                  # synth.people x 1/4, 1, 4
     python -m lacy.sweep --config configs/synthbio-tiny.yaml --people 30,120   # any synthbio config
+    python -m jobs.sweep --config configs/synthbio-sweep.yaml --people 40,100,1000  # the same on Ray
 
 For each N the whole experiment runs (`lacy.experiment`, in this process) in `<run_dir>/people-N`;
 its stages are content-addressed, so a re-run reuses every point already done. Per N and rule the
 sweep collects what the capacity question needs — the bits of facts the small model stores, its
 loss on template tokens, the cascade's exact precision and realised call rate at the headline rate,
-the small model's precision alone — and writes `<run_dir>/sweep.json`, `sweep.md` and `sweep.png`.
-Where the facts fit in the model, delegation should matter less.
+the small model's precision alone — and writes `<run_dir>/sweep.json`, `sweep.md` and `sweep.png`
+(precision, call rate and stored bits against N, one line per rule). Where the facts fit in the
+model, delegation should matter less. A point with fewer trained-on people than eval.entities +
+eval.calibration_entities splits those it has in the same proportion (the table's `eval_people`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
         mine = [r for r in rows if r["model"] == model and r["people"] == "train"]
         alone = next((r for r in mine if r["big"] == "none"), {})
         cascade = next((r for r in mine if r["big"] != "none" and _float(r["target_rate"]) == rate), {})
-        lines.append({"people": people, "model": model, "stored_bits": bits["stored_bits"],
+        lines.append({"people": people, "model": model, "eval_people": cfg.eval.entities,
+                      "stored_bits": bits["stored_bits"],
                       "bits_per_param": bits["bits_per_param"], "template_loss": bits["template_loss"],
                       "alone_precision": _float(alone.get("precision")),
                       "cascade_precision": _float(cascade.get("precision")),
@@ -61,7 +65,7 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
 def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[str, Any]]:
     """Run the experiment at each number of people and write the sweep's table and plot."""
     from lacy.experiment import run
-    from lacy.report import markdown_table, precision_plot
+    from lacy.report import markdown_table
 
     if cfg.data.corpus != "synthbio":
         raise ValueError(f"the capacity sweep needs data.corpus: synthbio (got {cfg.data.corpus!r})")
@@ -71,6 +75,7 @@ def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[
     for n in people:
         point = cfg.moved(Path(cfg.run_dir) / f"people-{n}")
         point.synth.people = n
+        _fit_groups(point)
         log.info("sweep point: %d people in %s", n, point.run_dir)
         run(point, backend)
         lines += collect(point, n)
@@ -78,16 +83,66 @@ def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[
     (out / "sweep.json").write_text(json.dumps(lines, indent=2))
     columns = list(lines[0]) if lines else ["people"]
     (out / "sweep.md").write_text(markdown_table(lines, columns) + "\n")
-    plot_rows = [{"rule": line["model"], "people": line["people"], "precision": line["cascade_precision"] or 0.0,
-                  "precision_lo": line["cascade_precision_lo"] or 0.0,
-                  "precision_hi": line["cascade_precision_hi"] or 0.0}
-                 for line in lines if line["cascade_precision"] is not None]  # plain has no P(<CALL>) cascade
-    precision_plot(plot_rows, out / "sweep.png", x="people",
-                   title="synthbio capacity sweep: cascade precision at the headline call rate")
+    sweep_plot(lines, out / "sweep.png", cfg.experiment.headline_rate)
     return lines
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def _fit_groups(point: LacyConfig) -> None:
+    """Evaluation and calibration people of a small point: its trained-on people (≈ people x (1 -
+    val_fraction)) split in the config's proportion when they are fewer than both groups need."""
+    e = point.eval
+    trained = int(point.synth.people * (1 - point.data.val_fraction))
+    if e.entities + e.calibration_entities > trained:
+        calibration = max(1, trained * e.calibration_entities // (e.entities + e.calibration_entities))
+        log.info("%d people: %d trained-on people for %d evaluation + %d calibration; using %d + %d",
+                 point.synth.people, trained, e.entities, e.calibration_entities, trained - calibration - 2,
+                 calibration)
+        # Two spare: the split is by a hash of the person, so "trained" is only about right.
+        e.entities, e.calibration_entities = trained - calibration - 2, calibration
+
+
+def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
+    """Three panels against the number of people, one line per rule: exact precision (the cascade at
+    the headline rate with its CI, solid; the small model alone, dashed), the cascade's realised call
+    rate, and the fact bits the small model stores (`plain` has no cascade, only the dashed line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for i, model in enumerate(dict.fromkeys(line["model"] for line in lines)):
+        pts = sorted((line for line in lines if line["model"] == model), key=lambda line: line["people"])
+        color, xs = f"C{i}", [p["people"] for p in pts]
+        cascade = [p for p in pts if p["cascade_precision"] is not None]
+        if cascade:
+            ys = [p["cascade_precision"] for p in cascade]
+            err = [[y - p["cascade_precision_lo"] for y, p in zip(ys, cascade, strict=True)],
+                   [p["cascade_precision_hi"] - y for y, p in zip(ys, cascade, strict=True)]]
+            axes[0].errorbar([p["people"] for p in cascade], ys, yerr=err, marker="o", capsize=3, color=color,
+                             label=f"{model} cascade")
+            axes[1].plot([p["people"] for p in cascade], [p["call_rate"] for p in cascade], marker="o", color=color,
+                         label=model)
+        axes[0].plot(xs, [p["alone_precision"] or 0.0 for p in pts], ls="--", marker=".", color=color,
+                     label=f"{model} alone")
+        axes[2].plot(xs, [p["stored_bits"] for p in pts], marker="o", color=color, label=model)
+    axes[1].axhline(rate, color="grey", lw=0.8, ls=":")
+    for ax, ylabel in zip(axes, ("exact precision", f"realised call rate (target {rate:.2f})",
+                                 "fact bits stored in the small model"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("invented people in the corpus")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("synthbio capacity sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, Any]]:
+    """The sweep from the command line; `backend` as `lacy.experiment.run` takes it (None: this process)."""
     from lacy.console import setup_logging
 
     extra = argparse.ArgumentParser(add_help=False)
@@ -98,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = parse_cli(rest, __doc__ or "")
     people = ([int(p) for p in known.people.split(",")] if known.people
               else [max(1, cfg.synth.people // 4), cfg.synth.people, cfg.synth.people * 4])
-    lines = sweep(cfg, people)
+    lines = sweep(cfg, people, backend)
     print((Path(cfg.run_dir) / "sweep.md").read_text())  # noqa: T201 - the sweep's product
     return lines
 

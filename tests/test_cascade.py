@@ -33,6 +33,7 @@ from lacy.cascade import (
     calibrate,
     closed_loop_threshold,
     decision_scores,
+    log_odds,
 )
 from lacy.config import CascadeConfig, ConfigError
 from lacy.tokenizer import CALL_TOKEN, EOS_TOKEN, PAD_TOKEN
@@ -141,7 +142,7 @@ def cascade_of(small_model, big_model, **cfg) -> Cascade:
 def test_running_quantile_matches_numpy_and_holds_rate():
     rng = np.random.default_rng(0)
     values = rng.random(3000)
-    rq = RunningQuantile(0.2, warmup=10, window=10_000)
+    rq = RunningQuantile(0.2, warmup=10, initial=0.5, window=10_000)
     fired = [rq.observe(float(v)) for v in values]
     for q in (0.0, 0.25, 0.8, 1.0):
         assert rq.quantile(q) == pytest.approx(np.quantile(values, q))
@@ -232,7 +233,8 @@ def test_threshold_and_rate_policies():
     result = cascade.generate("The capital of France is", call_threshold=0.3)
     assert result.calls == 2  # " has" and " 2"
     assert [s.source for s in result.spans] == ["prompt", "small", "big", "small"]
-    assert result.call_probs[:4] == pytest.approx([probs[5], probs[7], probs[8], probs[9]], rel=1e-5)
+    # Scores are log-odds of P(<CALL>).
+    assert result.call_scores[:4] == pytest.approx([log_odds(probs[k]) for k in (5, 7, 8, 9)], rel=1e-5)
     assert cascade.generate("The capital of France is", call_threshold=1.0).calls == 0
     assert cascade.generate("The capital of France is", call_rate=1.0).calls == 6
     # Cascades given one Quantiles (Serve: one per request) share the running quantile of their trigger.
@@ -243,6 +245,8 @@ def test_threshold_and_rate_policies():
     assert len(shared) == 1 and shared.get(0.5, ("p_call",)).seen == 2 * 6  # six decision points per run
     with pytest.raises(ValueError, match="not both"):
         cascade.generate("The", call_threshold=0.5, call_rate=0.2)
+    with pytest.raises(ValueError, match="not both"):
+        cascade.generate("The", call_threshold=0.5, call_log_odds=0.0)
     with pytest.raises(ValueError, match="no call policy"):
         cascade.generate("The")
 
@@ -252,7 +256,7 @@ def test_calls_disabled_never_calls_and_masks_call():
     cascade = Cascade(SmallLM(small, TOK), FailingBig(), CascadeConfig(call_threshold=0.0))
     result = cascade.generate("The capital of France is", allow_calls=False)
     assert result.calls == 0 and result.decision_points == 0 and result.text == STORY
-    assert len(result.call_probs) == 6 and min(result.call_probs) > 0.99  # still recorded
+    assert len(result.call_scores) == 6 and min(result.call_scores) > log_odds(0.99)  # still recorded
     assert cascade.small.next_logits(allow_call=False)[CALL] == float("-inf")
     with pytest.raises(BigModelError, match="backend down"):
         cascade.generate("The capital of France is")
@@ -325,10 +329,37 @@ def test_context_overflow_is_a_clear_error_or_a_clean_stop():
     assert result.spans[-1] == Span(" Paris. It", "big")
 
 
+def test_a_sure_model_calibrates_on_log_odds_where_its_probabilities_tie_at_one():
+    """At every decision point P(<CALL>) rounds to exactly 1.0 (logits 30..55 against the story token at
+    10), as a long-trained model's does: a probability threshold cannot split those ties (a quantile
+    threshold of 1.0 never fires), the log-odds keep their order and the target rate holds."""
+    logits = {5: 30.0, 7: 35.0, 8: 40.0, 9: 45.0, 10: 50.0, 11: 55.0}  # Paris, It, has, 2, million, people
+    cascade = cascade_of(story_model(STORY, logits), story_model(STORY), call_threshold=None, call_rate=None)
+    prompt = "The capital of France is"
+    cascade.small.sync_text(prompt + " Paris. It")
+    assert float(torch.softmax(cascade.small.logits, dim=-1)[CALL]) == 1.0  # the tie the old scores had
+    scores = cascade.generate(prompt, allow_calls=False).call_scores
+    assert len(set(scores)) == 6 and scores == sorted(scores)  # distinct, in the logits' order
+    threshold = calibrate(cascade, [prompt], 0.5)
+    result = cascade.generate(prompt, call_log_odds=threshold)
+    assert result.calls == 3 and result.decision_points == 6  # " 2", " million", " people"
+    assert [s.text for s in result.spans if s.source == "big"] == [" 2 million people"]
+
+    def realised(bound: float) -> float:
+        out = cascade.generate(prompt, call_log_odds=bound)
+        return out.calls / out.decision_points
+
+    closed = closed_loop_threshold(np.asarray(scores), 1 / 3, realised, rounds=4, tolerance=0.01)
+    assert closed.realised_rate == pytest.approx(1 / 3) and 35 < closed.threshold < 40  # log-odds, past float32
+    # A probability threshold means what it meant: compared as its log-odds.
+    assert cascade.generate(prompt, call_threshold=0.5).calls == 6
+    assert cascade.generate(prompt, call_threshold=1.0).calls == 0
+
+
 def test_calibrate_returns_quantile_for_target_rate():
     logits = {5: 3.0, 7: 6.0, 8: 9.0, 9: 12.0}
     cascade = cascade_of(story_model(STORY, logits), None)
-    probs = sorted(cascade.generate("The capital of France is", allow_calls=False).call_probs)
+    probs = sorted(cascade.generate("The capital of France is", allow_calls=False).call_scores)
     threshold = calibrate(cascade, ["The capital of France is"], 0.5)
     assert threshold == pytest.approx(float(np.quantile(probs, 0.5)))
     assert sum(p > threshold for p in probs) == 3  # half of the six decision points
@@ -358,7 +389,7 @@ def test_closed_loop_calibration_holds_the_rate_that_calls_begetting_calls_overs
     prompts = ["The", "It has"]
 
     def realised(threshold: float) -> float:
-        outs = [cascade.generate(p, call_threshold=threshold) for p in prompts]
+        outs = [cascade.generate(p, call_log_odds=threshold) for p in prompts]
         return sum(o.calls for o in outs) / sum(o.decision_points for o in outs)
 
     scores = decision_scores(cascade, prompts)
@@ -429,18 +460,19 @@ def test_confidence_trigger_calls_where_the_model_is_unsure():
     assert [(s.text, s.source) for s in result.spans] == [
         ("The capital of France is", "prompt"), (" Paris", "big"), (". It has", "small"),
         (" 2", "big"), (" million people.", "small")]
-    # The recorded scores are 1 - max real-token probability (softmax without <CALL>: V - 1 ids).
+    # The recorded scores are the log-odds of 1 - max real-token probability (softmax without <CALL>:
+    # V - 1 ids, the top one at `top`, the others at 0).
     real = len(TOK) - 1
 
     def unsure_score(top: float) -> float:
-        return 1 - math.exp(top) / (math.exp(top) + real - 1)
+        return log_odds(1 - math.exp(top) / (math.exp(top) + real - 1))
 
-    assert result.call_probs[0] == pytest.approx(unsure_score(3.0), abs=1e-6)  # float32 softmax
-    assert result.call_probs[1] == pytest.approx(unsure_score(STORY_LOGIT), abs=1e-6)
+    assert result.call_scores[0] == pytest.approx(unsure_score(3.0), rel=1e-6)
+    assert result.call_scores[1] == pytest.approx(unsure_score(STORY_LOGIT), rel=1e-6)
     # The trigger from the config, and calibrate on the same scores.
     cfg_cascade = cascade_of(small, story_model(STORY), call_threshold=0.5, trigger="confidence")
     assert cfg_cascade.generate("The capital of France is").calls == 2
-    probs = cascade.generate("The capital of France is", allow_calls=False, trigger="confidence").call_probs
+    probs = cascade.generate("The capital of France is", allow_calls=False, trigger="confidence").call_scores
     threshold = calibrate(cascade, ["The capital of France is"], 2 / 6, trigger="confidence")
     assert threshold == pytest.approx(float(np.quantile(probs, 1 - 2 / 6)))
     assert sum(p > threshold for p in probs) == 2
@@ -605,10 +637,11 @@ def test_calibrate_job_writes_threshold(tmp_path, capsys):
                    str(tmp_path / "prompts.txt"), "--out", str(out), "--cascade.max_new_tokens", "12"])
     saved = json.loads(out.read_text())
     assert saved == result == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # Same numbers as decoding here: the 0.75-quantile of P(<CALL>) at the decision points.
+    # Same numbers as decoding here: the 0.75-quantile of P(<CALL>)'s log-odds at the decision points.
     cascade = Cascade(SmallLM(model, tok), None, CascadeConfig(max_new_tokens=12))
-    probs = [p for prompt in prompts for p in cascade.generate(prompt, allow_calls=False).call_probs]
-    assert saved["threshold"] == pytest.approx(float(np.quantile(probs, 0.75)), rel=1e-5)
+    scores = [p for prompt in prompts for p in cascade.generate(prompt, allow_calls=False).call_scores]
+    assert saved["log_odds"] == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-5)
+    assert saved["threshold"] == pytest.approx(1 / (1 + math.exp(-saved["log_odds"])))
     assert saved["rate"] == 0.25 and saved["prompts"] == 2
     assert (tmp_path / "cal" / "threshold.config.yaml").is_file()
     with pytest.raises(SystemExit, match="--small"):

@@ -256,6 +256,19 @@ def test_paired_bootstrap():
         paired_bootstrap([None], [0.1])
 
 
+def test_people_for_halfwidth_says_when_fewer_people_would_do():
+    """The sizing hint scales with the spread of the per-person differences: 200 people whose
+    differences spread by 0.31 need ≈148 for ±0.05 (the old hint never went below the people given,
+    so it read "needs ≈200" for a CI already narrower than asked)."""
+    from lacy.report import people_for_halfwidth
+
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(0.2, 0.31, 200)
+    needed = people_for_halfwidth(list(diffs), [0.0] * 200)
+    assert needed == math.ceil((1.96 * float(np.std(diffs, ddof=1)) / 0.05) ** 2) and 120 < needed < 180
+    assert people_for_halfwidth([0.3] * 5, [0.1] * 5) == 5  # no spread: the people given
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole systems
 

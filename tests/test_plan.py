@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lacy.config import load_config
 from lacy.data import split_of
 from lacy.plan import System, evaluation_plan, population
@@ -62,10 +64,35 @@ def test_local_generator_decodes_every_request_on_the_one_compute_thread(tmp_pat
     threads: set[int] = set()
     models = [gen.small["lacy"][0], gen.big_model]
     hooks = [m.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident())) for m in models]
-    request = Request("The river", "lacy", "plain", threshold=0.0, max_tokens=6)  # every point calls
+    request = Request("The river", "lacy", "plain", threshold=float("-inf"), max_tokens=6)  # every point calls
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda _: gen.generate(request), range(8)))
     for hook in hooks:
         hook.remove()
     assert all(out.calls > 0 for out in outs) and len({out.text for out in outs}) == 1
     assert threads == {compute_thread().ident}, f"{len(threads)} threads ran forwards"
+
+
+def test_the_big_model_alone_writes_in_batches_what_it_writes_one_by_one(tmp_path, tiny_tokenizer):
+    """generate_many (the big-alone rows: `serve.big_batch` people per batch) writes the texts generate
+    writes for each request alone; prompts of different lengths share a padded batch."""
+    import torch
+
+    from lacy.config import ModelConfig
+    from lacy.model import build_model
+    from lacy.plan import LocalGenerator, Request
+
+    torch.manual_seed(1)
+    build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / "big")
+    tiny_tokenizer.save_pretrained(tmp_path / "big")
+    cfg = load_config(None, ["--run_dir", str(tmp_path), "--big.path", str(tmp_path / "big"),
+                             "--serve.big_batch", "2"])
+    gen = LocalGenerator(cfg, {})
+    requests = [Request(prompt, None, "plain", max_tokens=7) for prompt in
+                ("The river", "Ada Lovelace was born in", "Paris", "The capital of France is")]
+    batched = gen.generate_many(requests)
+    alone = [gen.generate(r) for r in requests]
+    assert [b.text for b in batched] == [a.text for a in alone]
+    assert [b.spans for b in batched] == [a.spans for a in alone]
+    with pytest.raises(ValueError, match="model None"):
+        gen.generate_many([Request("x", "lacy", "plain")])

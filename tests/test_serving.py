@@ -92,6 +92,9 @@ BAD = [  # (body, status, param or None, words of the message)
     ({"prompt": "x", "call_rate": "0.2"}, 400, "call_rate", "valid number"),
     ({"prompt": "x", "call_rate": 1.5}, 400, "call_rate", "less than or equal to 1"),
     ({"prompt": "x", "call_threshold": 0.2, "call_rate": 0.2}, 400, "call_rate", "not both"),
+    ({"prompt": "x", "call_threshold": 0.2, "call_log_odds": 1.0}, 400, "call_log_odds", "not both"),
+    ({"prompt": "x", "call_log_odds": "3"}, 400, "call_log_odds", "valid number"),
+    (b'{"prompt": "x", "call_log_odds": -Infinity}', 400, None, "Infinity is not JSON"),
     ({"prompt": "x", "call_trigger": "entropy"}, 400, "call_trigger", "'p_call' or 'confidence'"),
     ({"prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
@@ -150,6 +153,17 @@ def test_clients_default_fields_are_accepted(engine):
 
 # ----------------------------------------------------------------------------------------------
 # Answers
+
+
+def test_a_log_odds_threshold_reaches_the_cascade(engine):
+    """call_log_odds is the threshold calibration returns (lacy.plan sends it): compared with the
+    trigger's log-odds score as the library compares it."""
+    def calls(policy: dict) -> int:
+        out = run(engine.generate(engine.parse({"prompt": "The river", "max_tokens": 6, **policy}, "generate")))
+        return out["calls"]
+
+    assert calls({"call_log_odds": -1e9}) == calls({"call_threshold": 0.0}) > 0  # every decision point calls
+    assert calls({"call_log_odds": 1e9}) == calls({"call_threshold": 1.0}) == 0
 
 
 def test_max_tokens_counts_what_the_client_gets(engine):

@@ -163,3 +163,17 @@ def test_synthetic_pipeline_table_with_stored_bits_and_proxy(tmp_path):
     assert big["birth_date_stated"] > 0  # the big side reads the records and states values
     assert "calls_on_facts" in rows["lacy-steps+retrieval@0.22/p_call"]
     assert json.loads((results / "proxy_vs_oracle.json").read_text())["recall"] > 0
+
+
+def test_a_small_sweep_point_splits_the_people_it_has():
+    """40 people leave ≈36 trained-on: 60 evaluation + 30 calibration people do not fit, so the point
+    keeps their proportion inside what it has (the old sweep failed there with no calibration people)."""
+    from lacy.sweep import _fit_groups
+
+    cfg = load_config("configs/synthbio-sweep.yaml", [])
+    cfg.synth.people = 40
+    _fit_groups(cfg)
+    assert (cfg.eval.entities, cfg.eval.calibration_entities) == (22, 12)
+    cfg = load_config("configs/synthbio-sweep.yaml", [])
+    _fit_groups(cfg)  # 1,000 people: untouched
+    assert (cfg.eval.entities, cfg.eval.calibration_entities) == (60, 30)
