@@ -558,7 +558,8 @@ class Cascade:
         given = [name for name, v in (("call_threshold", call_threshold), ("call_log_odds", call_log_odds),
                                       ("call_rate", call_rate)) if v is not None]
         if len(given) > 1:
-            raise ValueError(f"give one of call_threshold, call_log_odds or call_rate, not both {given}")
+            raise ValueError(f"give one of call_threshold, call_log_odds or call_rate, not several (got "
+                             f"{' and '.join(given)})")
         if not given:
             call_threshold, call_log_odds = self.cfg.call_threshold, self.cfg.call_log_odds
             call_rate = None if call_threshold is not None or call_log_odds is not None else self.cfg.call_rate

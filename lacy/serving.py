@@ -641,8 +641,8 @@ class CascadeEngine:
             raise APIError(400, "'logprobs' is not supported with 'stream'", param="logprobs")
         policies = [n for n in ("call_threshold", "call_log_odds", "call_rate") if getattr(req, n) is not None]
         if len(policies) > 1:
-            raise APIError(400, f"give one of call_threshold, call_log_odds or call_rate, not both {policies}",
-                           param=policies[-1])
+            raise APIError(400, f"give one of call_threshold, call_log_odds or call_rate, not several (got "
+                                f"{' and '.join(policies)})", param=policies[-1])
         if not prompts:
             raise APIError(400, "'prompt' must not be an empty list", param="prompt")
         if len(prompts) * n > s.max_choices:

@@ -243,9 +243,9 @@ def test_threshold_and_rate_policies():
         Cascade(SmallLM(story_model(STORY, logits), TOK), BigLM(story_model(STORY), TOK), CascadeConfig(),
                 quantiles=shared).generate("The capital of France is", call_rate=0.5)
     assert len(shared) == 1 and shared.get(0.5, ("p_call",)).seen == 2 * 6  # six decision points per run
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not several"):
         cascade.generate("The", call_threshold=0.5, call_rate=0.2)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not several"):
         cascade.generate("The", call_threshold=0.5, call_log_odds=0.0)
     with pytest.raises(ValueError, match="no call policy"):
         cascade.generate("The")
@@ -483,6 +483,17 @@ def test_confidence_trigger_calls_where_the_model_is_unsure():
         cascade.generate("The", trigger="entropy", call_threshold=0.5)
     with pytest.raises(ConfigError, match="cascade.trigger"):
         CascadeConfig(trigger="entropy")
+
+
+def test_a_configured_log_odds_threshold_is_the_deployment_policy():
+    logits = {5: 3.0, 7: 6.0, 8: 10.0, 9: 12.0}  # at " Paris", " It", " has", " 2"
+    bound = log_odds(0.3)  # the same threshold as call_threshold 0.3: " has" and " 2" call
+    cascade = cascade_of(story_model(STORY, logits), story_model(STORY), call_log_odds=bound)
+    assert cascade.generate("The capital of France is").calls == 2
+    with pytest.raises(ConfigError, match="not both"):
+        CascadeConfig(call_threshold=0.3, call_log_odds=bound)
+    with pytest.raises(ConfigError, match="cascade.call_log_odds"):
+        CascadeConfig(call_log_odds=float("nan"))
 
 
 def test_sampling_is_seeded_and_top_p_narrows_to_greedy():
