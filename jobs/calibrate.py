@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     bound = calibrate(cascade, prompts, rate)
 
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "calibration.json"
-    result = {"log_odds": bound, "threshold": 1 / (1 + math.exp(-bound)), "rate": rate, "prompts": len(prompts),
+    probability = 0.5 * (1 + math.tanh(bound / 2))  # the logistic function, without overflow at any bound
+    result = {"log_odds": bound, "threshold": probability, "rate": rate, "prompts": len(prompts),
               "small": str(Path(args.small).resolve()), "config_hash": config_hash(cfg)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

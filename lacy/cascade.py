@@ -227,7 +227,8 @@ class SmallLM(CachedLM):
         top = self.call_id if trigger == "p_call" else int(logits.argmax())
         rest = logits.clone()
         rest[top] = float("-inf")
-        return float(logits[top] - torch.logsumexp(rest, dim=-1)) * (1 if trigger == "p_call" else -1)
+        top_log_odds = float(logits[top] - torch.logsumexp(rest, dim=-1))  # log-odds of `top`'s probability
+        return top_log_odds if trigger == "p_call" else -top_log_odds  # confidence: of 1 - p_max
 
     def next_logits(self, allow_call: bool = True) -> torch.Tensor:
         """Next-token logits [V]; with allow_call=False the <CALL> logit is -inf (small-alone, leakage)."""
@@ -572,7 +573,7 @@ class Cascade:
                 raise ValueError("call_log_odds must be a number, got NaN")
             return lambda score: score > call_log_odds
         if call_rate is None:
-            raise ValueError("no call policy: set call_threshold or call_rate (or allow_calls=False)")
+            raise ValueError("no call policy: set call_threshold, call_log_odds or call_rate (or allow_calls=False)")
         if not 0.0 <= call_rate <= 1.0:
             raise ValueError(f"call_rate must be in [0, 1], got {call_rate}")
         return lambda p: self.quantiles.observe(call_rate, p, scope=(trigger,))
@@ -708,12 +709,12 @@ def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Call
     if rounds <= 0:
         return Calibration(start, None, 0)
     eps = 1e-6
-    logit = lambda p: math.log(min(max(p, eps), 1 - eps) / (1 - min(max(p, eps), 1 - eps)))  # noqa: E731
+    logit = lambda rate: log_odds(min(max(rate, eps), 1 - eps))  # noqa: E731 - finite at rates 0 and 1
     threshold, best, first, measured = start, None, None, 0
     above: tuple[float, float] | None = None  # (x, rate) of the highest threshold still calling too often
     below: tuple[float, float] | None = None  # (x, rate) of the lowest threshold calling too rarely
     while measured < rounds:
-        rate, measured, x = realised(threshold), measured + 1, threshold
+        rate, measured, x = realised(threshold), measured + 1, threshold  # x: the threshold to move
         first = rate if first is None else first
         if best is None or abs(rate - target_rate) < abs(best.realised_rate - target_rate):
             best = Calibration(threshold, rate)

@@ -71,11 +71,14 @@ def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[
         raise ValueError(f"the capacity sweep needs data.corpus: synthbio (got {cfg.data.corpus!r})")
     if not people or min(people) < 1:
         raise ValueError(f"--people must list positive numbers of people (got {people})")
-    lines: list[dict[str, Any]] = []
-    for n in people:
+    points = []
+    for n in people:  # every point's groups checked before the first one runs
         point = cfg.moved(Path(cfg.run_dir) / f"people-{n}")
         point.synth.people = n
         _fit_groups(point)
+        points.append(point)
+    lines: list[dict[str, Any]] = []
+    for n, point in zip(people, points, strict=True):
         log.info("sweep point: %d people in %s", n, point.run_dir)
         run(point, backend)
         lines += collect(point, n)
@@ -92,6 +95,9 @@ def _fit_groups(point: LacyConfig) -> None:
     val_fraction)) split in the config's proportion when they are fewer than both groups need."""
     e = point.eval
     trained = int(point.synth.people * (1 - point.data.val_fraction))
+    if trained < 5:
+        raise ValueError(f"a sweep point of {point.synth.people} people has ≈{trained} trained-on people: too "
+                         "few to split into evaluation and calibration people (--people needs larger numbers)")
     if e.entities + e.calibration_entities > trained:
         calibration = max(1, trained * e.calibration_entities // (e.entities + e.calibration_entities))
         log.info("%d people: %d trained-on people for %d evaluation + %d calibration; using %d + %d",

@@ -177,3 +177,6 @@ def test_a_small_sweep_point_splits_the_people_it_has():
     cfg = load_config("configs/synthbio-sweep.yaml", [])
     _fit_groups(cfg)  # 1,000 people: untouched
     assert (cfg.eval.entities, cfg.eval.calibration_entities) == (60, 30)
+    cfg.synth.people = 4
+    with pytest.raises(ValueError, match="4 people has ≈3 trained-on people"):
+        _fit_groups(cfg)
