@@ -27,7 +27,7 @@ def spans_html(spans: Iterable[tuple[str, str]]) -> str:
         title = {"big": "written by the big model (<CALL>)", "small": "written by the small model",
                  "prompt": "prompt"}.get(source, source)
         parts.append(f'<span class="span-{html.escape(source)}" data-source="{html.escape(source)}" '
-                     f'title="{title}" style="{SPAN_STYLE.get(source, "")}">{html.escape(text)}</span>')
+                     f'title="{html.escape(title)}" style="{SPAN_STYLE.get(source, "")}">{html.escape(text)}</span>')
     return "".join(parts)
 
 

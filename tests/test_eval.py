@@ -269,6 +269,26 @@ def test_people_for_halfwidth_says_when_fewer_people_would_do():
     assert people_for_halfwidth([0.3] * 5, [0.1] * 5) == 5  # no spread: the people given
 
 
+def test_view_spans_escape_every_attribute():
+    """A span's title is escaped like its text and source: a source with a quote used to end the
+    title attribute early (title="we"ird"), and the big span's title carried a raw "<CALL>"."""
+    from html.parser import HTMLParser
+
+    from lacy.report import spans_html
+
+    attrs: list[dict] = []
+
+    class Spans(HTMLParser):
+        def handle_starttag(self, tag: str, found: list) -> None:
+            attrs.append(dict(found))
+
+    markup = spans_html([("Ada (", "prompt"), ("1815", "big"), ("x", 'we"ird')])
+    Spans().feed(markup)
+    assert [a["data-source"] for a in attrs] == ["prompt", "big", 'we"ird']
+    assert attrs[2]["title"] == 'we"ird'
+    assert "<CALL>" not in markup and attrs[1]["title"] == "written by the big model (<CALL>)"
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole systems
 
