@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from lacy.cascade import Cascade, SmallLM, calibrate
+from lacy.cascade import Cascade, SmallLM, calibrate, probability
 from lacy.config import config_hash, parse_cli, save_config
 from lacy.data import read_corpus, split_of
 from lacy.tokenizer import load_tokenizer
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     bound = calibrate(cascade, prompts, rate)
 
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "calibration.json"
-    probability = 0.5 * (1 + math.tanh(bound / 2))  # the logistic function, without overflow at any bound
-    result = {"log_odds": bound, "threshold": probability, "rate": rate, "prompts": len(prompts),
+    result = {"log_odds": bound, "threshold": probability(bound), "rate": rate, "prompts": len(prompts),
               "small": str(Path(args.small).resolve()), "config_hash": config_hash(cfg)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -315,6 +315,20 @@ def log_odds(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+def probability(log_odds: float) -> float:
+    """The inverse of `log_odds` (the logistic function), without overflow at any finite or infinite value."""
+    return 0.5 * (1 + math.tanh(log_odds / 2))
+
+
+CALL_POLICIES = ("call_threshold", "call_log_odds", "call_rate")
+"""Request fields that each set the call policy; a request gives one at most."""
+
+
+def several_policies(given: Sequence[str]) -> str:
+    """The error message for a request that gives more than one of CALL_POLICIES."""
+    return f"give one of call_threshold, call_log_odds or call_rate, not several (got {' and '.join(given)})"
+
+
 class RunningQuantile:
     """Holds a call rate: decides "fire" when a value is above the running (1 - rate) quantile.
 
@@ -556,11 +570,10 @@ class Cascade:
     def _decider(self, call_threshold: float | None, call_log_odds: float | None, call_rate: float | None,
                  trigger: str):
         """score -> fire? from the request's policy, else the config's (a threshold wins over a rate)."""
-        given = [name for name, v in (("call_threshold", call_threshold), ("call_log_odds", call_log_odds),
-                                      ("call_rate", call_rate)) if v is not None]
+        given = [name for name, v in zip(CALL_POLICIES, (call_threshold, call_log_odds, call_rate), strict=True)
+                 if v is not None]
         if len(given) > 1:
-            raise ValueError(f"give one of call_threshold, call_log_odds or call_rate, not several (got "
-                             f"{' and '.join(given)})")
+            raise ValueError(several_policies(given))
         if not given:
             call_threshold, call_log_odds = self.cfg.call_threshold, self.cfg.call_log_odds
             call_rate = None if call_threshold is not None or call_log_odds is not None else self.cfg.call_rate

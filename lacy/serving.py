@@ -67,6 +67,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lacy import storage
 from lacy.batched import BigCall, BigSessions, FeedBatcher, device_for, raise_for_failure
 from lacy.cascade import (
+    CALL_POLICIES,
     BigModelError,
     BigRequestError,
     BigUnavailable,
@@ -75,6 +76,7 @@ from lacy.cascade import (
     Quantiles,
     SmallLM,
     Span,
+    several_policies,
 )
 from lacy.compute import compute_thread
 from lacy.config import LacyConfig, to_dict
@@ -639,10 +641,9 @@ class CascadeEngine:
             raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
         if req.stream and req.logprobs is not None:
             raise APIError(400, "'logprobs' is not supported with 'stream'", param="logprobs")
-        policies = [n for n in ("call_threshold", "call_log_odds", "call_rate") if getattr(req, n) is not None]
+        policies = [n for n in CALL_POLICIES if getattr(req, n) is not None]
         if len(policies) > 1:
-            raise APIError(400, f"give one of call_threshold, call_log_odds or call_rate, not several (got "
-                                f"{' and '.join(policies)})", param=policies[-1])
+            raise APIError(400, several_policies(policies), param=policies[-1])
         if not prompts:
             raise APIError(400, "'prompt' must not be an empty list", param="prompt")
         if len(prompts) * n > s.max_choices:
