@@ -22,11 +22,11 @@ import re
 import time
 from pathlib import Path
 
-from lacy.cascade import BigLM
-from lacy.data import load_entities
-from lacy.knowledge import RetrievalBigLM, SqlitePassageStore, build_store, format_passages
+from lacy.cascade.engine import BigLM
+from lacy.cascade.knowledge import RetrievalBigLM, SqlitePassageStore, build_store, format_passages
+from lacy.core.paths import REPO_ROOT
+from lacy.corpus.readers import load_entities
 from lacy.model import load_big_model
-from lacy.paths import REPO_ROOT
 
 _YEAR = re.compile(r"\b(\d{3,4})\b(\s*(?:BCE|BC|B\.C\.))?")
 

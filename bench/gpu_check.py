@@ -8,9 +8,9 @@ Prints one line per check with PASS/FAIL and its throughput:
   1. bf16 training steps of every labelling rule with `lacy.train.train_loop` on CUDA (autocast), the
      `small` preset, then the `334m` preset for throughput and MFU against the device's dense bf16 peak
      (model FLOPs = 6 x parameters + 12 x layers x width x context per trained token);
-  2. the cascade (`lacy.cascade.Cascade`) with the small and the big model both on the GPU (SmolLM2 from
+  2. the cascade (`lacy.cascade.engine.Cascade`) with the small and the big model both on the GPU (SmolLM2 from
      the converted cache when it is there, else a random Llama of SmolLM2's shape);
-  3. reference-loss scoring (`lacy.reference.ReferenceScorer`) on the GPU.
+  3. reference-loss scoring (`lacy.labels.reference.ReferenceScorer`) on the GPU.
 Batches are synthetic (token ids of generated text, random fact flags, reference losses and judge
 sets): the point is that the code paths run on the device and how fast, not what is learned.
 """
@@ -48,7 +48,7 @@ def peak_flops() -> float | None:
 
 
 def tokenizer_and_texts(n: int = 400):
-    from lacy.tokenizer import train_tokenizer
+    from lacy.corpus.tokenizer import train_tokenizer
 
     cities = ["Paris", "Lagos", "Osaka", "Quito", "Perth", "Bergen", "Tunis", "Cusco"]
     texts = [f"Person {i} was born on {1 + i % 28} March {1900 + i % 97} in {cities[i % 8]}. "
@@ -70,9 +70,9 @@ def batches(tokenizer, texts, batch: int, seq_len: int, k: int = 4):
 
 
 def train_check(rule: str, preset: str, steps: int, batch: int, seq_len: int, tok, texts) -> dict:
-    from lacy.config import load_config
+    from lacy.core.config import load_config
+    from lacy.corpus.tokenizer import call_id
     from lacy.model import build_model, count_parameters
-    from lacy.tokenizer import call_id
     from lacy.train import PlainStepper, train_loop
 
     cfg = load_config(None, [f"--labels.rule={rule}", f"--model.preset={preset}", f"--model.seq_len={seq_len}",
@@ -102,10 +102,10 @@ def train_check(rule: str, preset: str, steps: int, batch: int, seq_len: int, to
 def cascade_check(tok, small_preset: str = "small") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lacy.cascade import BigLM, Cascade, SmallLM
-    from lacy.config import CascadeConfig, ModelConfig
+    from lacy.cascade.engine import BigLM, Cascade, SmallLM
+    from lacy.core.config import CascadeConfig, ModelConfig
+    from lacy.core.paths import cache_dir
     from lacy.model import build_model, load_big_model
-    from lacy.paths import cache_dir
 
     small = build_model(ModelConfig(preset=small_preset, seq_len=256), tok).to(DEVICE).eval()
     if (cache_dir() / "smollm2-135m-instruct" / "config.json").is_file():
@@ -130,9 +130,9 @@ def cascade_check(tok, small_preset: str = "small") -> dict:
 
 
 def reference_check(tok, texts) -> dict:
-    from lacy.config import ModelConfig
+    from lacy.core.config import ModelConfig
+    from lacy.labels.reference import ReferenceScorer
     from lacy.model import build_model
-    from lacy.reference import ReferenceScorer
 
     model = build_model(ModelConfig(preset="small", seq_len=512), tok)
     scorer = ReferenceScorer(model, tok, device=DEVICE, batch_size=32)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lacy.data import load_entities, read_corpus
-from lacy.knowledge import SqlitePassageStore, build_store, first_sentence
-from lacy.paths import REPO_ROOT
+from lacy.cascade.knowledge import SqlitePassageStore, build_store, first_sentence
+from lacy.core.paths import REPO_ROOT
+from lacy.corpus.readers import load_entities, read_corpus
 
 
 def timed(fn: Callable[[str], object], queries: list[str]) -> np.ndarray:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.limits import load_guard, record
-from lacy.config import LabelConfig
-from lacy.labels import lacy_step
+from lacy.core.config import LabelConfig
+from lacy.labels.method import lacy_step
 from lacy.model import gpt2_config
 
 CALL_ID, EOS_ID, PAD_ID = 2, 0, 1

@@ -236,7 +236,7 @@ def matmul_ceiling(n_layer: int, n_embd: int, n_head: int, vocab: int, batch: in
 
 
 def main() -> None:
-    from lacy.config import PRESETS
+    from lacy.core.config import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))

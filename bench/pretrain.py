@@ -48,12 +48,12 @@ from bench.limits import (  # noqa: E402
     record,
     train_flops_per_token,
 )
-from lacy.config import PRESETS, LacyConfig, load_config  # noqa: E402
+from lacy.core.config import PRESETS, LacyConfig, load_config  # noqa: E402
 
 
 def build_shards(out: Path, docs: int, seq_len: int, vocab: int) -> Path:
     """Embedded documents -> tokenizer + spaCy fact flags -> shards, by the library's stage."""
-    from lacy.scoring import build_shards as build
+    from lacy.shards.scoring import build_shards as build
 
     build(load_config(None, [f"run_dir={out.parent}", f"score.output_dir={out}", "data.corpus=embedded",
                              f"data.max_docs={docs}", "data.val_fraction=0.0", f"tokenizer.vocab_size={vocab}",
@@ -68,7 +68,7 @@ def steady(rates: list[float]) -> float:
 
 def _model_and_batches(cfg: LacyConfig):
     from lacy.model import build_model
-    from lacy.shards import load_shard_tokenizer, read_batches
+    from lacy.shards.format import load_shard_tokenizer, read_batches
 
     tok = load_shard_tokenizer(cfg.score.output_dir)
     torch.manual_seed(cfg.train.seed)
@@ -102,7 +102,7 @@ def bare_torch(cfg: LacyConfig, threads: int) -> list[float]:
 
 
 def plain_loop(cfg: LacyConfig, threads: int) -> list[float]:
-    from lacy.tokenizer import call_id
+    from lacy.corpus.tokenizer import call_id
     from lacy.train import train
 
     torch.set_num_threads(threads)
@@ -118,7 +118,7 @@ def ray_job(cfg: LacyConfig) -> tuple[list[float], dict[str, float]]:
     from mlflow.tracking import MlflowClient
 
     from jobs.pretrain import run
-    from lacy.tracking import tracking_uri
+    from lacy.core.tracking import tracking_uri
 
     with ProcessSampler(process_group, every=0.5) as sampler:
         run(cfg)
@@ -160,7 +160,7 @@ def main() -> None:
                                   f"train.cpus_per_worker={args.threads}", f"train.zero_stage={args.zero_stage}",
                                   f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}"])
 
-    from lacy.shards import load_shard_tokenizer
+    from lacy.shards.format import load_shard_tokenizer
 
     vocab = len(load_shard_tokenizer(shards))  # with the specials, as the LM head sees it
     p = PRESETS[args.preset]

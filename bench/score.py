@@ -6,7 +6,7 @@ On the first `--docs` documents of the embedded corpus (Wikipedia leads), one BL
 process (as Ray gives its 1-CPU workers), in order:
 
   spacy ceiling   bare `nlp.pipe` with only the components the fact rule reads: the tagging ceiling
-  bare            `lacy.scoring.encode_documents` (spaCy + BPE + alignment) in this process
+  bare            `lacy.shards.scoring.encode_documents` (spaCy + BPE + alignment) in this process
   ray-1 / ray-2   `jobs.score` with 1 / 2 spaCy actors (Ray Data)
                   (the first four run `--repeats` times, interleaved; medians are reported)
   bare+ref        the bare loop with a reference model (a random 4-layer, 256-wide GPT-2)
@@ -44,11 +44,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.limits import ProcessSampler, busiest, load_guard, process_group, record  # noqa: E402
 from jobs import score  # noqa: E402
-from lacy.config import load_config  # noqa: E402
-from lacy.data import read_corpus  # noqa: E402
-from lacy.facts import FactTagger  # noqa: E402
-from lacy.scoring import encode_documents  # noqa: E402
-from lacy.tokenizer import train_tokenizer  # noqa: E402
+from lacy.core.config import load_config  # noqa: E402
+from lacy.corpus.readers import read_corpus  # noqa: E402
+from lacy.corpus.tokenizer import train_tokenizer  # noqa: E402
+from lacy.labels.facts import FactTagger  # noqa: E402
+from lacy.shards.scoring import encode_documents  # noqa: E402
 
 MIN_UNITS = 8
 
@@ -166,8 +166,8 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from lacy.labels.reference import ReferenceScorer
     from lacy.model import load_big_model
-    from lacy.reference import ReferenceScorer
 
     torch.set_num_threads(1)  # one core per worker, as in the actors
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
@@ -251,8 +251,8 @@ def reference_runs(args: argparse.Namespace, work: Path, docs: list[dict], tok, 
     """bare+ref once, ray+ref `--reference-only` times, each with the model actor's timeline profile."""
     import ray
 
+    from lacy.labels.reference import ReferenceScorer
     from lacy.model import load_big_model
-    from lacy.reference import ReferenceScorer
 
     ref_model, ref_tok = load_big_model(str(work / "ref"))
     bare_ref = bare(docs[:args.reference_docs], tok, tagger, ReferenceScorer(ref_model, ref_tok))

@@ -53,10 +53,10 @@ def _tiny_small_model(path: Path) -> Path:
     the benchmark measures serving, not quality)."""
     import torch
 
-    from lacy.config import ModelConfig
-    from lacy.data import read_corpus
+    from lacy.core.config import ModelConfig
+    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.tokenizer import train_tokenizer
     from lacy.model import build_model
-    from lacy.tokenizer import train_tokenizer
 
     tok = train_tokenizer([d["text"] for d in read_corpus("embedded", max_docs=2000)], 4096, path)
     torch.manual_seed(0)
@@ -113,8 +113,8 @@ def main() -> None:
     import ray
     import torch
 
-    from lacy.cascade import BigLM, Cascade, SmallLM, calibrate
-    from lacy.config import load_config
+    from lacy.cascade.engine import BigLM, Cascade, SmallLM, calibrate
+    from lacy.core.config import load_config
     from lacy.model import load_big_model, load_small_model
     from services.cascade import delete, run
 

@@ -1,4 +1,4 @@
-"""Why serving computes on one thread (`lacy.compute`): SmolLM2 forwards on one thread vs on a second.
+"""Why serving computes on one thread (`lacy.core.compute`): SmolLM2 forwards on one thread vs on a second.
 
     .venv/bin/python -m bench.threads
 

@@ -1,7 +1,7 @@
 """Calibrate the cascade: the fixed P(<CALL>) threshold that gives a target call rate.
 
 Decodes held-out prompts with the small model alone (no big model needed) and takes the (1 - rate)
-quantile of P(<CALL>)'s log-odds at the decision points (`lacy.cascade.calibrate`): log-odds, because a
+quantile of P(<CALL>)'s log-odds at the decision points (`lacy.cascade.engine.calibrate`): log-odds, because a
 sure model's probabilities round to exactly 1 and tie. Prompts: one per line of
 `--prompts FILE`, else the first `--prompt-words` words of `--n` validation documents of `data.corpus`.
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from lacy.cascade import Cascade, SmallLM, calibrate, probability
-from lacy.config import config_hash, parse_cli, save_config
-from lacy.data import read_corpus, split_of
-from lacy.tokenizer import load_tokenizer
+from lacy.cascade.engine import Cascade, SmallLM, calibrate, probability
+from lacy.core.config import config_hash, parse_cli, save_config
+from lacy.corpus.readers import read_corpus, split_of
+from lacy.corpus.tokenizer import load_tokenizer
 
 OPTIONS = """
 Calibration options:

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lacy.config import LacyConfig, config_hash, parse_cli, to_dict
-from lacy.plan import Generated, Request
+from lacy.core.config import LacyConfig, config_hash, parse_cli, to_dict
+from lacy.eval.plan import Generated, Request
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run(cfg: LacyConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from lacy.console import setup_logging
+    from lacy.core.console import setup_logging
 
     setup_logging()
     return run(parse_cli(argv, __doc__ or ""))

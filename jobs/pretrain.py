@@ -17,7 +17,7 @@ resumes too. Rank 0 logs to the MLflow run the driver opened.
 Data order, and why not `get_dataset_shard`: Ray Data's streaming split hands blocks to whichever worker
 asks first, so which worker trains which sequence depends on timing and a restarted run could not
 tell what the lost steps consumed. Here every worker reads the same seeded stream of global batches
-(`lacy.shards.read_batches`) and trains its rank's slice, so the data position is one number (rows
+(`lacy.shards.format.read_batches`) and trains its rank's slice, so the data position is one number (rows
 consumed) and resume skips exactly those; `train.audit_rows` logs every trained sequence to prove it.
 Cost: each worker holds the training split's token ids in memory (4 bytes/token).
 """
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from jobs import init_ray
-from lacy import storage
-from lacy.config import LacyConfig, TrainConfig, from_dict, parse_cli, save_config, to_dict
-from lacy.paths import cache_dir
+from lacy.core import storage
+from lacy.core.config import LacyConfig, TrainConfig, from_dict, parse_cli, save_config, to_dict
+from lacy.core.paths import cache_dir
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed tag of the one engine state inside each Ray checkpoint."""
@@ -107,9 +107,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
+    from lacy.corpus.tokenizer import call_id, load_tokenizer
     from lacy.model import build_model
-    from lacy.shards import read_batches
-    from lacy.tokenizer import call_id, load_tokenizer
+    from lacy.shards.format import read_batches
     from lacy.train import Position, Ranks, build_optimizer, train_loop
 
     cfg: LacyConfig = from_dict(LacyConfig, config["cfg"])
@@ -217,8 +217,8 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lacy.shards import read_manifest
-    from lacy.tracking import start_run, tracking_uri
+    from lacy.core.tracking import start_run, tracking_uri
+    from lacy.shards.format import read_manifest
 
     train, output_dir = cfg.train, Path(cfg.train.output_dir)
     save_config(cfg, output_dir / "config.yaml")
@@ -266,7 +266,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from lacy.console import setup_logging
+    from lacy.core.console import setup_logging
 
     setup_logging()
     return run(parse_cli(argv, description=__doc__ or ""))

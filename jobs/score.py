@@ -1,4 +1,4 @@
-"""Scoring on Ray Data: `lacy.scoring.build_shards` with its documents encoded by a pool of actors.
+"""Scoring on Ray Data: `lacy.shards.scoring.build_shards` with its documents encoded by a pool of actors.
 
     # local: reuses an initialised Ray, else starts one on this machine
     python -m jobs.score --config configs/tiny.yaml [--score.output_dir runs/x/shards]
@@ -10,9 +10,9 @@
         python -m jobs.score --config configs/tiny.yaml
 
 The stage (corpus, tokenizer, units, resume, packing, manifest) is the library's; this file only maps
-its encoding over Ray Data: spaCy actors (`TagActor`, fractional CPUs) run `lacy.scoring.tag_documents`,
+its encoding over Ray Data: spaCy actors (`TagActor`, fractional CPUs) run `lacy.shards.scoring.tag_documents`,
 model actors (`ModelActor`, when a reference or judge model is configured) run `score_documents`, and
-both hand back Arrow columns (`lacy.scoring.results_to_table`). The driver gathers each unit's
+both hand back Arrow columns (`lacy.shards.scoring.results_to_table`). The driver gathers each unit's
 documents and gives the unit back to `build_shards` to write, so shards equal the one-process run's.
 """
 
@@ -28,9 +28,11 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import init_ray
-from lacy import storage
-from lacy.config import LacyConfig, from_dict, parse_cli, to_dict
-from lacy.scoring import (
+from lacy.core import storage
+from lacy.core.config import LacyConfig, from_dict, parse_cli, to_dict
+from lacy.corpus.tokenizer import load_tokenizer
+from lacy.shards.format import Manifest, TokenizedDoc
+from lacy.shards.scoring import (
     Result,
     build_shards,
     list_array,
@@ -41,8 +43,6 @@ from lacy.scoring import (
     score_documents,
     tag_documents,
 )
-from lacy.shards import Manifest, TokenizedDoc
-from lacy.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 _KEYS = ["index", "unit", "id", "title"]
@@ -59,7 +59,7 @@ class TagActor:
     """spaCy + our tokenizer, loaded once per actor: documents -> ids, fact flags (+ text, offsets)."""
 
     def __init__(self, cfg: dict, tokenizer_dir: str, keep_text: bool) -> None:
-        from lacy.facts import FactTagger
+        from lacy.labels.facts import FactTagger
 
         self.cfg = from_dict(LacyConfig, cfg)
         storage.pull(self.cfg, tokenizer_dir)  # this node's mirror of a store-backed run may be empty
@@ -99,7 +99,7 @@ class ModelActor:
 
 def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
                   units: dict[int, list[dict]]) -> Iterator[tuple[int, list[Result]]]:
-    """`lacy.scoring.UnitEncoder` on Ray Data: every unit's documents through the actor pools; each unit
+    """`lacy.shards.scoring.UnitEncoder` on Ray Data: every unit's documents through the actor pools; each unit
     is yielded, in its documents' order, as soon as all of them are back."""
     ray = init_ray()
     sc, config = cfg.score, to_dict(cfg)
@@ -143,7 +143,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
     """`build_shards` on Ray Data, logged as MLflow run "score" (nested under `parent_run_id`)."""
     import mlflow
 
-    from lacy.tracking import log_metrics, start_run
+    from lacy.core.tracking import log_metrics, start_run
 
     with start_run(cfg, "score", nested=mlflow.active_run() is not None, parent_run_id=parent_run_id):
         manifest, metrics = build_shards(cfg, encode_on_ray)
@@ -153,7 +153,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
 
 
 def main(argv: list[str] | None = None) -> Manifest:
-    from lacy.console import setup_logging
+    from lacy.core.console import setup_logging
 
     setup_logging()
     return run(parse_cli(argv, description=__doc__ or ""))

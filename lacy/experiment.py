@@ -9,11 +9,11 @@
         --save_dtype bfloat16 --max_shard_mb 15    # a lent GPU box: train on shards made elsewhere
     python -m jobs.experiment --config configs/synthbio-quick.yaml        # the same on Ray (`make run`)
 
-A `Backend` says how the three heavy stages run: `LocalBackend` here (lacy.scoring, lacy.train, the
+A `Backend` says how the three heavy stages run: `LocalBackend` here (lacy.shards.scoring, lacy.train, the
 cascade in process); `jobs.experiment.RayBackend` on Ray Data, Ray Train + DeepSpeed and Ray Serve.
 Everything else — which models are trained with which budgets, which systems are evaluated on whom,
 how rows are scored and reported — is this file's and the same for both. Stages are
-content-addressed (`lacy.stages`): a re-run skips whatever exists for the same config, whichever
+content-addressed (`lacy.core.stages`): a re-run skips whatever exists for the same config, whichever
 backend or machine made it.
 """
 
@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from lacy import storage
-from lacy.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
-from lacy.plan import (
+from lacy.core import storage
+from lacy.core.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
+from lacy.core.stages import stage_done, stage_finish
+from lacy.eval.plan import (
     Generator,
     LocalGenerator,
     evaluate,
@@ -38,7 +39,6 @@ from lacy.plan import (
     thresholds_stage,
     write_views,
 )
-from lacy.stages import stage_done, stage_finish
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class LocalBackend:
         self.save_dtype, self.max_shard_mb, self.reuse_shards = save_dtype, max_shard_mb, reuse_shards
 
     def build_shards(self, cfg: LacyConfig, parent_run_id: str | None) -> Any:
-        from lacy.scoring import build_shards
-        from lacy.shards import read_manifest
+        from lacy.shards.format import read_manifest
+        from lacy.shards.scoring import build_shards
 
         return read_manifest(cfg.score.output_dir) if self.reuse_shards else build_shards(cfg)[0]
 
@@ -92,8 +92,8 @@ class LocalBackend:
 def knowledge_stage(cfg: LacyConfig) -> Path:
     """The passage store of the corpus (each document with its description: `knowledge_document`);
     for a synthetic corpus, one record per person."""
-    from lacy.data import corpus_source, knowledge_document, read_corpus
-    from lacy.knowledge import build_store
+    from lacy.cascade.knowledge import build_store
+    from lacy.corpus.readers import corpus_source, knowledge_document, read_corpus
 
     db = Path(cfg.knowledge.db_path)
     synth = to_dict(cfg.synth) if cfg.data.corpus == "synthbio" else None
@@ -101,7 +101,7 @@ def knowledge_stage(cfg: LacyConfig) -> Path:
                        "version": 2})
     if stage_done(db.parent / "knowledge", key) is None:
         if synth is not None:  # the people's records: the database the big side reads
-            from lacy.synthbio import records
+            from lacy.corpus.synthbio import records
 
             docs = iter(records(corpus_source(cfg)).values())
         else:
@@ -183,9 +183,9 @@ def validation_loss(cfg: LacyConfig, model_dir: str) -> dict:
     """Real-token validation metrics of a trained model on the held-out shards."""
     import torch
 
+    from lacy.corpus.tokenizer import call_id
     from lacy.model import load_small_model
-    from lacy.shards import read_batches, read_manifest
-    from lacy.tokenizer import call_id
+    from lacy.shards.format import read_batches, read_manifest
     from lacy.train import evaluate
 
     if not read_manifest(cfg.score.output_dir).shards.get("val"):
@@ -196,9 +196,9 @@ def validation_loss(cfg: LacyConfig, model_dir: str) -> dict:
 
 
 def _stored_bits(record: dict, pop: Any) -> dict:
-    """`lacy.synthbio.stored_bits` of a trained model over every trained-on person, cached beside it."""
-    from lacy.stages import cached_json
-    from lacy.synthbio import stored_bits
+    """`lacy.corpus.synthbio.stored_bits` of a trained model over every trained-on person, cached beside it."""
+    from lacy.core.stages import cached_json
+    from lacy.corpus.synthbio import stored_bits
 
     docs = pop.train_docs
     path = Path(record["final"]).parent / "stored_bits.json"
@@ -211,7 +211,7 @@ def _proxy_stage(cfg: LacyConfig, results: Path) -> None:
     """results/proxy_vs_oracle.json: the shards' fact flags scored against the oracle."""
     import json
 
-    from lacy.synthbio import proxy_vs_oracle
+    from lacy.corpus.synthbio import proxy_vs_oracle
 
     proxy = proxy_vs_oracle(cfg.score.output_dir)
     (results / "proxy_vs_oracle.json").write_text(json.dumps(proxy, indent=2))
@@ -305,14 +305,14 @@ def _tracking(cfg: LacyConfig, track: bool) -> Iterator[str | None]:
     if not track:
         yield None
         return
-    from lacy.tracking import start_run
+    from lacy.core.tracking import start_run
 
     with start_run(cfg, "experiment") as parent:
         yield parent.info.run_id
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from lacy.console import setup_logging
+    from lacy.core.console import setup_logging
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--until", choices=["shards", "train", "report"], default="report")

@@ -1,13 +1,13 @@
 """The FActScore protocol with an LLM judge behind an OpenAI-compatible completions endpoint.
 
     judge = OpenAIJudge("http://127.0.0.1:8080/v1", "smollm2", "runs/judge.sqlite")
-    report = judge_factscore(judge, generations, store, k=5)      # a lacy.eval.FactReport
+    report = judge_factscore(judge, generations, store, k=5)      # a lacy.eval.claims.FactReport
 
 As in FActScore, the LLM lists the atomic facts of each sentence of a generation (one few-shot
 demonstration, "- fact" lines), then answers True/False for each fact against the top-k passages of
 the person's article retrieved for it. Completions are greedy, and every call is cached on disk by a
 hash of the request, so a rerun makes no HTTP call. Scoring (precision, length penalty, structured
-attributes) is `lacy.eval`'s, shared with the spaCy-claim modes.
+attributes) is `lacy.eval.claims`'s, shared with the spaCy-claim modes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lacy.eval import Claim, FactReport, Generation, PassageSearch, report_from_claims
+from lacy.eval.claims import Claim, FactReport, Generation, PassageSearch, report_from_claims
 
 _FACTS_DEMO = (
     "Please breakdown the following sentence into independent facts: He made his acting debut in the "

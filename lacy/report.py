@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lacy.config import LacyConfig
+    from lacy.core.config import LacyConfig
 
 SPAN_STYLE = {
     "prompt": "color:#555",
@@ -166,7 +166,7 @@ def _table(rows: list[dict], trained: dict[str, dict], comparison: str, big: str
 def _paired(rows: list[dict], comparison: str, big: str, rate: float, bootstrap: int, seed: int) -> list[str]:
     """LaCy (P(<CALL>)) minus every other system at the headline rate: FactScore over all people
     (abstention scores 0, so nobody is dropped) and precision over the people both answered."""
-    from lacy.eval import paired_bootstrap
+    from lacy.eval.claims import paired_bootstrap
 
     here = [r for r in rows if r["big"] == big and r["target_rate"] == rate and r["people"] == "train"
             and r["model"] and r["model"].endswith(f"-{comparison}")]
@@ -204,7 +204,7 @@ def people_for_halfwidth(a: Sequence[float], b: Sequence[float], halfwidth: floa
 
 
 def proxy_table(proxy: dict) -> list[str]:
-    """Markdown lines: the spaCy fact flags against the oracle (lacy.synthbio.proxy_vs_oracle)."""
+    """Markdown lines: the spaCy fact flags against the oracle (lacy.corpus.synthbio.proxy_vs_oracle)."""
     recall = proxy["recall_by_attribute"]
     line = {"flagged share": proxy.get("flagged_share"), "true fact share": proxy.get("fact_share"),
             "precision": proxy["precision"], "recall": proxy["recall"],

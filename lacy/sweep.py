@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lacy.config import LacyConfig, parse_cli
+from lacy.core.config import LacyConfig, parse_cli
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
 
 def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, Any]]:
     """The sweep from the command line; `backend` as `lacy.experiment.run` takes it (None: this process)."""
-    from lacy.console import setup_logging
+    from lacy.core.console import setup_logging
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--people", help="comma-separated numbers of invented people (default: sweep of the "

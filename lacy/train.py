@@ -2,7 +2,7 @@
 run by the plain single-process path here and, with a DeepSpeed engine and data-parallel ranks, by the
 Ray Train worker (`jobs.pretrain`). No Ray here.
 
-    # shards first (python -m lacy.scoring --config configs/tiny.yaml), then:
+    # shards first (python -m lacy.shards.scoring --config configs/tiny.yaml), then:
     python -m lacy.train --config configs/tiny.yaml                       # the config's rule (lacy)
     python -m lacy.train --config configs/tiny.yaml --labels.rule loss    # a baseline
     python -m lacy.train --config configs/tiny.yaml --train.max_supervised_tokens 50000  # equal tokens
@@ -31,9 +31,9 @@ from typing import Any, Protocol
 
 import torch
 
-from lacy import storage
-from lacy.config import LacyConfig, TrainConfig, parse_cli, save_config
-from lacy.labels import Gather, lacy_step, token_losses
+from lacy.core import storage
+from lacy.core.config import LacyConfig, TrainConfig, parse_cli, save_config
+from lacy.labels.method import Gather, lacy_step, token_losses
 
 log = logging.getLogger(__name__)
 LogFn = Callable[[int, dict], None]
@@ -155,7 +155,7 @@ class Ranks:
 
     `reduce(values)` sums a list of floats over ranks; `gather(t)` concatenates a [b, ...] tensor of
     every rank along dim 0 (rank order) and returns it with this rank's first row in the result, so
-    the labelling rule selects over the global batch (lacy.labels.lacy_step)."""
+    the labelling rule selects over the global batch (lacy.labels.method.lacy_step)."""
 
     rank: int = 0
     world: int = 1
@@ -183,7 +183,7 @@ def train_loop(cfg: LacyConfig, stepper: Stepper, batches: Iterator[dict], call_
     """Train with `cfg.labels.rule` until train.max_steps optimiser steps or (when set)
     train.max_supervised_tokens supervised tokens, from `position` on; returns a summary.
 
-    `batches` yields global batches in the lacy.labels contract (each rank slices its rows). Every
+    `batches` yields global batches in the lacy.labels.method contract (each rank slices its rows). Every
     log_every steps and at the end `log_fn(step, row)` gets the window's means (loss, real_loss,
     call_share, masked_share, grad_norm, ...) with tokens/s, lr and the token counts; every eval_every
     steps and at the end, on rank 0, the validation metrics of `val_batches()` (keys `val_*`).
@@ -293,7 +293,7 @@ def save_final(model: Any, tokenizer: Any, out: Path, cfg: LacyConfig, summary: 
     summary and a model card. Returns the folder."""
     from transformers import GenerationConfig
 
-    from lacy.tokenizer import call_id
+    from lacy.corpus.tokenizer import call_id
 
     out.mkdir(parents=True, exist_ok=True)
     if save_dtype is not None:
@@ -325,8 +325,8 @@ real token; validation real-token loss {val if val is None else f'{val:.4f}'} na
 
 - `model.generate()` never emits `<CALL>`: generation_config.json bans it (`bad_words_ids`). To let the
   model delegate, run it in the cascade: `serve run services.cascade:app config=<config>
-  overrides="--serve.small_path <this folder>"`, or `lacy.cascade.Cascade` in Python.
-- P(`<CALL>`) of the next token is the model's delegation signal; `lacy.cascade.calibrate` maps a target
+  overrides="--serve.small_path <this folder>"`, or `lacy.cascade.engine.Cascade` in Python.
+- P(`<CALL>`) of the next token is the model's delegation signal; `lacy.cascade.engine.calibrate` maps a target
   call rate to a threshold.
 - Training config: `config.yaml` beside this folder; summary: `{SUMMARY}`.
 """
@@ -337,9 +337,9 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
     """Train from the shards at cfg.score.output_dir on one process; write `<train.output_dir>/final`
     (`save_final`, optionally in `save_dtype` and files of at most `max_shard_mb`), config.yaml and
     metrics.jsonl. Returns the summary."""
+    from lacy.corpus.tokenizer import call_id as find_call_id
     from lacy.model import build_model
-    from lacy.shards import load_shard_tokenizer, read_batches, read_manifest
-    from lacy.tokenizer import call_id as find_call_id
+    from lacy.shards.format import load_shard_tokenizer, read_batches, read_manifest
 
     shards = Path(cfg.score.output_dir)
     storage.pull(cfg, shards, Path(cfg.run_dir) / "tokenizer")
@@ -376,7 +376,7 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lacy.console import setup_logging
+    from lacy.core.console import setup_logging
 
     setup_logging()
     return train_from_shards(parse_cli(argv, description=__doc__ or ""))

@@ -1,8 +1,8 @@
-"""Ray Serve: the cascade of `lacy.serving` behind HTTP, as two composed deployments.
+"""Ray Serve: the cascade of `lacy.serve.engine` behind HTTP, as two composed deployments.
 
-`SmallModel` (the ingress: `lacy.serving.CascadeEngine` and its routes) holds a `DeploymentHandle` to
-`BigModel` (`lacy.batched.BigSessions`: SmolLM2 or any local HF causal LM, optionally retrieval-augmented,
-its calls batched by `lacy.batched.BatchQueue`). This file is the Ray wiring and the routes only.
+`SmallModel` (the ingress: `lacy.serve.engine.CascadeEngine` and its routes) holds a `DeploymentHandle` to
+`BigModel` (`lacy.cascade.batching.BigSessions`: SmolLM2 or any local HF causal LM, optionally retrieval-augmented,
+its calls batched by `lacy.cascade.batching.BatchQueue`). This file is the Ray wiring and the routes only.
 
     serve run services.cascade:app config=configs/tiny.yaml                # serve.host:serve.port
     serve run services.cascade:app config=configs/tiny.yaml overrides="--serve.port 8001 --big.retrieval true"
@@ -31,10 +31,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from jobs import RAY_ENV_DEFAULTS, init_ray
-from lacy import serving
-from lacy.batched import BatchQueue, BigCall, BigSessions
-from lacy.cascade import Quantiles
-from lacy.config import LacyConfig, from_dict, load_config, to_dict
+from lacy.cascade.batching import BatchQueue, BigCall, BigSessions
+from lacy.cascade.engine import Quantiles
+from lacy.core.config import LacyConfig, from_dict, load_config, to_dict
+from lacy.serve import engine as serving
 
 NAMESPACE = "lacy"  # of the cluster-wide quantile actors
 
@@ -166,7 +166,7 @@ def delete(name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lacy.config import parse_cli
+    from lacy.core.config import parse_cli
 
     run(parse_cli(argv, __doc__ or ""), blocking=True)
 

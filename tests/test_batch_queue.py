@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lacy.batched import BatchQueue
+from lacy.cascade.batching import BatchQueue
 
 
 class Recorder:

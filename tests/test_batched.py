@@ -2,8 +2,8 @@
 
 import pytest
 
-from lacy.batched import continue_batch
-from lacy.cascade import BigLM
+from lacy.cascade.batching import continue_batch
+from lacy.cascade.engine import BigLM
 
 pytestmark = pytest.mark.slow
 

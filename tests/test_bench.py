@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.limits import Load, gemm_shapes, load_guard, record, train_flops_per_token
-from lacy.config import PRESETS
+from lacy.core.config import PRESETS
 from lacy.model import gpt2_config
 
 

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from lacy.cascade import (
+from lacy.cascade.engine import (
     BigLM,
     BigModelError,
     Cascade,
@@ -35,8 +35,8 @@ from lacy.cascade import (
     decision_scores,
     log_odds,
 )
-from lacy.config import CascadeConfig, ConfigError
-from lacy.tokenizer import CALL_TOKEN, EOS_TOKEN, PAD_TOKEN
+from lacy.core.config import CascadeConfig, ConfigError
+from lacy.corpus.tokenizer import CALL_TOKEN, EOS_TOKEN, PAD_TOKEN
 
 # ----------------------------------------------------------------------------------------------
 # A word-level tokenizer (one token per word with its leading space) and scripted models
@@ -573,9 +573,9 @@ def test_cache_crop_matches_full_forward_on_real_gpt2():
 
 
 def test_cascade_with_real_gpt2s_and_bpe_tokenizer():
-    from lacy.config import ModelConfig
+    from lacy.core.config import ModelConfig
+    from lacy.corpus.tokenizer import train_tokenizer
     from lacy.model import build_model
-    from lacy.tokenizer import train_tokenizer
 
     texts = ["Marie Curie was born in Warsaw in 1867. She won the Nobel Prize in Physics in 1903.",
              "Alan Turing was born in London in 1912 (Maida Vale). He worked at Bletchley Park."] * 20
@@ -631,9 +631,9 @@ def test_smollm2_big_model_fills_in_calls():
 
 def test_calibrate_job_writes_threshold(tmp_path, capsys):
     from jobs.calibrate import main
-    from lacy.config import ModelConfig
+    from lacy.core.config import ModelConfig
+    from lacy.corpus.tokenizer import load_tokenizer, train_tokenizer
     from lacy.model import build_model
-    from lacy.tokenizer import load_tokenizer, train_tokenizer
 
     texts = ["Marie Curie was born in Warsaw in 1867.", "Alan Turing was born in London in 1912."] * 10
     train_tokenizer(texts, vocab_size=300, out_dir=tmp_path / "small")
@@ -661,7 +661,7 @@ def test_calibrate_job_writes_threshold(tmp_path, capsys):
 
 def test_validation_prompts_are_starts_of_held_out_documents():
     from jobs.calibrate import validation_prompts
-    from lacy.data import read_corpus, split_of
+    from lacy.corpus.readers import read_corpus, split_of
 
     prompts = validation_prompts("embedded", 0.05, 3, 8)
     val_starts = [" ".join(d["text"].split()[:8]) for d in read_corpus("embedded")

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
-from lacy.config import load_config
+from lacy.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lacy.config import ConfigError, LacyConfig, config_hash, help_text, load_config, save_config
+from lacy.core.config import ConfigError, LacyConfig, config_hash, help_text, load_config, save_config
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
 
@@ -53,7 +53,7 @@ def test_every_field_is_documented():
     import dataclasses
     import typing
 
-    from lacy.config import field_docs
+    from lacy.core.config import field_docs
 
     missing = []
 

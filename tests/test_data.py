@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lacy.data import (
+from lacy.corpus.readers import (
     ReadReport,
     article_by_id,
     corpus_files,

@@ -1,4 +1,4 @@
-"""lacy.eval on hand-made biographies with real spaCy and a real SQLite passage store (the LLM judge's
+"""lacy.eval.claims on hand-made biographies with real spaCy and a real SQLite passage store (the LLM judge's
 tests are in test_judge.py)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from people import ADA, ADA_ARTICLE, ARTICLES, BOB, BOB_ARTICLE  # noqa: F401
 
-from lacy.data import Entity
-from lacy.eval import (
+from lacy.cascade.knowledge import SqlitePassageStore
+from lacy.corpus.readers import Entity
+from lacy.eval.claims import (
     Generation,
     LeakProbe,
     attribute_checks,
@@ -33,7 +34,6 @@ from lacy.eval import (
     stated_birth_year,
     wilson_interval,
 )
-from lacy.knowledge import SqlitePassageStore
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +186,8 @@ def test_attribute_checks():
 def test_real_wikipedia_leads_separate_true_from_swapped_bios(nlp):
     """On real wiki2015 people, a person's own lead is fully supported and states mostly correct
     attributes; the next person's lead under this person's name is mostly unsupported."""
-    from lacy.data import read_corpus
-    from lacy.paths import wiki2015_dir
+    from lacy.core.paths import wiki2015_dir
+    from lacy.corpus.readers import read_corpus
 
     people_file = wiki2015_dir() / "people.jsonl"
     if not people_file.is_file():
@@ -386,7 +386,7 @@ def test_make_leak_probes(nlp):
 
 
 def test_eval_config_validation():
-    from lacy.config import ConfigError, EvalConfig, load_config
+    from lacy.core.config import ConfigError, EvalConfig, load_config
 
     assert load_config(None, ["--eval.gamma", "5", "--eval.prompt_style", "instruct"]).eval.gamma == 5.0
     for bad in ({"prompt_style": "chat"}, {"gamma": 0.0}, {"bootstrap": 0}, {"leakage_facts": 0}):
@@ -410,7 +410,7 @@ def test_date_ranges_score_year_by_year(nlp):
 def test_informative_precision_and_abstentions(nlp):
     """Generic claims ("British") that another person's article supports too are not informative;
     abstainers count 0 in FactScore and supported-per-person, so every person stays in paired tests."""
-    from lacy.eval import score_biographies
+    from lacy.eval.claims import score_biographies
 
     gens = [Generation(ADA, "Ada Lovelace (born 1920) was a British chemist."),   # 1920 ✓ British ✓
             Generation(BOB, "Bob Marley ( I do not know.")]                           # abstains
@@ -430,8 +430,8 @@ def test_informative_precision_and_abstentions(nlp):
 def test_correct_birth_years_are_credited_for_real_embedded_people(nlp):
     """The embedded leads leave life years out of their text; the knowledge source must hold them (the
     description), or the prompt "NAME (" could never be answered right."""
-    from lacy.data import knowledge_document, load_entities, read_corpus
-    from lacy.eval import score_biographies
+    from lacy.corpus.readers import knowledge_document, load_entities, read_corpus
+    from lacy.eval.claims import score_biographies
 
     docs = {d["id"]: d for d in read_corpus("embedded")}
     people = [e for e in load_entities("embedded") if e.birth_year and e.birth_year > 0][:20]

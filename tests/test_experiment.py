@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from lacy.config import load_config
+from lacy.core.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_one_process_pipeline_gives_the_same_shards_and_table(ray_run, tmp_path)
     """The same stages in one process (lacy.experiment with LocalBackend) over a copy of the Ray run:
     shards are byte-identical when built afresh, and the same models give the same evaluation rows."""
     from lacy.experiment import LocalBackend, run
-    from lacy.scoring import build_shards
+    from lacy.shards.scoring import build_shards
 
     cfg, results = ray_run
     local = load_config("configs/tiny.yaml", [

@@ -1,4 +1,4 @@
-"""Fact words from real spaCy and their alignment to sub-word tokens (lacy.facts)."""
+"""Fact words from real spaCy and their alignment to sub-word tokens (lacy.labels.facts)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from lacy.config import ConfigError, FactsConfig
-from lacy.facts import (
+from lacy.core.config import ConfigError, FactsConfig
+from lacy.corpus.tokenizer import train_tokenizer
+from lacy.labels.facts import (
     FactTagger,
     TaggedText,
     align_flags,
@@ -19,7 +20,6 @@ from lacy.facts import (
     split_long,
     tag_corpus,
 )
-from lacy.tokenizer import train_tokenizer
 
 SENTENCES = [
     "Marie Curie was born on 4 July 1776 in Warsaw (Poland).",
@@ -323,9 +323,9 @@ def test_explicit_full_pipeline_agrees_with_the_reduced_one(tagger):
 
 def test_literal_special_token_text_stays_text(tiny_tokenizer):
     """A corpus that mentions "<CALL>" or "<|endoftext|>" must not inject those ids into training."""
-    from lacy.config import FactsConfig
-    from lacy.facts import FactTagger
-    from lacy.tokenizer import CALL_TOKEN, EOS_TOKEN
+    from lacy.core.config import FactsConfig
+    from lacy.corpus.tokenizer import CALL_TOKEN, EOS_TOKEN
+    from lacy.labels.facts import FactTagger
 
     text = "The token <CALL> and <|endoftext|> appear in Paris."
     (tagged,) = FactTagger(FactsConfig()).tag([text], tiny_tokenizer)

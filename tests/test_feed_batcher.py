@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from lacy.batched import FeedBatcher, feed_many
-from lacy.cascade import Cascade, SmallLM
-from lacy.config import CascadeConfig
+from lacy.cascade.batching import FeedBatcher, feed_many
+from lacy.cascade.engine import Cascade, SmallLM
+from lacy.core.config import CascadeConfig
 
 
 def _lm(model, tok, text: str | None = None) -> SmallLM:

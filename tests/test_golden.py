@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lacy.config import load_config
+from lacy.core.config import load_config
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_train.json"
 RULES = ("plain", "loss", "lacy", "ignore_facts")
 
 
 def _curves(scored_run, tmp_path) -> dict[str, list[list[float]]]:
+    from lacy.corpus.tokenizer import call_id
     from lacy.model import build_model
-    from lacy.shards import load_shard_tokenizer, read_batches
-    from lacy.tokenizer import call_id
+    from lacy.shards.format import load_shard_tokenizer, read_batches
     from lacy.train import train
 
     curves = {}

@@ -12,9 +12,9 @@ import pytest
 import torch
 from people import ADA, ADA_ARTICLE, ARTICLES, BOB_ARTICLE
 
-from lacy.eval import Generation
+from lacy.cascade.knowledge import SqlitePassageStore
+from lacy.eval.claims import Generation
 from lacy.judge import JudgeError, OpenAIJudge, judge_factscore, parse_facts, parse_verdict
-from lacy.knowledge import SqlitePassageStore
 
 
 @pytest.fixture()
@@ -99,8 +99,8 @@ class CompletionServer:
 def tiny_server():
     from transformers import GPT2LMHeadModel
 
+    from lacy.corpus.tokenizer import train_tokenizer
     from lacy.model import gpt2_config
-    from lacy.tokenizer import train_tokenizer
 
     tok = train_tokenizer([ADA_ARTICLE, BOB_ARTICLE] * 5, vocab_size=320)
     torch.manual_seed(0)

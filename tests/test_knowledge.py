@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lacy.knowledge import (
+from lacy.cascade.knowledge import (
     KnowledgeError,
     Passage,
     RetrievalBigLM,
@@ -291,7 +291,7 @@ def test_store_file_is_plain_sqlite_fts5(store):
 @pytest.mark.slow
 def test_real_big_model_reads_the_retrieved_passage(store):
     """SmolLM2 through the real BigLM: with the article in context it continues with the birth year."""
-    from lacy.cascade import BigLM
+    from lacy.cascade.engine import BigLM
     from lacy.model import load_big_model
 
     model, tokenizer = load_big_model("smollm2")
@@ -305,7 +305,7 @@ def test_real_big_model_reads_the_retrieved_passage(store):
 
 
 def test_build_from_a_named_corpus_and_config_validation(tmp_path):
-    from lacy.config import ConfigError, KnowledgeConfig
+    from lacy.core.config import ConfigError, KnowledgeConfig
 
     report = build_store("embedded", tmp_path / "emb.sqlite", passage_words=50, max_docs=30)
     assert report.docs == 30 and report.passages >= 30

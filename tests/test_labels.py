@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lacy.config import LabelConfig
-from lacy.labels import judge_bad_from_accept, lacy_step, objective, select, token_losses
+from lacy.core.config import LabelConfig
+from lacy.labels.method import judge_bad_from_accept, lacy_step, objective, select, token_losses
 
 CALL = 2  # the <CALL> id in the hand-made 3- or 4-token vocabularies below
 
@@ -307,7 +307,7 @@ def _rank_selects(rank: int, world: int, init: str, batch: dict, out: str) -> No
                                  gather=gather)
         torch.save(stats["call_share"] * stats["valid_tokens"], f"{out}.{rule}.{rank}")
         # The positions themselves, on fixed losses (no model rounding between batch shapes).
-        from lacy.labels import _select_global
+        from lacy.labels.method import _select_global
 
         mask = _select_global(LabelConfig(rule=rule), gather, batch["loss"][rank * per:(rank + 1) * per],
                               torch.ones_like(local["fact"][:, 1:]), local["fact"][:, 1:], local["ref_loss"][:, 1:],

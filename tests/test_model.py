@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from lacy.config import ModelConfig
+from lacy.core.config import ModelConfig
+from lacy.corpus.tokenizer import call_id
 from lacy.model import (
     PRESETS,
     SMOLLM2_CACHE,
@@ -18,7 +19,6 @@ from lacy.model import (
     load_big_model,
     preset_parameters,
 )
-from lacy.tokenizer import call_id
 
 
 def gpt2_parameters(vocab: int, positions: int, width: int, layers: int) -> int:

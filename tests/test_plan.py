@@ -1,12 +1,12 @@
-"""lacy.plan: the evaluation plan as data, and who is evaluated (never the people thresholds are set on)."""
+"""lacy.eval.plan: the evaluation plan as data, and who is evaluated (never the people thresholds are set on)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lacy.config import load_config
-from lacy.data import split_of
-from lacy.plan import System, evaluation_plan, population
+from lacy.core.config import load_config
+from lacy.corpus.readers import split_of
+from lacy.eval.plan import System, evaluation_plan, population
 
 
 def test_plan_pairs_each_model_with_the_triggers_it_can_use():
@@ -41,16 +41,16 @@ def test_population_evaluates_trained_on_people_and_calibrates_on_others():
 
 def test_local_generator_decodes_every_request_on_the_one_compute_thread(tmp_path, tiny_tokenizer):
     # Evaluation asks from several threads (experiment.eval_concurrency); forwards spread over threads
-    # run slower under libgomp (lacy.compute), and unbatched concurrency gains nothing on a CPU.
+    # run slower under libgomp (lacy.core.compute), and unbatched concurrency gains nothing on a CPU.
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from lacy.compute import compute_thread
-    from lacy.config import ModelConfig
+    from lacy.core.compute import compute_thread
+    from lacy.core.config import ModelConfig
+    from lacy.eval.plan import LocalGenerator, Request
     from lacy.model import build_model
-    from lacy.plan import LocalGenerator, Request
 
     paths = {}
     for name, seed in (("small", 0), ("big", 1)):
@@ -78,9 +78,9 @@ def test_the_big_model_alone_writes_in_batches_what_it_writes_one_by_one(tmp_pat
     writes for each request alone; prompts of different lengths share a padded batch."""
     import torch
 
-    from lacy.config import ModelConfig
+    from lacy.core.config import ModelConfig
+    from lacy.eval.plan import LocalGenerator, Request
     from lacy.model import build_model
-    from lacy.plan import LocalGenerator, Request
 
     torch.manual_seed(1)
     build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / "big")

@@ -1,7 +1,7 @@
 """The Ray Train + DeepSpeed pretraining job, end to end on a real local Ray instance.
 
-Shards are built single-process with lacy.shards from real embedded Wikipedia leads, real spaCy fact
-flags, and reference losses / judge accept sets from a real (tiny, untrained) GPT-2 via lacy.reference,
+Shards are built single-process with lacy.shards.format from real embedded Wikipedia leads, real spaCy fact
+flags, and reference losses / judge accept sets from a real (tiny, untrained) GPT-2 via lacy.labels.reference,
 so every labelling rule has the columns it needs.
 """
 
@@ -20,7 +20,7 @@ from jobs.pretrain import (
     row_hash,
     run,
 )
-from lacy.config import ConfigError, LacyConfig, TrainConfig, load_config
+from lacy.core.config import ConfigError, LacyConfig, TrainConfig, load_config
 
 SEQ_LEN = SHARD_SEQ_LEN
 RULES = ("plain", "loss", "rho", "judge", "lacy", "ignore", "ignore_facts")
@@ -28,7 +28,7 @@ RULES = ("plain", "loss", "rho", "judge", "lacy", "ignore", "ignore_facts")
 
 @pytest.fixture(scope="module")
 def shards_dir(scored_run) -> Path:
-    """Shards made by `lacy.scoring.build_shards` (tests/conftest.py): fact flags, ref losses, judge sets."""
+    """Shards made by `lacy.shards.scoring.build_shards` (tests/conftest.py): fact flags, ref losses, judge sets."""
     return Path(scored_run[scored_run.index("--run_dir") + 1]) / "shards"
 
 
@@ -159,7 +159,7 @@ def _audit(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_killed_worker_resumes_with_every_sequence_exactly_once(shards_dir, tmp_path, mlflow_uri,
                                                                 ray_session) -> None:
-    from lacy.shards import read_batches
+    from lacy.shards.format import read_batches
 
     out = tmp_path / "kill"
     cfg = job_config(shards_dir, out, mlflow_uri, num_workers=2, max_steps=6, checkpoint_every=2,

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lacy.reference import JudgeLabeler, ReferenceScorer, align_losses, first_token_table
+from lacy.labels.reference import JudgeLabeler, ReferenceScorer, align_losses, first_token_table
 
 TEXT = "The Eiffel Tower is in Paris, the capital of France. It was built in 1889."
 

@@ -1,5 +1,5 @@
 """jobs.score on the session's Ray instance: schema, agreement with encode_documents, rejects, resume
-after a kill, reference/judge columns; lacy.tracking against a real MLflow store."""
+after a kill, reference/judge columns; lacy.core.tracking against a real MLflow store."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lacy.config import ConfigError, LacyConfig, load_config
-from lacy.scoring import encode_documents
-from lacy.shards import pack_documents, read_batches, read_manifest, read_shard
+from lacy.core.config import ConfigError, LacyConfig, load_config
+from lacy.shards.format import pack_documents, read_batches, read_manifest, read_shard
+from lacy.shards.scoring import encode_documents
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -29,7 +29,7 @@ BAD_LINES = {31: "malformed JSON", 32: "empty text", 33: "missing text"}
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A JSONL file of embedded Wikipedia leads with a malformed line, an empty and a textless record."""
-    from lacy.data import read_corpus
+    from lacy.corpus.readers import read_corpus
 
     docs = list(read_corpus("embedded", max_docs=GOOD_DOCS))
     lines = [json.dumps(d) for d in docs]
@@ -59,7 +59,7 @@ def job_a(corpus, ray_session, mlflow_uri, tmp_path_factory):
 
 
 def good_docs(corpus: Path) -> list[dict]:
-    from lacy.data import read_corpus
+    from lacy.corpus.readers import read_corpus
 
     return list(read_corpus(str(corpus)))
 
@@ -101,8 +101,8 @@ def test_manifest_counts_rejects_and_schema(job_a, corpus):
 @pytest.mark.slow
 def test_same_rows_as_single_process_encode(job_a, corpus):
     """The Ray job and the single-process reference implementation give identical rows."""
-    from lacy.facts import FactTagger
-    from lacy.tokenizer import load_tokenizer
+    from lacy.corpus.tokenizer import load_tokenizer
+    from lacy.labels.facts import FactTagger
 
     cfg, manifest, _ = job_a
     out = Path(cfg.score.output_dir)
@@ -127,11 +127,11 @@ def test_same_rows_as_single_process_encode(job_a, corpus):
 
 @pytest.mark.slow
 def test_single_process_stage_writes_byte_identical_shards(job_a, corpus, caplog):
-    """`lacy.scoring.build_shards` in one process and the Ray job write the same bytes, and the
+    """`lacy.shards.scoring.build_shards` in one process and the Ray job write the same bytes, and the
     console names every rejected line with its file and reason."""
     import logging
 
-    from lacy.scoring import build_shards
+    from lacy.shards.scoring import build_shards
 
     cfg, manifest, run_dir = job_a
     local = load_config(CONFIG, [*overrides(corpus, run_dir, run_dir / "local", cfg.mlflow.tracking_uri)])
@@ -153,7 +153,7 @@ def test_single_process_stage_writes_byte_identical_shards(job_a, corpus, caplog
 def test_bom_and_duplicate_ids(tmp_path):
     """A UTF-8 byte-order mark opens line 1 without losing it; a repeated id is a bad record naming
     where the id was first read."""
-    from lacy.data import ReadReport, read_corpus
+    from lacy.corpus.readers import ReadReport, read_corpus
 
     path = tmp_path / "c.jsonl"
     lines = [json.dumps({"id": "a", "text": "first"}), json.dumps({"id": "b", "text": "second"}),
@@ -235,10 +235,10 @@ def test_reference_and_judge_columns_match_single_process(corpus, ray_session, m
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from jobs import score
-    from lacy.facts import FactTagger
+    from lacy.corpus.tokenizer import train_tokenizer
+    from lacy.labels.facts import FactTagger
+    from lacy.labels.reference import JudgeLabeler, ReferenceScorer
     from lacy.model import load_big_model
-    from lacy.reference import JudgeLabeler, ReferenceScorer
-    from lacy.tokenizer import train_tokenizer
 
     docs = good_docs(corpus)[:16]
     tok = train_tokenizer([d["text"] for d in docs], vocab_size=400, out_dir=tmp_path / "tok")
@@ -281,8 +281,8 @@ def test_arrow_lists_survive_sliced_batches():
     """Ray Data hands actors slices of blocks: list offsets then start past zero."""
     import pyarrow as pa
 
-    from lacy.scoring import list_array as _list_array
-    from lacy.scoring import list_values as _list_values
+    from lacy.shards.scoring import list_array as _list_array
+    from lacy.shards.scoring import list_values as _list_values
 
     rows = [np.arange(n, dtype=np.int32) for n in (2, 0, 3, 1)]
     pairs = [np.arange(2 * n, dtype=np.int32).reshape(n, 2) + 10 * n for n in (1, 2, 0, 3)]
@@ -292,11 +292,11 @@ def test_arrow_lists_survive_sliced_batches():
 
 
 # ----------------------------------------------------------------------------------------------
-# lacy.tracking
+# lacy.core.tracking
 
 
 def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
-    from lacy.tracking import tracking_uri
+    from lacy.core.tracking import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -315,7 +315,7 @@ def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
 def test_start_run_logs_config_sha_and_metrics(tmp_path, mlflow_uri):
     import mlflow
 
-    from lacy.tracking import git_sha, log_metrics, start_run
+    from lacy.core.tracking import git_sha, log_metrics, start_run
 
     cfg = load_config(CONFIG, ["--run_dir", str(tmp_path), "--mlflow.tracking_uri", mlflow_uri,
                                "--mlflow.experiment", "tracking-test"])

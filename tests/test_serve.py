@@ -21,7 +21,7 @@ import openai
 import pytest
 import torch
 
-from lacy.config import ModelConfig, load_config
+from lacy.core.config import ModelConfig, load_config
 from lacy.model import build_model
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def _save_tiny(path, tokenizer, seed: int):
 def urls(ray_session, tmp_path_factory, tiny_tokenizer, embedded_docs):
     from ray import serve
 
-    from lacy.knowledge import build_store
+    from lacy.cascade.knowledge import build_store
     from services.cascade import delete, run
 
     root = tmp_path_factory.mktemp("serve_run")
@@ -224,7 +224,7 @@ def test_big_calls_that_arrive_during_a_batch_run_as_one_batch(urls):
     # it one by one; the replica's BatchQueue runs everything that arrived meanwhile as one batch.
     from ray import serve
 
-    from lacy.batched import BigCall
+    from lacy.cascade.batching import BigCall
 
     big = serve.get_deployment_handle("BigModel", app_name="cascade")  # SmolLM2: a long call takes seconds
     before = big.info.remote().result(timeout_s=30)["stats"]

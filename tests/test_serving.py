@@ -1,4 +1,4 @@
-"""The served cascade without Ray (`lacy.serving`): request contract, answers, streaming, faults.
+"""The served cascade without Ray (`lacy.serve.engine`): request contract, answers, streaming, faults.
 
 Tiny real models: a `tiny` GPT-2 as the small model and another (seed 1) as the big model, both over
 the session's tiny tokenizer, in process (`LocalBig`)."""
@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-from lacy.cascade import Quantiles
-from lacy.config import ModelConfig, load_config
+from lacy.cascade.engine import Quantiles
+from lacy.core.config import ModelConfig, load_config
 from lacy.model import build_model
-from lacy.serving import (
+from lacy.serve.engine import (
     APIError,
     BigCall,
     BigSessions,
@@ -157,7 +157,7 @@ def test_clients_default_fields_are_accepted(engine):
 
 
 def test_a_log_odds_threshold_reaches_the_cascade(engine):
-    """call_log_odds is the threshold calibration returns (lacy.plan sends it): compared with the
+    """call_log_odds is the threshold calibration returns (lacy.eval.plan sends it): compared with the
     trigger's log-odds score as the library compares it."""
     def calls(policy: dict) -> int:
         out = run(engine.generate(engine.parse({"prompt": "The river", "max_tokens": 6, **policy}, "generate")))
@@ -431,7 +431,7 @@ def test_concurrent_requests_with_bad_ones_all_answer(engine):
 
 def test_every_forward_of_concurrent_requests_runs_on_the_one_compute_thread(engine):
     # libgomp waits passively once a second OS thread has its own OpenMP pool, and a forward then runs
-    # ~1.5x slower (lacy.compute): the decoding threads must hand every pass to one thread.
+    # ~1.5x slower (lacy.core.compute): the decoding threads must hand every pass to one thread.
     small = engine.models["lacy"][0]
     big = engine.big.sessions.model
     threads: set[int] = set()
@@ -489,8 +489,8 @@ class Overloaded(Exception):
 
 
 def test_handle_big_waits_bounded_and_classifies_failures():
-    from lacy.cascade import BigModelError
-    from lacy.serving import HandleBig
+    from lacy.cascade.engine import BigModelError
+    from lacy.serve.engine import HandleBig
 
     ok = FakeResponse({"text": " Paris", "processed": 3, "generated": 1})
     session = HandleBig(FakeHandle(ok), timeout_s=5).session(False, threading.Event())
@@ -521,7 +521,7 @@ def test_handle_big_waits_bounded_and_classifies_failures():
 def test_handle_big_sends_a_call_once_more_when_its_replica_died():
     """Just after a big-model replica dies, the handle may still route one call to it while its
     successor already answers health probes: the call (which carries the whole text) goes once more."""
-    from lacy.serving import HandleBig
+    from lacy.serve.engine import HandleBig
 
     class Handle(FakeHandle):
         def __init__(self, responses: list[FakeResponse]) -> None:
@@ -546,8 +546,8 @@ def test_load_small_model_wants_safetensors_and_call(tmp_path, dirs, tiny_model)
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
+    from lacy.corpus.tokenizer import CALL_TOKEN
     from lacy.model import load_small_model
-    from lacy.tokenizer import CALL_TOKEN
 
     model, tok = load_small_model(dirs[0])
     assert CALL_TOKEN in tok.get_vocab() and not model.training

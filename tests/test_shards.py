@@ -1,4 +1,4 @@
-"""lacy.shards: packing (hand-computed), Parquet schema, manifest, seeded batches, encode_documents."""
+"""lacy.shards.format: packing (hand-computed), Parquet schema, manifest, seeded batches, encode_documents."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lacy.config import FactsConfig
-from lacy.scoring import encode_documents
-from lacy.shards import (
+from lacy.core.config import FactsConfig
+from lacy.shards.format import (
     SCHEMA_VERSION,
     Manifest,
     TokenizedDoc,
@@ -24,6 +23,7 @@ from lacy.shards import (
     rows_to_table,
     write_shard,
 )
+from lacy.shards.scoring import encode_documents
 
 EOS, PAD = 0, 1
 
@@ -174,16 +174,16 @@ def test_bad_versions_and_missing_split_are_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def tagger_and_tokenizer():
-    from lacy.data import read_corpus
-    from lacy.facts import FactTagger
-    from lacy.tokenizer import train_tokenizer
+    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.tokenizer import train_tokenizer
+    from lacy.labels.facts import FactTagger
 
     texts = [d["text"] for d in read_corpus("embedded", max_docs=200)]
     return FactTagger(FactsConfig()), train_tokenizer(texts, vocab_size=600)
 
 
 def test_encode_documents_matches_tagger_and_rejects_bad_docs(tagger_and_tokenizer):
-    from lacy.data import split_of
+    from lacy.corpus.readers import split_of
 
     tagger, tok = tagger_and_tokenizer
     docs = [{"id": "1", "title": "Curie", "text": "Marie Curie was born in Warsaw in 1867."},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lacy.config import load_config
+from lacy.core.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def s3():
 
     yield new_run
     server.stop()
-    from lacy.storage import mirror_dir
+    from lacy.core.storage import mirror_dir
 
     for uri in given:  # the mirrors live in the user cache
         shutil.rmtree(mirror_dir(uri), ignore_errors=True)
@@ -43,7 +43,7 @@ def s3():
 def _objects(uri: str) -> set[str]:
     import pyarrow.fs as pafs
 
-    from lacy.storage import filesystem
+    from lacy.core.storage import filesystem
 
     fs, root = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -51,7 +51,7 @@ def _objects(uri: str) -> set[str]:
 
 
 def test_mirrors_move_only_what_changed(s3, tmp_path):
-    from lacy.storage import Mirror
+    from lacy.core.storage import Mirror
 
     uri, a, b = s3(), tmp_path / "a", tmp_path / "b"
     for name, text in {"shards/x.bin": "1", "shards/y.bin": "22", "train/r/ray/ckpt": "no", "z/.w.tmp": "no"}.items():
@@ -71,8 +71,8 @@ def test_mirrors_move_only_what_changed(s3, tmp_path):
 
 
 def test_only_run_dir_may_be_a_uri(s3) -> None:
-    from lacy.config import ConfigError
-    from lacy.storage import mirror_dir
+    from lacy.core.config import ConfigError
+    from lacy.core.storage import mirror_dir
 
     uri = s3()
     cfg = load_config("configs/tiny.yaml", ["--run_dir", uri])
@@ -108,9 +108,9 @@ class _NoTraining:
 def test_experiment_in_a_store_is_reused_by_a_machine_with_an_empty_mirror(s3, caplog) -> None:
     import logging
 
-    from lacy.batched import BigSessions
+    from lacy.cascade.batching import BigSessions
     from lacy.experiment import knowledge_stage, run
-    from lacy.serving import CascadeEngine
+    from lacy.serve.engine import CascadeEngine
 
     uri = s3()
     cfg = _tiny(uri)

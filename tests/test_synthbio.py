@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lacy import synthbio
-from lacy.config import ConfigError, LabelConfig, SynthConfig, load_config
-from lacy.eval import Generation
-from lacy.facts import ORACLE_ATTRIBUTES, oracle_spans
+from lacy.core.config import ConfigError, LabelConfig, SynthConfig, load_config
+from lacy.corpus import synthbio
+from lacy.eval.claims import Generation
+from lacy.labels.facts import ORACLE_ATTRIBUTES, oracle_spans
 
 
 def test_same_seed_same_bytes_other_seed_other_people(tmp_path):
@@ -85,7 +85,7 @@ def test_config_refuses_oracle_without_spans_and_lead_prompts_on_synthbio():
 
 
 def test_lacy_oracle_selects_among_the_true_facts_only(tiny_model):
-    from lacy.labels import lacy_step
+    from lacy.labels.method import lacy_step
 
     model = tiny_model
     torch.manual_seed(0)
@@ -107,7 +107,7 @@ def test_shards_keep_the_oracle_split_by_person_and_proxy_scores(tmp_path):
     """Real spaCy over a generated corpus: the proxy's token-level precision/recall against the truth."""
     import pyarrow.parquet as pq
 
-    from lacy.scoring import build_shards
+    from lacy.shards.scoring import build_shards
 
     cfg = load_config("configs/synthbio-tiny.yaml", ["--run_dir", str(tmp_path / "run"), "--synth.people", "40",
                                                     "--data.val_fraction", "0.3"])
@@ -126,7 +126,7 @@ def test_shards_keep_the_oracle_split_by_person_and_proxy_scores(tmp_path):
 
 
 def test_stored_bits_of_an_untrained_model_are_about_zero(tiny_model, tiny_tokenizer, tmp_path):
-    from lacy.config import LacyConfig
+    from lacy.core.config import LacyConfig
     from lacy.train import save_final
 
     save_final(tiny_model, tiny_tokenizer, tmp_path / "m", LacyConfig(run_dir=str(tmp_path)), {"steps": 0},

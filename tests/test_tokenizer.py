@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from lacy.tokenizer import (
+from lacy.corpus.tokenizer import (
     CALL_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,

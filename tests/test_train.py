@@ -13,14 +13,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lacy.config import FactsConfig, LacyConfig, ModelConfig, load_config
-from lacy.facts import FactTagger
-from lacy.labels import token_losses
+from lacy.core.config import FactsConfig, LacyConfig, ModelConfig, load_config
+from lacy.corpus.tokenizer import EOS_TOKEN, call_id
+from lacy.labels.facts import FactTagger
+from lacy.labels.method import token_losses
+from lacy.labels.reference import JudgeLabeler, ReferenceScorer
 from lacy.model import build_model
-from lacy.reference import JudgeLabeler, ReferenceScorer
-from lacy.scoring import encode_documents
-from lacy.shards import pack_documents
-from lacy.tokenizer import EOS_TOKEN, call_id
+from lacy.shards.format import pack_documents
+from lacy.shards.scoring import encode_documents
 from lacy.train import build_optimizer, evaluate, lr_factor, main, train
 
 SEQ_LEN = 64
@@ -44,7 +44,7 @@ def packed(embedded_docs, tiny_tokenizer) -> dict[str, list[dict]]:
 
 
 def _batches(rows: list[dict], batch_size: int, seed: int = 0) -> Iterator[dict]:
-    """Endless shuffled batches in the lacy.labels contract."""
+    """Endless shuffled batches in the lacy.labels.method contract."""
     rng = np.random.default_rng(seed)
     while True:
         pick = rng.choice(len(rows), batch_size, replace=False)

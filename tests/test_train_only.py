@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lacy.config import load_config
+from lacy.core.config import load_config
 
 BLOCKED = ("ray", "deepspeed", "mlflow", "spacy")
 """What the GPU machine's image lacks: importing any of them fails in the subprocess."""
@@ -60,7 +60,7 @@ def test_trains_every_rule_without_the_cluster_stack_and_the_experiment_reuses_t
 
     from lacy.experiment import train_all, train_stage
     from lacy.model import load_small_model
-    from lacy.shards import read_manifest
+    from lacy.shards.format import read_manifest
 
     model, tok = load_small_model(str(final))  # fp32 again, from bf16 shards
     assert next(model.parameters()).dtype.is_floating_point and "<CALL>" in tok.get_vocab()
@@ -90,8 +90,8 @@ def test_a_subset_needs_plain_for_token_budgets(run_dir, tmp_path):
 
 
 def test_a_different_tokenizer_is_refused(run_dir, tmp_path, embedded_docs):
-    from lacy.shards import load_shard_tokenizer
-    from lacy.tokenizer import train_tokenizer
+    from lacy.corpus.tokenizer import train_tokenizer
+    from lacy.shards.format import load_shard_tokenizer
 
     shutil.copytree(run_dir / "shards", tmp_path / "shards")
     train_tokenizer([d["text"] for d in embedded_docs[:50]], 512, tmp_path / "tokenizer")

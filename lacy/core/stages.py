@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lacy.config import config_hash
+from lacy.core.config import config_hash
 
 RECORD = "stage.json"
 

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers import DynamicCache
 
-from lacy import storage
-from lacy.cascade import BigLM, BigModelError, BigRequestError, CachedLM, _ends_unit
-from lacy.compute import compute_thread
+from lacy.cascade.engine import BigLM, BigModelError, BigRequestError, CachedLM, _ends_unit
+from lacy.core import storage
+from lacy.core.compute import compute_thread
 from lacy.model import count_parameters, load_big_model
 
 if TYPE_CHECKING:
-    from lacy.config import LacyConfig
+    from lacy.core.config import LacyConfig
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ class BigSessions:
         self.torch_threads = self.compute.call(torch.get_num_threads)
         self.store = None
         if cfg.big.retrieval:
-            from lacy.knowledge import SqlitePassageStore
+            from lacy.cascade.knowledge import SqlitePassageStore
 
             storage.pull(cfg, cfg.knowledge.db_path)  # a replica on another node than the run's driver
             self.store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
@@ -394,7 +394,7 @@ class BigSessions:
             if retrieval:
                 if self.store is None:
                     raise BigRequestError("retrieval was asked for but this deployment has no knowledge store")
-                from lacy.knowledge import RetrievalBigLM
+                from lacy.cascade.knowledge import RetrievalBigLM
 
                 lm = RetrievalBigLM.from_config(lm, self.store, self.cfg.knowledge)
             self.sessions[key] = lm

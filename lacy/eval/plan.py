@@ -5,7 +5,7 @@ group of people; `evaluation_plan` lists them for an experiment. Thresholds are 
 big side, trigger and rate, with calls on, on people the systems are never scored on, and fixed, so
 every row is independent of request order and concurrency. A `Generator` writes the text (in process
 here; over HTTP to Ray Serve in `jobs.experiment`); `evaluate` generates every system's biographies,
-scores them (`lacy.eval`) and caches each row under what determines it.
+scores them (`lacy.eval.claims`) and caches each row under what determines it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from lacy.config import CALL_RULES, LacyConfig, to_dict
-from lacy.stages import cached_json
+from lacy.core.config import CALL_RULES, LacyConfig, to_dict
+from lacy.core.stages import cached_json
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,11 @@ class Generator(Protocol):
 
 class LocalGenerator:
     """Every request decoded in this process (small models loaded once, one big model), on the process's
-    compute thread whichever thread asks (`lacy.compute`: concurrent requests are not batched here, and
+    compute thread whichever thread asks (`lacy.core.compute`: concurrent requests are not batched here, and
     forwards spread over threads run slower)."""
 
     def __init__(self, cfg: LacyConfig, models: dict[str, str]) -> None:
-        from lacy.compute import compute_thread
+        from lacy.core.compute import compute_thread
         from lacy.model import load_big_model, load_small_model
 
         self.cfg, self.compute = cfg, compute_thread()
@@ -78,13 +78,13 @@ class LocalGenerator:
         self.big_model, self.big_tokenizer = self.compute.call(load_big_model, cfg.big.path, cfg.big.dtype)
         self.store = None
         if Path(cfg.knowledge.db_path).exists():
-            from lacy.knowledge import SqlitePassageStore
+            from lacy.cascade.knowledge import SqlitePassageStore
 
             self.store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
 
     def _big(self, kind: str | None) -> Any:
-        from lacy.cascade import BigLM
-        from lacy.knowledge import RetrievalBigLM
+        from lacy.cascade.engine import BigLM
+        from lacy.cascade.knowledge import RetrievalBigLM
 
         if kind is None:
             return None
@@ -96,9 +96,9 @@ class LocalGenerator:
 
     def generate_many(self, requests: Sequence[Request]) -> list[Generated]:
         """Big-alone requests (no small model) decoded `serve.big_batch` at a time, each chunk as one
-        batch (`lacy.batched.continue_batch`, as a Serve BigModel replica decodes): the texts `generate`
+        batch (`lacy.cascade.batching.continue_batch`, as a Serve BigModel replica decodes): the texts `generate`
         writes, up to batched rounding, in a fraction of the time one by one takes on a CPU."""
-        from lacy.console import tracked
+        from lacy.core.console import tracked
 
         if any(r.model is not None for r in requests):
             raise ValueError("generate_many decodes the big model alone: every request needs model None")
@@ -108,9 +108,9 @@ class LocalGenerator:
                 for out in self.compute.call(self._big_batch, chunk)]
 
     def _big_batch(self, requests: Sequence[Request]) -> list[Generated]:
-        from lacy.batched import continue_batch
-        from lacy.cascade import BigLM
-        from lacy.knowledge import RetrievalBigLM
+        from lacy.cascade.batching import continue_batch
+        from lacy.cascade.engine import BigLM
+        from lacy.cascade.knowledge import RetrievalBigLM
 
         lms = [BigLM(self.big_model, self.big_tokenizer) for _ in requests]
         contexts = [RetrievalBigLM.from_config(lm, self.store, self.cfg.knowledge).context_for(r.prompt, "", r.topic)
@@ -121,7 +121,7 @@ class LocalGenerator:
                 for r, out in zip(requests, outs, strict=True)]
 
     def _generate(self, request: Request) -> Generated:
-        from lacy.cascade import Cascade, SmallLM
+        from lacy.cascade.engine import Cascade, SmallLM
 
         big = self._big(request.big)
         topic = request.topic if request.big == "retrieval" else None
@@ -199,22 +199,22 @@ class Population:
     heldout: list[Any]
     calibration: list[Any]
     articles: dict[str, dict]
-    """doc id -> the document facts are checked against (`lacy.data.knowledge_document`); for a
-    synthetic corpus, person id -> the person's record (`lacy.synthbio.Person.record`)."""
+    """doc id -> the document facts are checked against (`lacy.corpus.readers.knowledge_document`); for a
+    synthetic corpus, person id -> the person's record (`lacy.corpus.synthbio.Person.record`)."""
     train_docs: list[dict]
     """Training-split documents (leakage probes)."""
     synthetic: bool = False
-    """Scored exactly against records (lacy.synthbio) rather than by claims against articles."""
+    """Scored exactly against records (lacy.corpus.synthbio) rather than by claims against articles."""
 
 
 def population(cfg: LacyConfig) -> Population:
-    from lacy.data import corpus_source, doc_split, knowledge_document, load_entities, read_corpus
+    from lacy.corpus.readers import corpus_source, doc_split, knowledge_document, load_entities, read_corpus
 
     source = corpus_source(cfg)
     synthetic = cfg.data.corpus == "synthbio"
     corpus = list(read_corpus(source, max_docs=cfg.data.max_docs, min_chars=cfg.data.min_chars))
     if synthetic:
-        from lacy.synthbio import records
+        from lacy.corpus.synthbio import records
 
         articles = records(source)
     else:
@@ -245,23 +245,23 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
     """{threshold_key: {"threshold", "realised_rate", "rounds", "open_loop_rate"}} for every cascade of
     the plan, on the calibration people (never the evaluation people).
 
-    Open loop first (`lacy.cascade.calibrate`'s quantile of the small model's scores with calls off),
+    Open loop first (`lacy.cascade.engine.calibrate`'s quantile of the small model's scores with calls off),
     then `eval.calibration_rounds` closed-loop rounds through `generator` with the big side on
-    (`lacy.cascade.closed_loop_threshold`): rules are compared at the call rate they realise, and a
+    (`lacy.cascade.engine.closed_loop_threshold`): rules are compared at the call rate they realise, and a
     model whose calls beget calls would otherwise realise several times the target. Fixed thresholds
     make every row independent of request order and concurrency."""
     from dataclasses import asdict
 
-    from lacy.cascade import Cascade, SmallLM, closed_loop_threshold, decision_scores
-    from lacy.compute import compute_thread
-    from lacy.eval import bio_prompt
+    from lacy.cascade.engine import Cascade, SmallLM, closed_loop_threshold, decision_scores
+    from lacy.core.compute import compute_thread
+    from lacy.eval.claims import bio_prompt
     from lacy.model import load_small_model
 
     ecfg = cfg.eval
     prompts = [bio_prompt(e, ecfg.prompt_style) for e in people]
     if not prompts:
         raise ValueError("no calibration people: raise eval.calibration_entities or the corpus size")
-    out, compute = {}, compute_thread()  # the thread LocalGenerator decodes on (lacy.compute)
+    out, compute = {}, compute_thread()  # the thread LocalGenerator decodes on (lacy.core.compute)
     for name, path in models.items():
         cascade = Cascade(SmallLM(*compute.call(load_small_model, path)), None, cfg.cascade)
         for trigger in _triggers(cfg, name):
@@ -281,7 +281,7 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
 def _realised_rate(cfg: LacyConfig, generator: Generator, people: list[Any], model: str, big: str, trigger: str,
                    threshold: float) -> float:
     """All calls over all decision points of the people's biographies with calls on at `threshold`."""
-    from lacy.eval import biographies
+    from lacy.eval.claims import biographies
 
     def write(entity: Any, prompt: str) -> Generated:
         return generator.generate(Request(prompt, model, big, trigger, threshold, cfg.cascade.max_new_tokens,
@@ -309,12 +309,12 @@ def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[s
 def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_keys: dict[str, str],
              thresholds: dict[str, dict], generator: Generator, big_generator: LocalGenerator,
              pop: Population) -> list[dict]:
-    """Every system of the plan: its biographies, scored (lacy.eval.score_biographies), plus leakage
+    """Every system of the plan: its biographies, scored (lacy.eval.claims.score_biographies), plus leakage
     for each small model alone; rows cached under results/rows by what determines them. The big model
     alone writes in batches (`big_generator.generate_many`)."""
-    from lacy import eval as lacy_eval
-    from lacy.eval import bio_prompt
-    from lacy.knowledge import SqlitePassageStore
+    from lacy.cascade.knowledge import SqlitePassageStore
+    from lacy.eval import claims as lacy_eval
+    from lacy.eval.claims import bio_prompt
 
     ecfg = cfg.eval
     results = Path(cfg.run_dir) / "results"
@@ -345,7 +345,7 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
 
             bios = lacy_eval.biographies(write, people, ecfg.prompt_style, workers=cfg.experiment.eval_concurrency)
             if pop.synthetic:
-                from lacy.synthbio import score_synthetic
+                from lacy.corpus.synthbio import score_synthetic
 
                 row = score_synthetic(system.name, bios, pop.articles, gamma=ecfg.gamma, bootstrap=ecfg.bootstrap,
                                       seed=cfg.seed)
@@ -367,14 +367,14 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
 
 def _leak_probes(cfg: LacyConfig, pop: Population, nlp: Any, models: dict[str, str]) -> list[Any]:
     """`eval.leakage_facts` probes from training documents, their prefixes cut to fit the small context."""
-    from lacy.eval import make_leak_probes
+    from lacy.eval.claims import make_leak_probes
     from lacy.model import load_small_model
 
     if not models:
         return []
     tokenizer = load_small_model(next(iter(models.values())))[1]
     if pop.synthetic:
-        from lacy.synthbio import leak_probes
+        from lacy.corpus.synthbio import leak_probes
 
         probes = leak_probes(pop.train_docs, cfg.eval.leakage_facts, seed=cfg.seed)
     else:
@@ -383,7 +383,7 @@ def _leak_probes(cfg: LacyConfig, pop: Population, nlp: Any, models: dict[str, s
 
 
 def _leakage_row(generator: Generator, model: str, probes: list[Any], workers: int) -> dict:
-    from lacy.eval import leakage
+    from lacy.eval.claims import leakage
 
     report = leakage(lambda prefix: generator.generate(Request(prefix, model, None, max_tokens=8)).text, probes,
                      workers)
@@ -404,7 +404,7 @@ def _fit_probe(probe: Any, tokenizer: Any, max_tokens: int) -> Any:
 def write_views(cfg: LacyConfig, generator: Generator, models: list[str], people: list[Any],
                 thresholds: dict[str, dict]) -> None:
     """One HTML page per model: biographies at the headline call rate, delegated spans coloured."""
-    from lacy.eval import bio_prompt
+    from lacy.eval.claims import bio_prompt
     from lacy.report import generation_block, page_html
 
     xcfg = cfg.experiment

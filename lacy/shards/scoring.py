@@ -1,6 +1,6 @@
 """Stage 2 → 3: corpus → tokenizer → tokenised, fact-tagged (+ reference losses, judge sets) shards.
 
-    python -m lacy.scoring --config configs/tiny.yaml          # one process, no Ray
+    python -m lacy.shards.scoring --config configs/tiny.yaml          # one process, no Ray
     python -m jobs.score   --config configs/tiny.yaml          # the same stage on Ray Data
 
 `build_shards(cfg)` is the whole stage: read the corpus (bad records counted and logged with file,
@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lacy import storage
-from lacy.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
-from lacy.data import ReadReport, corpus_source, doc_split, read_corpus
-from lacy.shards import (
+from lacy.core import storage
+from lacy.core.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
+from lacy.corpus.readers import ReadReport, corpus_source, doc_split, read_corpus
+from lacy.corpus.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_tokenizer
+from lacy.shards.format import (
     SCHEMA_VERSION,
     SPLITS,
     Manifest,
@@ -44,7 +45,6 @@ from lacy.shards import (
     write_json_atomic,
     write_shard,
 )
-from lacy.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def tag_documents(docs: list[dict], tokenizer: Any, tagger: Any, *, val_fraction
 
     A document is rejected when its text is shorter than `min_chars`, when tagging it raises, or when
     it has no tokens. A failing batch is retried one document at a time so only the bad one is lost.
-    `tagger` is a `lacy.facts.FactTagger` (spaCy) or anything with its `tag(texts, tokenizer, docs)`.
+    `tagger` is a `lacy.labels.facts.FactTagger` (spaCy) or anything with its `tag(texts, tokenizer, docs)`.
     """
     kept = [i for i, doc in enumerate(docs) if len(doc.get("text") or "") >= min_chars]
     batch = [docs[i] for i in kept]
@@ -103,7 +103,7 @@ def score_documents(encoded: list[TokenizedDoc], texts: list[str], reference: An
                     judge: Any = None) -> None:
     """Fill `ref_loss` and `judge_accept` of `encoded` (texts in the same order) in place.
 
-    `reference`: a `lacy.reference.ReferenceScorer`; `judge`: a `lacy.reference.JudgeLabeler`. Their
+    `reference`: a `lacy.labels.reference.ReferenceScorer`; `judge`: a `lacy.labels.reference.JudgeLabeler`. Their
     batch methods run the windows of all texts together.
     """
     offsets = [doc.offsets for doc in encoded]
@@ -141,7 +141,7 @@ class Encoder:
     """The tagger, tokenizer and reference/judge scorers of one worker, loaded once; docs -> results."""
 
     def __init__(self, cfg: LacyConfig, tokenizer_dir: str | Path, device: str = "cpu") -> None:
-        from lacy.facts import FactTagger
+        from lacy.labels.facts import FactTagger
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(tokenizer_dir)
@@ -162,8 +162,8 @@ def load_scorers(cfg: LacyConfig, our_tokenizer: Any, device: str = "cpu") -> tu
     sc = cfg.score
     if not (sc.reference or sc.judge):
         return None, None
+    from lacy.labels.reference import JudgeLabeler, ReferenceScorer
     from lacy.model import load_big_model
-    from lacy.reference import JudgeLabeler, ReferenceScorer
 
     loaded = {path: load_big_model(path) for path in {sc.reference, sc.judge} - {None}}
     reference = ReferenceScorer(*loaded[sc.reference], device=device) if sc.reference else None
@@ -392,8 +392,8 @@ def finalize(out: Path, cfg: LacyConfig, records: list[dict], *, shard_hash: str
 def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_locally) -> tuple[Manifest, dict]:
     """Build (or finish building) the shards of `cfg` at `cfg.score.output_dir`; returns the manifest
     and the run's metrics (counts per split, rejects, units reused, fact share, tokens/s)."""
-    from lacy.console import progress
-    from lacy.facts import tagger_info
+    from lacy.core.console import progress
+    from lacy.labels.facts import tagger_info
 
     out = Path(cfg.score.output_dir).resolve()
     storage.pull(cfg, out, Path(cfg.run_dir) / "tokenizer")  # units another machine finished are reused
@@ -451,7 +451,7 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
 
 
 def main(argv: list[str] | None = None) -> Manifest:
-    from lacy.console import setup_logging
+    from lacy.core.console import setup_logging
 
     setup_logging()
     return build_shards(parse_cli(argv, __doc__ or ""))[0]

@@ -32,7 +32,7 @@ bound). POST /generate is lacy's own endpoint and keeps the library's meaning: `
 Errors are `{"error": {"message", "type", "param", "code"}}` with 400 / 404 / 413 / 429 / 503 and
 never an internal detail (traceback, path, id); what went wrong inside is logged. Validation runs
 before any decoding and before a stream starts; a request's failure never fails another (the big
-side isolates each call of a batch, the small side each step: lacy.batched).
+side isolates each call of a batch, the small side each step: lacy.cascade.batching).
 
 Call-rate policy: one running quantile per (model, trigger, rate), shared by every request of a
 replica (`Quantiles`, thread-safe, at most serve.max_call_rates of them). With serve.quantile_scope
@@ -64,9 +64,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lacy import storage
-from lacy.batched import BigCall, BigSessions, FeedBatcher, device_for, raise_for_failure
-from lacy.cascade import (
+from lacy.cascade.batching import BigCall, BigSessions, FeedBatcher, device_for, raise_for_failure
+from lacy.cascade.engine import (
     CALL_POLICIES,
     BigModelError,
     BigRequestError,
@@ -78,8 +77,9 @@ from lacy.cascade import (
     Span,
     several_policies,
 )
-from lacy.compute import compute_thread
-from lacy.config import LacyConfig, to_dict
+from lacy.core import storage
+from lacy.core.compute import compute_thread
+from lacy.core.config import LacyConfig, to_dict
 from lacy.model import count_parameters, load_small_model
 from lacy.report import generation_block, page_html
 

@@ -46,8 +46,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lacy.config import TRIGGERS, CascadeConfig
-from lacy.tokenizer import CALL_TOKEN
+from lacy.core.config import TRIGGERS, CascadeConfig
+from lacy.corpus.tokenizer import CALL_TOKEN
 
 # Characters after which a word starts without a leading space ("(born", "“Paris”").
 _OPENERS = frozenset("([{\"“‘«")
@@ -129,7 +129,7 @@ class CachedLM:
         """Time spent in forward passes since construction."""
         self.feeder: Any = None
         """Something with `feed(lm, ids)` that runs this LM's forward passes, e.g. batched with other
-        sessions' (`lacy.batched.FeedBatcher`); None: each pass runs alone."""
+        sessions' (`lacy.cascade.batching.FeedBatcher`); None: each pass runs alone."""
         self.reset()
 
     def reset(self) -> None:
@@ -154,7 +154,7 @@ class CachedLM:
 
     def prepare(self, ids: list[int]) -> list[int]:
         """The first half of `sync`: crop the cache to its longest common prefix with `ids` and return
-        the ids still to feed ([] when the cache holds `ids` already); `lacy.batched.sync_many` feeds
+        the ids still to feed ([] when the cache holds `ids` already); `lacy.cascade.batching.sync_many` feeds
         many sessions' at once."""
         if self.max_positions is not None and len(ids) > self.max_positions:
             raise ValueError(f"text is {len(ids)} tokens, more than the model's context of "
@@ -479,7 +479,7 @@ class Cascade:
             raise ValueError("calls are allowed but the cascade has no big model")
         if decide is not None and topic is not None and not _takes_topic(self.big):
             raise ValueError(f"a topic was given but {type(self.big).__name__}.continue_text takes none "
-                             "(wrap the big model in lacy.knowledge.RetrievalBigLM)")
+                             "(wrap the big model in lacy.cascade.knowledge.RetrievalBigLM)")
         steps = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if steps < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {steps}")
@@ -594,7 +594,7 @@ class Cascade:
     def _call_big(self, text: str, topic: str | None) -> str:
         kwargs: dict[str, Any] = {"unit": self.cfg.big_unit, "max_tokens": self.cfg.big_max_tokens}
         if topic is not None:
-            kwargs["topic"] = topic  # understood by lacy.knowledge.RetrievalBigLM
+            kwargs["topic"] = topic  # understood by lacy.cascade.knowledge.RetrievalBigLM
         try:
             words = self.big.continue_text(text, **kwargs)
         except BigModelError:

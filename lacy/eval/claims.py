@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lacy.config import PROMPT_STYLES
+from lacy.core.config import PROMPT_STYLES
 
 CLAIM_LABELS = ("PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
                 "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "CARDINAL")
@@ -69,7 +69,7 @@ OCCUPATION_WORDS: dict[str, tuple[str, ...]] = {
 
 
 class EntityLike(Protocol):
-    """What the evaluator reads of a person (`lacy.data.Entity` has all of it)."""
+    """What the evaluator reads of a person (`lacy.corpus.readers.Entity` has all of it)."""
 
     name: str
     title: str
@@ -80,7 +80,7 @@ class EntityLike(Protocol):
 
 
 class PassageSearch(Protocol):
-    """The strict knowledge source (`lacy.knowledge.SqlitePassageStore`)."""
+    """The strict knowledge source (`lacy.cascade.knowledge.SqlitePassageStore`)."""
 
     def search(self, query: str, k: int, title: str | None = None) -> list[Any]: ...
 
@@ -479,7 +479,7 @@ def biographies(generate: Callable[[EntityLike, str], Any], entities: Sequence[E
     `workers` > 1 asks that many at once (a server answers several requests together)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lacy.console import tracked
+    from lacy.core.console import tracked
 
     prompts = [bio_prompt(entity, prompt_style) for entity in entities]
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -651,7 +651,7 @@ def leakage(generate_fn: Callable[[str], str], probes: Sequence[LeakProbe], work
     removed) with <CALL> disabled; `workers` asks that many at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lacy.console import tracked
+    from lacy.core.console import tracked
 
     if not probes:
         raise ValueError("leakage needs at least one probe")

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from lacy.paths import cache_dir
+from lacy.core.paths import cache_dir
 
-if TYPE_CHECKING:  # lacy.config imports this module
-    from lacy.config import LacyConfig
+if TYPE_CHECKING:  # lacy.core.config imports this module
+    from lacy.core.config import LacyConfig
 
 log = logging.getLogger(__name__)
 

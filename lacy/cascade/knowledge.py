@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from lacy.config import KnowledgeConfig
+    from lacy.core.config import KnowledgeConfig
 
 # Words of a query: runs of letters/digits (underscore is a separator, like FTS5's unicode61).
 _WORD = re.compile(r"[^\W_]+")
@@ -357,7 +357,7 @@ class BuildReport:
 
 def build_store(source: str | Iterable[dict], db_path: str | Path, passage_words: int,
                 max_docs: int | None = None) -> BuildReport:
-    """Build a fresh store from `source` (anything `lacy.data.read_corpus` accepts, or documents).
+    """Build a fresh store from `source` (anything `lacy.corpus.readers.read_corpus` accepts, or documents).
 
     Written to a temporary file beside `db_path` and renamed over it only when complete, so a failed
     build never damages an existing store. Open it afterwards with `SqlitePassageStore(db_path)`.
@@ -365,7 +365,7 @@ def build_store(source: str | Iterable[dict], db_path: str | Path, passage_words
     if passage_words <= 0:
         raise KnowledgeError(f"passage_words must be positive, got {passage_words}")
     if isinstance(source, str):
-        from lacy.data import read_corpus
+        from lacy.corpus.readers import read_corpus
 
         docs: Iterable[dict] = read_corpus(source, max_docs=max_docs)
     else:
@@ -394,7 +394,7 @@ def build_store(source: str | Iterable[dict], db_path: str | Path, passage_words
 
 
 class TextContinuer(Protocol):
-    """The big-model contract of `lacy.cascade.BigLM`."""
+    """The big-model contract of `lacy.cascade.engine.BigLM`."""
 
     def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8,
                       context: str = "") -> str: ...

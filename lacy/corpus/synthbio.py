@@ -4,7 +4,7 @@ Each person gets six attributes drawn at random (birth date, birth city, univers
 employer, employer city) and `synth.biographies` biographies, each written from fresh templates (at
 least 20 per attribute), the full name in the first sentence and pronouns after, sentences optionally
 permuted. Every document carries the exact character span of each value in its `facts` field (the
-oracle, read by `lacy.facts.oracle_spans`), so the fact flags of spaCy can be scored against the
+oracle, read by `lacy.labels.facts.oracle_spans`), so the fact flags of spaCy can be scored against the
 truth, a model can be trained on the true spans, and every value a generation states can be checked
 against the person's record — no claim extraction, no judge.
 
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lacy.facts import ORACLE_ATTRIBUTES
+from lacy.labels.facts import ORACLE_ATTRIBUTES
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def ensure_corpus(cfg: Any, directory: Path) -> Path:
 
 
 def records(corpus: str | Path) -> dict[str, dict]:
-    """person id -> record (lacy.synthbio.Person.record) of a generated corpus."""
+    """person id -> record (lacy.corpus.synthbio.Person.record) of a generated corpus."""
     path = Path(corpus).parent / "people.jsonl"
     with open(path, encoding="utf-8") as f:
         return {row["id"]: row for row in map(json.loads, f) if row}
@@ -281,7 +281,7 @@ def records(corpus: str | Path) -> dict[str, dict]:
 
 def people_entities(corpus: str | Path) -> list[Any]:
     """The people of a generated corpus as evaluation entities (doc_id = person id = record id)."""
-    from lacy.data import Entity
+    from lacy.corpus.readers import Entity
 
     return [Entity(name=r["title"], title=r["title"], doc_id=r["id"], description="",
                    birth_year=int(r["attributes"]["birth_date"][-4:]), birth_place=r["attributes"]["birth_city"],
@@ -373,12 +373,12 @@ def _on_facts(text: str, spans: Sequence[Any] | None, stated: Sequence[Stated]) 
 def score_synthetic(name: str, generations: Sequence[Any], people: Mapping[str, Mapping[str, Any]], *,
                     gamma: float = 10, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """One method-table row for a system's synthetic biographies, in the Wikipedia row's keys
-    (lacy.eval.score_biographies): precision (+ CI) over the people who stated a value, respond ratio,
+    (lacy.eval.claims.score_biographies): precision (+ CI) over the people who stated a value, respond ratio,
     values per response, supported per person, FactScore (gamma-penalised, abstainers 0),
     informative precision (values another random person's record does not share), per-attribute
     precision / correct / stated, call rates; plus `calls_on_facts`: the share of big-model spans
     that state an attribute value (where the calls land at inference)."""
-    from lacy.eval import _ci, call_rates, length_penalty_factor
+    from lacy.eval.claims import _ci, call_rates, length_penalty_factor
 
     row: dict[str, Any] = {"system": name, "entities": len(generations), **call_rates(generations)}
     scores, factscores, supported, informative = [], [], [], []
@@ -426,7 +426,7 @@ def leak_probes(docs: Sequence[dict], n: int, seed: int = 0) -> list[Any]:
     """Up to `n` leakage probes from training biographies: the text up to a random attribute value that
     is not the first sentence's (so the context names the person), the value as gold, the attribute
     as label."""
-    from lacy.eval import LeakProbe
+    from lacy.eval.claims import LeakProbe
 
     rng = random.Random(seed)
     order = list(range(len(docs)))
@@ -452,10 +452,10 @@ def stored_bits(model_dir: str | Path, docs: Sequence[dict], max_people: int | N
     import numpy as np
     import torch
 
-    from lacy.facts import oracle_codes, oracle_spans
-    from lacy.labels import token_losses
+    from lacy.corpus.tokenizer import call_id
+    from lacy.labels.facts import oracle_codes, oracle_spans
+    from lacy.labels.method import token_losses
     from lacy.model import load_small_model
-    from lacy.tokenizer import call_id
 
     model, tokenizer = load_small_model(str(model_dir))
     cid = call_id(tokenizer)
@@ -492,7 +492,7 @@ def proxy_vs_oracle(shards_dir: str | Path, split: str = "train", top: int = 8) 
     and per attribute (recall), plus the tokens most often flagged outside every attribute value."""
     from collections import Counter
 
-    from lacy.shards import load_shard_tokenizer, read_batches, read_manifest
+    from lacy.shards.format import load_shard_tokenizer, read_batches, read_manifest
 
     tokens = read_manifest(shards_dir).counts[split]["tokens"]
     tokenizer = load_shard_tokenizer(shards_dir)

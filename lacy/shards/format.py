@@ -10,10 +10,10 @@ continuing into the next row when it does not fit; the last partial row of a pac
     ref_loss      list<float32>[L]    reference-model loss in nats; NaN where unknown (optional)
     judge_accept  list<int32>[L*k]    row-major [L, k] our-vocab ids the judge accepts, -1 pad (optional)
     oracle        list<int8>[L]       exact attribute code of the token, 0 = none (optional: corpora
-                                      with exact fact spans, lacy.facts.ORACLE_ATTRIBUTES)
+                                      with exact fact spans, lacy.labels.facts.ORACLE_ATTRIBUTES)
     doc_ids       list<string>        documents with tokens in the row, in order
 
-Layout of an output directory (written by `lacy.scoring.build_shards`, in one process or on Ray Data):
+Layout of an output directory (written by `lacy.shards.scoring.build_shards`, in one process or on Ray Data):
 
     train/part-00000.parquet ...   rows of training sequences, one file per unit of documents
     val/part-00000.parquet ...     same for validation (a unit without val documents has no file)
@@ -54,7 +54,7 @@ class TokenizedDoc:
     offsets: np.ndarray                      # int32 [n, 2] character range of each token in the text
     ref_loss: np.ndarray | None = None       # float32 [n], NaN where undefined
     judge_accept: np.ndarray | None = None   # int32 [n, k], -1 pad
-    oracle: np.ndarray | None = None         # int8 [n], exact attribute code (lacy.facts.ORACLE_ATTRIBUTES)
+    oracle: np.ndarray | None = None         # int8 [n], exact attribute code (lacy.labels.facts.ORACLE_ATTRIBUTES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ class Manifest:
     tokenizer_hash: str
     tokenizer_path: str
     spacy: dict
-    """`lacy.facts.spacy_info`: model, version, spaCy version, components."""
+    """`lacy.labels.facts.spacy_info`: model, version, spaCy version, components."""
     corpus_fingerprint: str
     """sha256 over the per-unit fingerprints (ids, titles and texts of the documents read)."""
     seq_len: int
@@ -246,7 +246,7 @@ def load_shard_tokenizer(directory: str | Path, also: Sequence[str | Path | None
     """The tokenizer the shards at `directory` were made with: the manifest's path, else a folder of
     `also`, else `<directory>/../tokenizer` (where `jobs.score` puts it: shards copied to another
     machine keep it beside them). Whichever loads must have the manifest's tokenizer hash."""
-    from lacy.tokenizer import load_tokenizer, tokenizer_hash
+    from lacy.corpus.tokenizer import load_tokenizer, tokenizer_hash
 
     manifest = read_manifest(directory)
     tried = []

@@ -24,7 +24,7 @@ selects the same positions. With data-parallel ranks the batch is the global one
 `gather` that collects every rank's losses and masks, selects over all of them, and keeps its rows, so
 two workers select exactly what one worker with the whole batch would.
 
-Batch contract (`lacy_step`), one row per packed sequence of L = T + 1 tokens (see lacy.shards):
+Batch contract (`lacy_step`), one row per packed sequence of L = T + 1 tokens (see lacy.shards.format):
     input_ids     [B, L] long   inputs are [:, :-1], targets [:, 1:]
     fact          [B, L] bool   fact flag of each token; the flags of the TARGET tokens ([:, 1:]) count
     ref_loss      [B, L] float  optional; reference-model NLL of each token, NaN = unknown
@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lacy.config import CALL_RULES, IGNORE_RULES, LabelConfig
+from lacy.core.config import CALL_RULES, IGNORE_RULES, LabelConfig
 
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 """[b, ...] tensor of this rank -> (every rank's, concatenated along dim 0; this rank's first row in it)."""

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from lacy.config import ConfigError, LacyConfig, to_dict
-from lacy.paths import REPO_ROOT
+from lacy.core.config import ConfigError, LacyConfig, to_dict
+from lacy.core.paths import REPO_ROOT
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -1,6 +1,6 @@
 """Fact words from spaCy, as character spans, and their alignment to our sub-word tokens.
 
-The rule (offline half of LaCy's labels; `lacy.labels` decides online which facts become `<CALL>`):
+The rule (offline half of LaCy's labels; `lacy.labels.method` decides online which facts become `<CALL>`):
 
 1. A *fact word* is a spaCy token that contains a letter or digit and either lies inside a named
    entity whose label is in `FactsConfig.entity_labels` (default: all 18 OntoNotes labels: PERSON,
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from lacy.config import FactsConfig
+from lacy.core.config import FactsConfig
 
 if TYPE_CHECKING:  # spaCy is imported where it runs: the oracle path (a GPU box) has no spaCy
     from spacy.language import Language
@@ -263,7 +263,7 @@ ORACLE_ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employe
 def oracle_spans(doc: dict) -> list[tuple[int, int, int]] | None:
     """(start, end, code) of every exact attribute value of a document, or None without a `facts` field.
 
-    `facts` is a list of {"attr", "value", "start", "end"} (lacy.synthbio); each span must hold its
+    `facts` is a list of {"attr", "value", "start", "end"} (lacy.corpus.synthbio); each span must hold its
     value, so a corpus edited after generation is caught rather than mislabelled."""
     facts = doc.get("facts")
     if facts is None:

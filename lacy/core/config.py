@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from lacy.paths import resolve_path
-from lacy.storage import is_uri, join, mirror_dir
+from lacy.core.paths import resolve_path
+from lacy.core.storage import is_uri, join, mirror_dir
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,7 @@ def _check(ok: bool, name: str, message: str) -> None:
 # Names, defined once (labels, model, experiment and the configs all use these)
 
 RULES = ("plain", "loss", "lacy", "rho", "judge", "ignore", "ignore_facts", "lacy_oracle")
-"""Labelling rules (lacy.labels)."""
+"""Labelling rules (lacy.labels.method)."""
 CALL_RULES = ("loss", "lacy", "rho", "judge", "lacy_oracle")
 """Rules whose selected targets become <CALL>."""
 IGNORE_RULES = ("ignore", "ignore_facts")
@@ -54,7 +54,7 @@ ORACLE_CORPORA = ("synthbio",)
 """Corpora whose documents carry exact fact spans (the `oracle`), needed by facts.source oracle and the
 lacy_oracle rule (a corpus path works too when its documents have a `facts` field)."""
 PROMPT_STYLES = ("lead", "instruct", "name")
-"""Biography prompts (lacy.eval.bio_prompt)."""
+"""Biography prompts (lacy.eval.claims.bio_prompt)."""
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
     "small": {"n_layer": 4, "n_embd": 256, "n_head": 4},
@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, int]] = {
 BIG_MODELS = ("plain", "retrieval")
 """Big sides of the cascade: the plain big LM, and it reading the knowledge store."""
 FACT_SOURCES = ("spacy", "oracle")
-"""Where the offline fact flags come from (lacy.facts)."""
+"""Where the offline fact flags come from (lacy.labels.facts)."""
 TRIGGERS = ("p_call", "confidence")
 """What fires a call: P(<CALL>) of a model trained with it, or low confidence in the real tokens."""
 COMPARISONS = ("steps", "tokens")
@@ -504,7 +504,7 @@ class ServeConfig:
     big_max_ongoing_requests: int = 64
     """Calls Serve hands one BigModel replica at once (above big_batch, so batches can fill)."""
     big_batch: int = 16
-    """Most big-model calls decoded as one batch (`lacy.batched.BatchQueue`)."""
+    """Most big-model calls decoded as one batch (`lacy.cascade.batching.BatchQueue`)."""
     big_batch_wait_s: float = 0.005
     """How long a call that finds the big model idle waits for others to batch with."""
     quantile_scope: str = "replica"
@@ -598,7 +598,7 @@ class LacyConfig:
     run_dir: str = "runs/default"
     """Root of this run's outputs: a local folder (shared by every node on a cluster), or an object-store
     URI (`s3://bucket/prefix`, any pyarrow.fs URI), which `store` then names and run_dir becomes its
-    node-local mirror (lacy.storage)."""
+    node-local mirror (lacy.core.storage)."""
     store: str | None = None
     """The object store this run lives in (set from a URI run_dir; None: run_dir is the truth)."""
     seed: int = 0
@@ -629,7 +629,7 @@ class LacyConfig:
         for dotted, value in paths.items():
             _check(value is None or not is_uri(value), dotted, f"{value!r}: only run_dir may be an object-store "
                    "URI (the stages' paths then live under it)")
-        if is_uri(self.run_dir):  # the stages work on a local mirror, synced with the store (lacy.storage)
+        if is_uri(self.run_dir):  # the stages work on a local mirror, synced with the store (lacy.core.storage)
             self.store, self.run_dir = self.run_dir.rstrip("/"), str(mirror_dir(self.run_dir))
         self.run_dir = str(resolve_path(self.run_dir))
         for dotted, leaf in DERIVED_PATHS.items():
