@@ -5,9 +5,10 @@ their article's passages in context?
 
 50 random (fixed seed) wiki2015 people with a Pantheon birth year; prompt "NAME was born in the year";
 greedy continuation of a few tokens; correct when the first year-like number (3-4 digits, "BC" makes it
-negative) equals the birth year. Three arms on the same people, same BigLM code path:
+negative) equals the birth year. Three arms on the same people, same HF big-model code path:
   - no retrieval: the bare prompt;
-  - retrieval: `RetrievalBigLM` with topic = the article title (top-k passages of that article by BM25
+  - retrieval: the retrieval context (`lacy.cascade.big.Reader`) with topic = the article title
+    (top-k passages of that article by BM25
     for the title words, topped up from the whole store);
   - lead passage: the article's first passage only (what an oracle "read the lead" would give).
 Proportions with 95% Wilson intervals.
@@ -22,10 +23,12 @@ import re
 import time
 from pathlib import Path
 
-from lacy.cascade.engine import BigLM
-from lacy.cascade.knowledge import RetrievalBigLM, SqlitePassageStore, build_store, format_passages
+from lacy.cascade.big import Reader, format_passages
+from lacy.cascade.hf_big import BigLM
+from lacy.cascade.knowledge import SqlitePassageStore, build_store
+from lacy.core.config import load_config
 from lacy.core.paths import REPO_ROOT
-from lacy.corpus.readers import load_entities
+from lacy.corpus.corpora import corpus_for
 from lacy.model import load_big_model
 
 _YEAR = re.compile(r"\b(\d{3,4})\b(\s*(?:BCE|BC|B\.C\.))?")
@@ -63,20 +66,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show", type=int, default=5, help="print this many example continuations")
     args = parser.parse_args(argv)
 
-    people = [e for e in load_entities("wiki2015") if e.birth_year is not None]
+    corpus = corpus_for(load_config(None, ["--data.corpus", "wiki2015"]))
+    docs = list(corpus.documents())
+    people = [e for e in corpus.people(docs) if e.birth_year is not None]
     chosen = random.Random(args.seed).sample(people, args.people)
     if not args.db.exists():
-        print(build_store("wiki2015", args.db, passage_words=100).summary())
+        print(build_store(docs, args.db, passage_words=100).summary())
     store = SqlitePassageStore(args.db)
     model, tokenizer = load_big_model("smollm2")
     big = BigLM(model, tokenizer)
-    retrieval = RetrievalBigLM(big, store, top_k=args.top_k)
+    reader = Reader(store, top_k=args.top_k)
 
     arms = {
         "no retrieval": lambda e, prompt: big.continue_text(
             prompt, unit="tokens", max_tokens=args.max_tokens),
-        f"retrieval (topic=title, top_k={args.top_k})": lambda e, prompt: retrieval.continue_text(
-            prompt, unit="tokens", max_tokens=args.max_tokens, topic=e.title),
+        f"retrieval (topic=title, top_k={args.top_k})": lambda e, prompt: big.continue_text(
+            prompt, unit="tokens", max_tokens=args.max_tokens, context=reader.context_for(prompt, e.title)),
         "lead passage": lambda e, prompt: big.continue_text(
             prompt, unit="tokens", max_tokens=args.max_tokens,
             context=format_passages(store.passages_of(e.doc_id)[:1])),

@@ -26,7 +26,7 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lacy.core.config import FactsConfig  # noqa: E402
-from lacy.corpus.readers import read_corpus  # noqa: E402
+from lacy.corpus.corpora import read_corpus  # noqa: E402
 from lacy.corpus.tokenizer import train_tokenizer  # noqa: E402
 from lacy.labels.facts import FactTagger, align_flags, load_spacy, spacy_info  # noqa: E402
 

@@ -102,7 +102,9 @@ def train_check(rule: str, preset: str, steps: int, batch: int, seq_len: int, to
 def cascade_check(tok, small_preset: str = "small") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lacy.cascade.engine import BigLM, Cascade, SmallLM
+    from lacy.cascade.engine import Cascade
+    from lacy.cascade.hf_big import BigLM
+    from lacy.cascade.lm import SmallLM
     from lacy.core.config import CascadeConfig, ModelConfig
     from lacy.core.paths import cache_dir
     from lacy.model import build_model, load_big_model

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from lacy.cascade.knowledge import SqlitePassageStore, build_store, first_sentence
+from lacy.core.config import load_config
 from lacy.core.paths import REPO_ROOT
-from lacy.corpus.readers import load_entities, read_corpus
+from lacy.corpus.corpora import corpus_for
 
 
 def timed(fn: Callable[[str], object], queries: list[str]) -> np.ndarray:
@@ -39,16 +40,17 @@ def run(corpus: str, db_dir: Path, passage_words: int, n_queries: int, n_scan: i
         seed: int) -> None:
     rng = random.Random(seed)
     db_path = db_dir / f"knowledge-{corpus}-{passage_words}.sqlite"
+    source = corpus_for(load_config(None, ["--data.corpus", corpus]))
+    docs = list(source.documents())
     if reuse and db_path.exists():
         store = SqlitePassageStore(db_path)
         print(f"[{corpus}] reusing {db_path}: {store.counts()} docs/passages")
     else:
-        report = build_store(corpus, db_path, passage_words)
+        report = build_store(docs, db_path, passage_words)
         store = SqlitePassageStore(db_path)
         print(f"[{corpus}] build: {report.summary()}  ({report.docs / report.seconds:.0f} docs/s)")
-    people = load_entities(corpus)
+    people = source.people(docs)
     names = [e.name for e in rng.sample(people, min(n_queries, len(people)))]
-    docs = list(read_corpus(corpus))
     sentences = [first_sentence(d["text"])[:300] for d in rng.sample(docs, min(n_queries, len(docs)))]
     doc_ids = [e.doc_id for e in rng.sample(people, min(n_queries, len(people)))]
 

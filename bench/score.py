@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from bench.limits import ProcessSampler, busiest, load_guard, process_group, record  # noqa: E402
 from jobs import score  # noqa: E402
 from lacy.core.config import load_config  # noqa: E402
-from lacy.corpus.readers import read_corpus  # noqa: E402
+from lacy.corpus.corpora import read_corpus  # noqa: E402
 from lacy.corpus.tokenizer import train_tokenizer  # noqa: E402
 from lacy.labels.facts import FactTagger  # noqa: E402
 from lacy.shards.scoring import encode_documents  # noqa: E402

@@ -54,7 +54,7 @@ def _tiny_small_model(path: Path) -> Path:
     import torch
 
     from lacy.core.config import ModelConfig
-    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.corpora import read_corpus
     from lacy.corpus.tokenizer import train_tokenizer
     from lacy.model import build_model
 
@@ -113,7 +113,10 @@ def main() -> None:
     import ray
     import torch
 
-    from lacy.cascade.engine import BigLM, Cascade, SmallLM, calibrate
+    from lacy.cascade.engine import Cascade
+    from lacy.cascade.hf_big import BigLM
+    from lacy.cascade.lm import SmallLM
+    from lacy.cascade.policy import calibrate
     from lacy.core.config import load_config
     from lacy.model import load_big_model, load_small_model
     from services.cascade import delete, run

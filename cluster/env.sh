@@ -6,7 +6,7 @@ export PATH="$LACY_ROOT/.venv/bin:$PATH"   # the jobs' `python` resolves through
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
-# Serve's HTTP proxy gets 60 s, not 5, to pass its first readiness check on loaded cores (jobs.RAY_ENV_DEFAULTS).
+# Serve's HTTP proxy gets 60 s, not 5, to pass its first readiness check on loaded cores (services.runtime.RAY_ENV_DEFAULTS).
 export RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=${RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S:-60}
 export LACY_CACHE=${LACY_CACHE:-$HOME/.cache/lacy}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$LACY_CACHE/torch_extensions}

@@ -21,27 +21,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from jobs import pretrain, score
 from lacy.core.config import LacyConfig, config_hash, parse_cli, to_dict
-from lacy.eval.plan import Generated, Request
+from lacy.core.console import setup_logging
+from lacy.eval.generate import Generated, Request
+from lacy.experiment import run as run_experiment
+from lacy.serve.request import CompletionRequest
+from services.cascade import run as serve_run
 
 log = logging.getLogger(__name__)
 
 
 class ServeGenerator:
-    """`lacy.experiment.Generator` as HTTP calls to the cascade app's /generate."""
+    """`lacy.eval.generate.Generator` as HTTP calls to the cascade app's /generate, each body built with
+    the API's own request model (`lacy.serve.request.CompletionRequest`)."""
 
     def __init__(self, base_url: str) -> None:
-        import httpx
-
         self.http = httpx.Client(base_url=base_url, timeout=600)
 
     def generate(self, request: Request) -> Generated:
-        body: dict[str, Any] = {"prompt": request.prompt, "model": request.model, "max_tokens": request.max_tokens,
-                                "allow_calls": request.big is not None, "topic": request.topic}
-        if request.big is not None:
-            body.update(retrieval=request.big == "retrieval", call_trigger=request.trigger,
-                        call_log_odds=request.threshold)
-        r = self.http.post("/generate", json=body)
+        calls = request.big is not None
+        body = CompletionRequest(
+            prompt=request.prompt, model=request.model, max_tokens=request.max_tokens, allow_calls=calls,
+            topic=request.topic, retrieval=request.big == "retrieval" if calls else None,
+            call_trigger=request.trigger if calls else None, call_log_odds=request.threshold if calls else None)
+        r = self.http.post("/generate", json=body.body())
         if r.status_code != 200:
             raise RuntimeError(f"/generate answered {r.status_code}: {r.text[:300]}")
         out = r.json()
@@ -53,12 +59,10 @@ class RayBackend:
     """Ray Data, Ray Train + DeepSpeed, Ray Serve."""
 
     def build_shards(self, cfg: LacyConfig, parent_run_id: str | None) -> Any:
-        from jobs import score
 
         return score.run(cfg, parent_run_id=parent_run_id)
 
     def train(self, rcfg: LacyConfig, parent_run_id: str | None) -> Path:
-        from jobs import pretrain
 
         return pretrain.run(rcfg, parent_run_id=parent_run_id)
 
@@ -67,7 +71,6 @@ class RayBackend:
         """One Serve app with every small model (a request's `model` picks one) and both big sides."""
         from ray import serve
 
-        from services.cascade import run as serve_run
 
         scfg = copy.deepcopy(cfg)
         scfg.serve.small_path = next(iter(models.values()))
@@ -83,13 +86,11 @@ class RayBackend:
 
 
 def run(cfg: LacyConfig) -> Path:
-    from lacy.experiment import run as run_experiment
 
     return run_experiment(cfg, RayBackend(), track=True)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from lacy.core.console import setup_logging
 
     setup_logging()
     return run(parse_cli(argv, __doc__ or ""))

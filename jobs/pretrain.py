@@ -35,11 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from jobs import init_ray
 from lacy.core import storage
 from lacy.core.config import LacyConfig, TrainConfig, from_dict, parse_cli, save_config, to_dict
+from lacy.core.console import setup_logging
 from lacy.core.paths import cache_dir
+from lacy.core.tracking import start_run, tracking_uri
+from lacy.corpus.tokenizer import call_id, load_tokenizer
+from lacy.model import build_model
+from lacy.shards.format import read_batches, read_manifest
+from lacy.train import Position, Ranks, build_optimizer, save_final, train_loop
+from services.runtime import init_ray
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed tag of the one engine state inside each Ray checkpoint."""
@@ -86,7 +93,6 @@ class DeepSpeedStepper:
 
 def _collectives(device: torch.device) -> tuple[Any, Any]:
     """(reduce, gather) over the process group; tensors live on the engine's device (nccl: CUDA only)."""
-    import torch.distributed as dist
 
     def reduce(values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -107,10 +113,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
-    from lacy.corpus.tokenizer import call_id, load_tokenizer
-    from lacy.model import build_model
-    from lacy.shards.format import read_batches
-    from lacy.train import Position, Ranks, build_optimizer, train_loop
 
     cfg: LacyConfig = from_dict(LacyConfig, config["cfg"])
     train = cfg.train
@@ -183,7 +185,6 @@ def _save_and_report(engine: Any, position: Any, final: tuple | None = None) -> 
     summary)) -> one Ray checkpoint (Ray merges the ranks' directories; DeepSpeed names its files apart)."""
     import ray.train
 
-    from lacy.train import save_final
 
     tmp = Path(tempfile.mkdtemp(prefix="lacy-ckpt-"))
     try:
@@ -217,8 +218,6 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lacy.core.tracking import start_run, tracking_uri
-    from lacy.shards.format import read_manifest
 
     train, output_dir = cfg.train, Path(cfg.train.output_dir)
     save_config(cfg, output_dir / "config.yaml")
@@ -266,7 +265,6 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from lacy.core.console import setup_logging
 
     setup_logging()
     return run(parse_cli(argv, description=__doc__ or ""))

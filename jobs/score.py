@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from jobs import init_ray
 from lacy.core import storage
 from lacy.core.config import LacyConfig, from_dict, parse_cli, to_dict
+from lacy.core.console import setup_logging
+from lacy.core.tracking import log_metrics, start_run
 from lacy.corpus.tokenizer import load_tokenizer
+from lacy.labels.facts import FactTagger
 from lacy.shards.format import Manifest, TokenizedDoc
 from lacy.shards.scoring import (
     Result,
@@ -43,6 +45,7 @@ from lacy.shards.scoring import (
     score_documents,
     tag_documents,
 )
+from services.runtime import init_ray
 
 log = logging.getLogger(__name__)
 _KEYS = ["index", "unit", "id", "title"]
@@ -59,7 +62,6 @@ class TagActor:
     """spaCy + our tokenizer, loaded once per actor: documents -> ids, fact flags (+ text, offsets)."""
 
     def __init__(self, cfg: dict, tokenizer_dir: str, keep_text: bool) -> None:
-        from lacy.labels.facts import FactTagger
 
         self.cfg = from_dict(LacyConfig, cfg)
         storage.pull(self.cfg, tokenizer_dir)  # this node's mirror of a store-backed run may be empty
@@ -143,7 +145,6 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
     """`build_shards` on Ray Data, logged as MLflow run "score" (nested under `parent_run_id`)."""
     import mlflow
 
-    from lacy.core.tracking import log_metrics, start_run
 
     with start_run(cfg, "score", nested=mlflow.active_run() is not None, parent_run_id=parent_run_id):
         manifest, metrics = build_shards(cfg, encode_on_ray)
@@ -153,7 +154,6 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
 
 
 def main(argv: list[str] | None = None) -> Manifest:
-    from lacy.core.console import setup_logging
 
     setup_logging()
     return run(parse_cli(argv, description=__doc__ or ""))

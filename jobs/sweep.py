@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs.experiment import RayBackend
+from lacy import sweep
+
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from jobs.experiment import RayBackend
-    from lacy import sweep
 
     return sweep.main(argv, RayBackend())
 

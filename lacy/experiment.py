@@ -22,23 +22,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from lacy.cascade.knowledge import build_store
 from lacy.core import storage
 from lacy.core.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
-from lacy.core.stages import stage_done, stage_finish
-from lacy.eval.plan import (
-    Generator,
-    LocalGenerator,
-    evaluate,
-    evaluation_plan,
-    population,
-    thresholds_stage,
-    write_views,
-)
+from lacy.core.console import setup_logging
+from lacy.core.stages import cached_json, stage_done, stage_finish
+from lacy.core.tracking import log_artifacts, start_run
+from lacy.corpus.corpora import Corpus, corpus_for
+from lacy.corpus.tokenizer import call_id
+from lacy.eval.generate import Generator, LocalGenerator
+from lacy.eval.plan import Population, evaluate, evaluation_plan, population, thresholds_stage, write_views
+from lacy.eval.synthetic import proxy_vs_oracle, stored_bits
+from lacy.model import load_small_model
+from lacy.report import method_summary
+from lacy.shards.format import read_batches, read_manifest
+from lacy.shards.scoring import build_shards
+from lacy.train import SUMMARY, train_from_shards
+from lacy.train import evaluate as validate
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +77,10 @@ class LocalBackend:
         self.save_dtype, self.max_shard_mb, self.reuse_shards = save_dtype, max_shard_mb, reuse_shards
 
     def build_shards(self, cfg: LacyConfig, parent_run_id: str | None) -> Any:
-        from lacy.shards.format import read_manifest
-        from lacy.shards.scoring import build_shards
 
         return read_manifest(cfg.score.output_dir) if self.reuse_shards else build_shards(cfg)[0]
 
     def train(self, rcfg: LacyConfig, parent_run_id: str | None) -> Path:
-        from lacy.train import train_from_shards
-
         train_from_shards(rcfg, self.save_dtype, self.max_shard_mb, trainer="lacy.experiment")
         return Path(rcfg.train.output_dir) / "final"
 
@@ -89,24 +93,14 @@ class LocalBackend:
 # Stage: knowledge store
 
 
-def knowledge_stage(cfg: LacyConfig) -> Path:
-    """The passage store of the corpus (each document with its description: `knowledge_document`);
-    for a synthetic corpus, one record per person."""
-    from lacy.cascade.knowledge import build_store
-    from lacy.corpus.readers import corpus_source, knowledge_document, read_corpus
-
+def knowledge_stage(cfg: LacyConfig, corpus: Corpus) -> Path:
+    """The passage store the big model reads (`Corpus.knowledge_documents`: each document with its
+    description; for a synthetic corpus, one record per person)."""
     db = Path(cfg.knowledge.db_path)
-    synth = to_dict(cfg.synth) if cfg.data.corpus == "synthbio" else None
-    key = config_hash({"data": to_dict(cfg.data), "synth": synth, "passage_words": cfg.knowledge.passage_words,
-                       "version": 2})
+    key = config_hash({"corpus": corpus.name, "data": to_dict(cfg.data), "synth": to_dict(cfg.synth),
+                       "passage_words": cfg.knowledge.passage_words, "version": 3})
     if stage_done(db.parent / "knowledge", key) is None:
-        if synth is not None:  # the people's records: the database the big side reads
-            from lacy.corpus.synthbio import records
-
-            docs = iter(records(corpus_source(cfg)).values())
-        else:
-            docs = (knowledge_document(d) for d in read_corpus(corpus_source(cfg), max_docs=cfg.data.max_docs))
-        report = build_store(docs, db, cfg.knowledge.passage_words)
+        report = build_store(corpus.knowledge_documents(corpus.documents()), db, cfg.knowledge.passage_words)
         log.info("knowledge store: %s", report.summary())
         stage_finish(db.parent / "knowledge", key, report=report.summary())
         storage.push(cfg, db, db.parent / "knowledge")  # before Serve's replicas look for it
@@ -143,10 +137,6 @@ def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int |
     """Pretrain one rule with `fit(rule config) -> final model dir`, unless a record says it is done
     for the same config (by whichever trainer, on whichever machine). The record carries the training
     summary (steps, tokens, supervised tokens, call share, whether the budget was reached)."""
-    import json
-
-    from lacy.train import SUMMARY
-
     rcfg = rule_config(cfg, rule, comparison, token_budget)
     out = Path(rcfg.train.output_dir)
     key = train_key(rcfg, manifest_hash)
@@ -181,25 +171,15 @@ def train_all(cfg: LacyConfig, train_one: Callable[[str, str, int | None], dict]
 
 def validation_loss(cfg: LacyConfig, model_dir: str) -> dict:
     """Real-token validation metrics of a trained model on the held-out shards."""
-    import torch
-
-    from lacy.corpus.tokenizer import call_id
-    from lacy.model import load_small_model
-    from lacy.shards.format import read_batches, read_manifest
-    from lacy.train import evaluate
-
     if not read_manifest(cfg.score.output_dir).shards.get("val"):
         return {}
     model, tokenizer = load_small_model(model_dir)
     with torch.no_grad():
-        return evaluate(model, read_batches(cfg.score.output_dir, "val", cfg.train.batch_size), call_id(tokenizer))
+        return validate(model, read_batches(cfg.score.output_dir, "val", cfg.train.batch_size), call_id(tokenizer))
 
 
-def _stored_bits(record: dict, pop: Any) -> dict:
-    """`lacy.corpus.synthbio.stored_bits` of a trained model over every trained-on person, cached beside it."""
-    from lacy.core.stages import cached_json
-    from lacy.corpus.synthbio import stored_bits
-
+def _stored_bits(record: dict, pop: Population) -> dict:
+    """`lacy.eval.synthetic.stored_bits` of a trained model over every trained-on person, cached beside it."""
     docs = pop.train_docs
     path = Path(record["final"]).parent / "stored_bits.json"
     value = cached_json(path, {"model": record["key"], "people": len(docs), "version": 1},
@@ -209,10 +189,6 @@ def _stored_bits(record: dict, pop: Any) -> dict:
 
 def _proxy_stage(cfg: LacyConfig, results: Path) -> None:
     """results/proxy_vs_oracle.json: the shards' fact flags scored against the oracle."""
-    import json
-
-    from lacy.corpus.synthbio import proxy_vs_oracle
-
     proxy = proxy_vs_oracle(cfg.score.output_dir)
     (results / "proxy_vs_oracle.json").write_text(json.dumps(proxy, indent=2))
     log.info("spaCy proxy vs oracle: precision %.3f, recall %.3f", proxy["precision"] or 0, proxy["recall"] or 0)
@@ -227,48 +203,46 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
     """Run the experiment up to stage `until` ("shards", "train", "report"); returns `<run_dir>/results`.
 
     `rules` trains only those (their token budget's `plain` must be done already); `track` logs one
-    MLflow parent run with a nested run per stage (the Ray backend's jobs log theirs under it)."""
-    from lacy.report import method_summary
-
+    MLflow parent run with a nested run per stage (the Ray backend's jobs log theirs under it). A run
+    that is to be evaluated first checks that its corpus has people to evaluate and calibrate on, so a
+    config whose evaluation cannot run fails before anything trains."""
     backend = backend or LocalBackend()
+    corpus = corpus_for(cfg)
     results = Path(cfg.run_dir) / "results"
     storage.pull(cfg)  # a store-backed run: whatever another machine finished is reused
     results.mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    pop = population(cfg, corpus) if until == "report" else None
     with _tracking(cfg, track) as parent, _pushed_at_exit(cfg):
-        log.info("stage 1/5: tokenizer + shards")
+        log.info("stages 1-3, corpus -> facts -> shards")
         manifest = backend.build_shards(cfg, parent)
         if until == "shards":
             return results
-        log.info("stage 2/5: training %s x %s", cfg.experiment.rules, cfg.experiment.comparisons)
+        log.info("stage 4, train: %s x %s", cfg.experiment.rules, cfg.experiment.comparisons)
         trained = train_all(cfg, _trainer(cfg, backend, manifest.config_hash, parent, rules))
-        if until == "train":
+        if pop is None:
             return results
-        log.info("stage 3/5: knowledge store")
-        knowledge_stage(cfg)
-        pop = population(cfg)
+        log.info("stage 5, cascade: the big model's knowledge store")
+        knowledge_stage(cfg, corpus)
         for record in trained.values():
             record.update({f"val_{k}": v for k, v in validation_loss(cfg, record["final"]).items()})
-            if pop.synthetic:
+            if pop.exact:
                 record.update(_stored_bits(record, pop))
-        if pop.synthetic:
+        if pop.exact:
             _proxy_stage(cfg, results)
         models = {name: rec["final"] for name, rec in trained.items()}
         keys = {name: rec["key"] for name, rec in trained.items()}
-        log.info("stage 4/5: evaluating %d systems on %d people", len(evaluation_plan(cfg, list(models))),
-                 len(pop.train))
+        log.info("stage 6, eval: %d systems on %d people", len(evaluation_plan(cfg, list(models))), len(pop.train))
         with backend.generator(cfg, models) as generator:
             thresholds = thresholds_stage(cfg, models, keys, pop, generator)
             # Big alone involves no small model: in process for every backend.
             rows = evaluate(cfg, evaluation_plan(cfg, list(models)), models, keys, thresholds, generator,
                             LocalGenerator(cfg, {}), pop)
             write_views(cfg, generator, list(models), pop.train, thresholds)
-        log.info("stage 5/5: report")
-        summary = method_summary(rows, trained, cfg, results)
+        log.info("stage 7, report")
+        summary = method_summary([row.to_dict() for row in rows], trained, cfg, results)
         if parent is not None:
-            import mlflow
-
-            mlflow.log_artifacts(str(results), artifact_path="results")
+            _log_results(results)
     print(summary)  # noqa: T201 - the experiment's product, for the person who ran it
     return results
 
@@ -305,15 +279,15 @@ def _tracking(cfg: LacyConfig, track: bool) -> Iterator[str | None]:
     if not track:
         yield None
         return
-    from lacy.core.tracking import start_run
-
     with start_run(cfg, "experiment") as parent:
         yield parent.info.run_id
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from lacy.core.console import setup_logging
+def _log_results(results: Path) -> None:
+    log_artifacts(str(results), artifact_path="results")
 
+
+def main(argv: list[str] | None = None) -> Path:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--until", choices=["shards", "train", "report"], default="report")
     extra.add_argument("--rules", help="comma-separated subset of experiment.rules to train")
@@ -323,8 +297,6 @@ def main(argv: list[str] | None = None) -> Path:
     known, rest = extra.parse_known_args(argv)
     setup_logging()
     cfg = parse_cli(rest, __doc__ or "")
-    import torch
-
     backend = LocalBackend(getattr(torch, known.save_dtype) if known.save_dtype else None, known.max_shard_mb,
                            known.reuse_shards)
     return run(cfg, backend, until=known.until, rules=known.rules.split(",") if known.rules else None)

@@ -31,6 +31,7 @@ from transformers import (
 
 from lacy.core.config import PRESETS, ModelConfig
 from lacy.core.paths import cache_dir
+from lacy.corpus.tokenizer import CALL_TOKEN
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = "smollm2-135m-instruct"
@@ -114,7 +115,6 @@ def load_big_model(path: str = "smollm2", dtype: torch.dtype | str = torch.float
 def load_small_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) of a trained small checkpoint: a local Hugging Face directory
     with safetensors weights (pickled ones are refused) whose tokenizer has `<CALL>`."""
-    from lacy.corpus.tokenizer import CALL_TOKEN
 
     folder = Path(path)
     if not folder.is_dir():

@@ -3,53 +3,15 @@
 from __future__ import annotations
 
 import csv
-import html
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lacy.core.config import LacyConfig
+import numpy as np
 
-SPAN_STYLE = {
-    "prompt": "color:#555",
-    "small": "color:#111",
-    "big": "background:#ffd54f;color:#000;border-radius:3px;padding:0 2px",
-}
-
-
-def spans_html(spans: Iterable[tuple[str, str]]) -> str:
-    """Inline HTML for (text, source) spans; delegated (big-model) spans are marked `data-source="big"`."""
-    parts = []
-    for text, source in spans:
-        title = {"big": "written by the big model (<CALL>)", "small": "written by the small model",
-                 "prompt": "prompt"}.get(source, source)
-        parts.append(f'<span class="span-{html.escape(source)}" data-source="{html.escape(source)}" '
-                     f'title="{html.escape(title)}" style="{SPAN_STYLE.get(source, "")}">{html.escape(text)}</span>')
-    return "".join(parts)
-
-
-def page_html(title: str, body: str) -> str:
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:820px;margin:2em auto;line-height:1.6}"
-        ".gen{white-space:pre-wrap;border:1px solid #ddd;padding:1em;border-radius:6px;margin:.5em 0}"
-        ".legend span{margin-right:1em}.meta{color:#666;font-size:.9em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}</style>"
-        f"</head><body><h2>{html.escape(title)}</h2>"
-        "<div class='legend'><span style='" + SPAN_STYLE["small"] + "'>small model</span>"
-        "<span style='" + SPAN_STYLE["big"] + "'>big model (delegated by &lt;CALL&gt;)</span>"
-        "<span style='" + SPAN_STYLE["prompt"] + "'>prompt</span></div>"
-        f"{body}</body></html>"
-    )
-
-
-def generation_block(spans: Iterable[tuple[str, str]], meta: str = "") -> str:
-    meta_html = f"<div class='meta'>{html.escape(meta)}</div>" if meta else ""
-    return f"<div class='gen'>{spans_html(spans)}</div>{meta_html}"
+from lacy.core.config import LacyConfig
+from lacy.eval.row import paired_bootstrap
 
 
 def _fmt(value: object) -> str:
@@ -166,7 +128,6 @@ def _table(rows: list[dict], trained: dict[str, dict], comparison: str, big: str
 def _paired(rows: list[dict], comparison: str, big: str, rate: float, bootstrap: int, seed: int) -> list[str]:
     """LaCy (P(<CALL>)) minus every other system at the headline rate: FactScore over all people
     (abstention scores 0, so nobody is dropped) and precision over the people both answered."""
-    from lacy.eval.claims import paired_bootstrap
 
     here = [r for r in rows if r["big"] == big and r["target_rate"] == rate and r["people"] == "train"
             and r["model"] and r["model"].endswith(f"-{comparison}")]
@@ -196,7 +157,6 @@ def people_for_halfwidth(a: Sequence[float], b: Sequence[float], halfwidth: floa
     """People a paired comparison needs for a 95 % CI of ±`halfwidth` at the spread of these
     per-person differences (normal approximation, 1.96 σ / √n): fewer than were given when the CI is
     already narrower; the people given when the differences do not spread (σ = 0)."""
-    import numpy as np
 
     diffs = np.asarray(a, float) - np.asarray(b, float)
     sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0

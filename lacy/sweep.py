@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lacy.core.config import LacyConfig, parse_cli
+from lacy.core.console import setup_logging
+from lacy.experiment import rule_config, run
+from lacy.report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,6 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
         rows = list(csv.DictReader(f))
     rate = cfg.experiment.headline_rate
     lines = []
-    from lacy.experiment import rule_config
 
     # The models this config trains, in their own folders, not whatever else lies under train/.
     folders = sorted(Path(rule_config(cfg, rule, comparison, None).train.output_dir)
@@ -64,8 +66,6 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
 
 def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[str, Any]]:
     """Run the experiment at each number of people and write the sweep's table and plot."""
-    from lacy.experiment import run
-    from lacy.report import markdown_table
 
     if cfg.data.corpus != "synthbio":
         raise ValueError(f"the capacity sweep needs data.corpus: synthbio (got {cfg.data.corpus!r})")
@@ -149,7 +149,6 @@ def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
 
 def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, Any]]:
     """The sweep from the command line; `backend` as `lacy.experiment.run` takes it (None: this process)."""
-    from lacy.core.console import setup_logging
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--people", help="comma-separated numbers of invented people (default: sweep of the "

@@ -30,10 +30,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from transformers import GenerationConfig
 
 from lacy.core import storage
 from lacy.core.config import LacyConfig, TrainConfig, parse_cli, save_config
+from lacy.core.console import setup_logging
+from lacy.corpus.tokenizer import call_id
+from lacy.corpus.tokenizer import call_id as find_call_id
 from lacy.labels.method import Gather, lacy_step, token_losses
+from lacy.model import build_model
+from lacy.shards.format import load_shard_tokenizer, read_batches, read_manifest
 
 log = logging.getLogger(__name__)
 LogFn = Callable[[int, dict], None]
@@ -291,9 +297,7 @@ def save_final(model: Any, tokenizer: Any, out: Path, cfg: LacyConfig, summary: 
     """The final model folder every trainer writes: safetensors + tokenizer, a generation config
     that keeps plain `generate()` from ever emitting `<CALL>` (`bad_words_ids`), the training
     summary and a model card. Returns the folder."""
-    from transformers import GenerationConfig
 
-    from lacy.corpus.tokenizer import call_id
 
     out.mkdir(parents=True, exist_ok=True)
     if save_dtype is not None:
@@ -337,9 +341,6 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
     """Train from the shards at cfg.score.output_dir on one process; write `<train.output_dir>/final`
     (`save_final`, optionally in `save_dtype` and files of at most `max_shard_mb`), config.yaml and
     metrics.jsonl. Returns the summary."""
-    from lacy.corpus.tokenizer import call_id as find_call_id
-    from lacy.model import build_model
-    from lacy.shards.format import load_shard_tokenizer, read_batches, read_manifest
 
     shards = Path(cfg.score.output_dir)
     storage.pull(cfg, shards, Path(cfg.run_dir) / "tokenizer")
@@ -376,7 +377,6 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lacy.core.console import setup_logging
 
     setup_logging()
     return train_from_shards(parse_cli(argv, description=__doc__ or ""))

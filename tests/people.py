@@ -1,6 +1,6 @@
 """Two hand-made people and their articles, shared by the evaluation and judge tests."""
 
-from lacy.corpus.readers import Entity
+from lacy.corpus.people import Entity
 
 ADA = Entity(name="Ada Lovelace", title="Ada Lovelace", doc_id="42",
              description="British chemist (1920–1990)", birth_year=1920,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lacy.cascade.batching import BatchQueue
+from lacy.serve.remote import BatchQueue
 
 
 class Recorder:

@@ -2,8 +2,7 @@
 
 import pytest
 
-from lacy.cascade.batching import continue_batch
-from lacy.cascade.engine import BigLM
+from lacy.cascade.hf_big import BigLM, continue_batch
 
 pytestmark = pytest.mark.slow
 

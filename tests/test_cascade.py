@@ -20,21 +20,12 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from lacy.cascade.engine import (
-    BigLM,
-    BigModelError,
-    Cascade,
-    CascadeResult,
-    Quantiles,
-    RunningQuantile,
-    SmallLM,
-    Span,
-    _word_start,
-    calibrate,
-    closed_loop_threshold,
-    decision_scores,
-    log_odds,
-)
+from lacy.cascade.big import BigModelError
+from lacy.cascade.engine import Cascade, CascadeResult, Span, _word_start
+from lacy.cascade.big import BigSession
+from lacy.cascade.hf_big import BigLM, HFBig
+from lacy.cascade.lm import SmallLM
+from lacy.cascade.policy import Quantiles, RunningQuantile, calibrate, closed_loop_threshold, decision_scores, log_odds
 from lacy.core.config import CascadeConfig, ConfigError
 from lacy.corpus.tokenizer import CALL_TOKEN, EOS_TOKEN, PAD_TOKEN
 
@@ -64,7 +55,8 @@ CALL = TOK.convert_tokens_to_ids(CALL_TOKEN)
 
 
 class ScriptedLM(torch.nn.Module):
-    """Logits [V] = next_logits(prefix ids, start token included) at every position."""
+    """Logits [V] = next_logits(prefix ids, start token included) at every position; batched like a
+    Hugging Face model (a left-padded cache and an attention mask over it: `lacy.cascade.hf_big`)."""
 
     def __init__(self, next_logits: Callable[[list[int]], torch.Tensor], n_positions: int = 512) -> None:
         super().__init__()
@@ -76,14 +68,20 @@ class ScriptedLM(torch.nn.Module):
     def device(self) -> torch.device:
         return self.anchor.device
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True):
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
         cache = past_key_values if past_key_values is not None else DynamicCache()
-        new = input_ids[0].float().view(1, 1, -1, 1)
+        new = input_ids.float()[:, None, :, None]  # the ids themselves are the cache: [B, 1, T, 1]
         keys, _ = cache.update(new, new, 0)
-        prefix = keys.view(-1).long().tolist()
-        first = len(prefix) - input_ids.shape[1]
-        logits = torch.stack([self.next_logits(prefix[:first + i + 1]) for i in range(input_ids.shape[1])])
-        return SimpleNamespace(logits=logits[None], past_key_values=cache)
+        steps, rows = input_ids.shape[1], []
+        for row in range(input_ids.shape[0]):
+            seq = keys[row].view(-1)
+            if attention_mask is not None:
+                seq = seq[attention_mask[row, -len(seq):].bool()]
+            prefix = seq.long().tolist()
+            first = len(prefix) - steps
+            rows.append(torch.stack([self.next_logits(prefix[:max(1, first + i + 1)]) for i in range(steps)]))
+        return SimpleNamespace(logits=torch.stack(rows), past_key_values=cache)
 
 
 def ids(text: str) -> list[int]:
@@ -118,8 +116,20 @@ def p_call_of(call_logit: float) -> float:
     return math.exp(call_logit) / (math.exp(call_logit) + math.exp(STORY_LOGIT) + len(TOK) - 2)
 
 
+def hf_session(model, tok=TOK) -> BigSession:
+    """One request's view of a local HF big model (what Serve and the evaluation give a cascade)."""
+    return BigSession(HFBig(model, tok))
+
+
+def session_lm(session: BigSession) -> BigLM:
+    """The HF backend's model state of that request."""
+    return session.big.sessions[session.id]
+
+
 class FailingBig:
     """A big model that breaks: raises, or returns something that is not text."""
+
+    tokens_processed = tokens_generated = 0
 
     def __init__(self, returns: object = None) -> None:
         self.returns = returns
@@ -131,7 +141,7 @@ class FailingBig:
 
 
 def cascade_of(small_model, big_model, **cfg) -> Cascade:
-    big = None if big_model is None else BigLM(big_model, TOK)
+    big = None if big_model is None else hf_session(big_model)
     return Cascade(SmallLM(small_model, TOK), big, CascadeConfig(**cfg))
 
 
@@ -240,7 +250,7 @@ def test_threshold_and_rate_policies():
     # Cascades given one Quantiles (Serve: one per request) share the running quantile of their trigger.
     shared = Quantiles()
     for _ in range(2):
-        Cascade(SmallLM(story_model(STORY, logits), TOK), BigLM(story_model(STORY), TOK), CascadeConfig(),
+        Cascade(SmallLM(story_model(STORY, logits), TOK), hf_session(story_model(STORY)), CascadeConfig(),
                 quantiles=shared).generate("The capital of France is", call_rate=0.5)
     assert len(shared) == 1 and shared.get(0.5, ("p_call",)).seen == 2 * 6  # six decision points per run
     with pytest.raises(ValueError, match="not several"):
@@ -260,8 +270,6 @@ def test_calls_disabled_never_calls_and_masks_call():
     assert cascade.small.next_logits(allow_call=False)[CALL] == float("-inf")
     with pytest.raises(BigModelError, match="backend down"):
         cascade.generate("The capital of France is")
-    with pytest.raises(ValueError, match="FailingBig.continue_text takes none"):
-        cascade.generate("The capital of France is", topic="France")
     with pytest.raises(BigModelError, match="expected str"):
         Cascade(SmallLM(small, TOK), FailingBig(returns=3), CascadeConfig(call_threshold=0.0)).generate(
             "The capital of France is")
@@ -322,7 +330,7 @@ def test_context_overflow_is_a_clear_error_or_a_clean_stop():
     assert result.stop_reason == "context" and result.text == "The capital of France is Paris."
     # Big-model words that overflow the small model's context end the generation, text kept.
     cascade = Cascade(SmallLM(ScriptedLM(story_model(STORY, {5: 12.0}).next_logits, n_positions=8), TOK),
-                      BigLM(story_model(STORY), TOK),
+                      hf_session(story_model(STORY)),
                       CascadeConfig(call_threshold=0.5, big_unit="tokens", big_max_tokens=3))
     result = cascade.generate("The capital of France is")
     assert result.stop_reason == "context" and result.text == "The capital of France is Paris. It"
@@ -518,7 +526,7 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy():
         run(temperature=1.0, top_p=0.0)
 
 
-class CountingBig(BigLM):
+class CountingBig(BigSession):
     calls = 0
 
     def continue_text(self, text: str, **kwargs) -> str:
@@ -528,7 +536,7 @@ class CountingBig(BigLM):
 
 def test_closing_the_stream_stops_decoding_and_calls_and_keeps_a_result():
     small = story_model(STORY, {k: 12.0 for k in range(5, 13)})  # would call at every word start
-    big = CountingBig(story_model(STORY), TOK)
+    big = CountingBig(HFBig(story_model(STORY), TOK))
     cascade = Cascade(SmallLM(small, TOK), big, CascadeConfig(call_threshold=0.5))
     stream = cascade.generate_stream("The capital of France is")
     assert next(stream).source == "prompt" and next(stream) == Span(" Paris", "big")
@@ -584,8 +592,8 @@ def test_cascade_with_real_gpt2s_and_bpe_tokenizer():
     small_model, big_model = build_model(ModelConfig(preset="tiny", seq_len=96), tok), None
     torch.manual_seed(1)
     big_model = build_model(ModelConfig(preset="tiny", seq_len=96), tok)
-    small, big = SmallLM(small_model, tok), BigLM(big_model, tok)
-    cascade = Cascade(small, big, CascadeConfig(call_threshold=0.0, max_new_tokens=24, big_max_tokens=3))
+    small, session = SmallLM(small_model, tok), hf_session(big_model, tok)
+    cascade = Cascade(small, session, CascadeConfig(call_threshold=0.0, max_new_tokens=24, big_max_tokens=3))
     result = cascade.generate("Marie Curie was born in")
     assert "".join(s.text for s in result.spans) == result.text
     assert result.text.startswith("Marie Curie was born in")
@@ -594,6 +602,7 @@ def test_cascade_with_real_gpt2s_and_bpe_tokenizer():
     # The caches are the texts' tokens, and the cached logits are those of a fresh forward pass.
     assert small.decode(small.ids[1:]) == result.text
     assert torch.allclose(small.logits, full_forward_logits(small_model, small.ids), atol=1e-4)
+    big = session_lm(session)
     assert torch.allclose(big.logits, full_forward_logits(big_model, big.ids), atol=1e-4)
     # Linear: each model processes the final text's tokens plus a few re-fed ones per call (where
     # re-tokenising changed the tail, e.g. after the untrained model's invalid UTF-8 bytes); re-encoding
@@ -613,57 +622,14 @@ def test_smollm2_big_model_fills_in_calls():
     from lacy.model import load_big_model
 
     model, tokenizer = load_big_model("smollm2")
-    big = BigLM(model, tokenizer)
-    assert big.continue_text("The capital of France is", unit="word") == " Paris"
+    assert BigLM(model, tokenizer).continue_text("The capital of France is", unit="word") == " Paris"
     # The scripted small model calls before " Paris" and " 2"; SmolLM2 answers in its own tokens.
-    cascade = Cascade(SmallLM(story_model(STORY, {5: 12.0, 9: 12.0}), TOK), big,
+    session = hf_session(model, tokenizer)
+    cascade = Cascade(SmallLM(story_model(STORY, {5: 12.0, 9: 12.0}), TOK), session,
                       CascadeConfig(call_threshold=0.5))
     result = cascade.generate("The capital of France is")
     assert result.spans[:2] == [Span("The capital of France is", "prompt"), Span(" Paris", "big")]
     assert result.calls == 2 and "".join(s.text for s in result.spans) == result.text
     # Its cache holds the text it saw; the logits equal a fresh forward pass over it.
+    big = session_lm(session)
     assert torch.allclose(big.logits, full_forward_logits(model, big.ids), atol=1e-3)
-
-
-# ----------------------------------------------------------------------------------------------
-# jobs.calibrate
-
-
-def test_calibrate_job_writes_threshold(tmp_path, capsys):
-    from jobs.calibrate import main
-    from lacy.core.config import ModelConfig
-    from lacy.corpus.tokenizer import load_tokenizer, train_tokenizer
-    from lacy.model import build_model
-
-    texts = ["Marie Curie was born in Warsaw in 1867.", "Alan Turing was born in London in 1912."] * 10
-    train_tokenizer(texts, vocab_size=300, out_dir=tmp_path / "small")
-    tok = load_tokenizer(tmp_path / "small")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(preset="tiny", seq_len=64), tok)
-    model.save_pretrained(tmp_path / "small")
-    prompts = ["Marie Curie was born in", "Alan Turing was"]
-    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-    out = tmp_path / "cal" / "threshold.json"
-    result = main(["--small", str(tmp_path / "small"), "--rate", "0.25", "--prompts",
-                   str(tmp_path / "prompts.txt"), "--out", str(out), "--cascade.max_new_tokens", "12"])
-    saved = json.loads(out.read_text())
-    assert saved == result == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # Same numbers as decoding here: the 0.75-quantile of P(<CALL>)'s log-odds at the decision points.
-    cascade = Cascade(SmallLM(model, tok), None, CascadeConfig(max_new_tokens=12))
-    scores = [p for prompt in prompts for p in cascade.generate(prompt, allow_calls=False).call_scores]
-    assert saved["log_odds"] == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-5)
-    assert saved["threshold"] == pytest.approx(1 / (1 + math.exp(-saved["log_odds"])))
-    assert saved["rate"] == 0.25 and saved["prompts"] == 2
-    assert (tmp_path / "cal" / "threshold.config.yaml").is_file()
-    with pytest.raises(SystemExit, match="--small"):
-        main(["--rate", "0.2"])
-
-
-def test_validation_prompts_are_starts_of_held_out_documents():
-    from jobs.calibrate import validation_prompts
-    from lacy.corpus.readers import read_corpus, split_of
-
-    prompts = validation_prompts("embedded", 0.05, 3, 8)
-    val_starts = [" ".join(d["text"].split()[:8]) for d in read_corpus("embedded")
-                  if split_of(d["id"], 0.05) == "val" and len(d["text"].split()) > 8][:3]
-    assert prompts == val_starts and all(len(p.split()) == 8 for p in prompts)

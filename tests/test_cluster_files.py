@@ -109,7 +109,7 @@ def test_a_ray_we_start_gives_serves_proxy_time_to_start() -> None:
     import subprocess
     import sys
 
-    code = ("import ray\nfrom jobs import init_ray\ninit_ray()\n"
+    code = ("import ray\nfrom services.runtime import init_ray\ninit_ray()\n"
             "@ray.remote\ndef timeout():\n"
             "    from ray.serve._private.constants import PROXY_READY_CHECK_TIMEOUT_S\n"
             "    return PROXY_READY_CHECK_TIMEOUT_S\n"

@@ -12,16 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lacy.corpus.readers import (
-    ReadReport,
-    article_by_id,
-    corpus_files,
-    load_entities,
-    parse_birth_year,
-    parse_occupation,
-    read_corpus,
-    split_of,
-)
+from lacy.core.config import load_config
+from lacy.corpus.corpora import CorpusError, corpus_for, read_corpus
+from lacy.corpus.people import parse_birth_year, parse_occupation
+from lacy.corpus.readers import ReadReport, corpus_files, split_of
 
 # Line numbers are 1-based; line 6 is blank (skipped, neither good nor bad).
 MIXED_LINES = [
@@ -165,8 +159,15 @@ def test_missing_or_unknown_sources_are_clear_errors(tmp_path):
     (tmp_path / "data.csv").write_text("id,text\n")
     with pytest.raises(ValueError, match="unsupported corpus file .*data.csv"):
         list(read_corpus(str(tmp_path / "data.csv")))
-    with pytest.raises(ValueError, match="entities are known only"):
-        load_entities("somewhere")
+    write_jsonl(tmp_path / "a.jsonl", MIXED_LINES)
+    files = corpus_for(load_config(None, ["--data.corpus", str(tmp_path / "a.jsonl")]))
+    with pytest.raises(CorpusError, match="names no people to evaluate"):
+        files.people(list(files.documents()))
+
+
+def people_of(name: str) -> list:
+    corpus = corpus_for(load_config(None, ["--data.corpus", name]))
+    return corpus.people(list(corpus.documents()))
 
 
 def test_embedded_corpus(embedded_docs):
@@ -225,7 +226,7 @@ def test_description_parsing():
 
 
 def test_embedded_entities():
-    people = load_entities("embedded")
+    people = people_of("embedded")
     assert len(people) == 1828
     aalto = next(e for e in people if e.title == "Alvar Aalto")
     assert (aalto.doc_id, aalto.birth_year, aalto.occupation, aalto.birth_place) == (
@@ -236,7 +237,7 @@ def test_embedded_entities():
 
 @pytest.mark.slow
 def test_wiki2015_entities_match_articles():
-    people = load_entities("wiki2015")
+    people = people_of("wiki2015")
     assert len(people) == 2480
     lincoln = next(e for e in people if e.name == "Abraham Lincoln")
     assert (lincoln.doc_id, lincoln.birth_year, lincoln.birth_place, lincoln.occupation) == (
@@ -245,9 +246,3 @@ def test_wiki2015_entities_match_articles():
     assert aristotle.birth_year == -384 and "born 384 BC" in aristotle.description
     article_ids = {d["id"] for d in read_corpus("wiki2015")}
     assert all(e.doc_id in article_ids for e in people)
-
-
-def test_article_by_id(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", MIXED_LINES)
-    articles = article_by_id(str(tmp_path / "a.jsonl"))
-    assert sorted(articles) == ["7", "a"] and articles["a"]["text"] == "First good."

@@ -1,5 +1,4 @@
-"""lacy.eval.claims on hand-made biographies with real spaCy and a real SQLite passage store (the LLM judge's
-tests are in test_judge.py)."""
+"""lacy.eval (claims, rows, leakage) on hand-made biographies with real spaCy and a real SQLite passage store."""
 
 from __future__ import annotations
 
@@ -12,28 +11,22 @@ import pytest
 from people import ADA, ADA_ARTICLE, ARTICLES, BOB, BOB_ARTICLE  # noqa: F401
 
 from lacy.cascade.knowledge import SqlitePassageStore
-from lacy.corpus.readers import Entity
+from lacy.corpus.people import Entity
 from lacy.eval.claims import (
-    Generation,
-    LeakProbe,
     attribute_checks,
-    bio_prompt,
-    bootstrap_ci,
-    evaluate_system,
     extract_claims,
     factscore,
     is_supported,
-    leakage,
-    leaks,
     length_penalty_factor,
     load_nlp,
-    make_leak_probes,
     normalize,
-    paired_bootstrap,
+    score_claims,
     stated_birth_place,
     stated_birth_year,
-    wilson_interval,
 )
+from lacy.eval.generate import Generation, bio_prompt, biographies
+from lacy.eval.leakage import LeakProbe, leakage, leaks, make_leak_probes, wilson_interval
+from lacy.eval.row import bootstrap_ci, paired_bootstrap
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +180,7 @@ def test_real_wikipedia_leads_separate_true_from_swapped_bios(nlp):
     """On real wiki2015 people, a person's own lead is fully supported and states mostly correct
     attributes; the next person's lead under this person's name is mostly unsupported."""
     from lacy.core.paths import wiki2015_dir
-    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.corpora import read_corpus
 
     people_file = wiki2015_dir() / "people.jsonl"
     if not people_file.is_file():
@@ -274,7 +267,7 @@ def test_view_spans_escape_every_attribute():
     title attribute early (title="we"ird"), and the big span's title carried a raw "<CALL>"."""
     from html.parser import HTMLParser
 
-    from lacy.report import spans_html
+    from lacy.serve.view import spans_html
 
     attrs: list[dict] = []
 
@@ -293,7 +286,13 @@ def test_view_spans_escape_every_attribute():
 # Whole systems
 
 
-def test_evaluate_system_row(nlp, store):
+def evaluate_system(name, generate_fn, entities, articles, store, *, prompt_style="lead", **kwargs) -> dict:
+    """The row of the biographies `generate_fn(prompt)` writes for `entities`, as the report reads it."""
+    gens = biographies(lambda _entity, prompt: generate_fn(prompt), entities, prompt_style)
+    return score_claims(name, gens, articles, store, **kwargs).to_dict()
+
+
+def test_claims_row(nlp, store):
     bios = {"Ada Lovelace (": "born 1950) was a British chemist born in Leeds.",
             "Bob Marley (": "6 February 1945) was a Jamaican singer born in Kingston."}
     prompts = []
@@ -319,7 +318,7 @@ def test_evaluate_system_row(nlp, store):
     assert (row["birth_place_correct"], row["birth_place_stated"]) == (1, 2)
     # Plain strings without the prompt work too, and no store means no strict columns.
     row = evaluate_system("plain", lambda p: bios[p], [ADA], ARTICLES, None, bootstrap=50, nlp=nlp)
-    assert row["precision_lenient"] == pytest.approx(1.0) and "precision_strict" not in row
+    assert row["precision_lenient"] == pytest.approx(1.0) and row["precision_strict"] is None
     assert row["call_rate"] is None
     # With calls and decision points the rate is pooled: 1 call in 2 decisions and 1 in 18 is 2/20,
     # though the per-person rates average 0.28.
@@ -410,13 +409,11 @@ def test_date_ranges_score_year_by_year(nlp):
 def test_informative_precision_and_abstentions(nlp):
     """Generic claims ("British") that another person's article supports too are not informative;
     abstainers count 0 in FactScore and supported-per-person, so every person stays in paired tests."""
-    from lacy.eval.claims import score_biographies
-
     gens = [Generation(ADA, "Ada Lovelace (born 1920) was a British chemist."),   # 1920 ✓ British ✓
             Generation(BOB, "Bob Marley ( I do not know.")]                           # abstains
     articles = {**ARTICLES, "7": {"id": "7", "title": "Bob Marley",
                                   "text": BOB_ARTICLE + " He toured British cities."}}
-    row = score_biographies("toy", gens, articles, None, bootstrap=50, nlp=nlp, gamma=10)
+    row = score_claims("toy", gens, articles, None, bootstrap=50, nlp=nlp, gamma=10).to_dict()
     assert row["precision"] == pytest.approx(1.0) and row["respond_ratio"] == pytest.approx(0.5)
     assert row["claims_per_response"] == 2.0 and row["supported_per_person"] == pytest.approx(1.0)
     # Ada's "British" is in Bob's article: only 1920 is informative (and supported).
@@ -430,15 +427,16 @@ def test_informative_precision_and_abstentions(nlp):
 def test_correct_birth_years_are_credited_for_real_embedded_people(nlp):
     """The embedded leads leave life years out of their text; the knowledge source must hold them (the
     description), or the prompt "NAME (" could never be answered right."""
-    from lacy.corpus.readers import knowledge_document, load_entities, read_corpus
-    from lacy.eval.claims import score_biographies
+    from lacy.core.config import load_config
+    from lacy.corpus.corpora import corpus_for, knowledge_document
 
-    docs = {d["id"]: d for d in read_corpus("embedded")}
-    people = [e for e in load_entities("embedded") if e.birth_year and e.birth_year > 0][:20]
+    corpus = corpus_for(load_config(None, ["--data.corpus", "embedded"]))
+    docs = {d["id"]: d for d in corpus.documents()}
+    people = [e for e in corpus.people(list(docs.values())) if e.birth_year and e.birth_year > 0][:20]
     gens = [Generation(e, f"{e.name} ({e.birth_year}") for e in people]
     articles = {e.doc_id: knowledge_document(docs[e.doc_id]) for e in people}
     raw = {e.doc_id: docs[e.doc_id] for e in people}
-    credited = score_biographies("gold", gens, articles, None, bootstrap=50, nlp=nlp)
-    before = score_biographies("gold", gens, raw, None, bootstrap=50, nlp=nlp)
-    assert credited["precision_lenient"] == pytest.approx(1.0) and credited["respond_ratio"] == 1.0
-    assert before["precision_lenient"] < 0.3  # what the text alone credits
+    credited = score_claims("gold", gens, articles, None, bootstrap=50, nlp=nlp)
+    before = score_claims("gold", gens, raw, None, bootstrap=50, nlp=nlp)
+    assert credited.precision_lenient == pytest.approx(1.0) and credited.respond_ratio == 1.0
+    assert before.precision_lenient < 0.3  # what the text alone credits

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lacy.cascade.batching import FeedBatcher, feed_many
-from lacy.cascade.engine import Cascade, SmallLM
+from lacy.cascade.engine import Cascade
+from lacy.cascade.lm import SmallLM
 from lacy.core.config import CascadeConfig
 
 

@@ -10,17 +10,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lacy.cascade.big import BigCall, BigReply, BigSession, Reader, Retrieval, format_passages
 from lacy.cascade.knowledge import (
     KnowledgeError,
     Passage,
-    RetrievalBigLM,
     SqlitePassageStore,
     build_store,
     first_sentence,
-    format_passages,
     match_terms,
     split_passages,
 )
+from lacy.core.config import KnowledgeConfig
 
 DOCS = [
     {"id": "1", "title": "Marie Curie",
@@ -217,58 +217,80 @@ def test_any_text_query_is_safe(store, query):
 
 
 class RecordingBig:
-    """A real object with `continue_text` that answers from its context: the first year in it."""
+    """A real `BigModel` that answers from each call's context: the first year in it."""
 
     def __init__(self) -> None:
-        self.calls: list[dict] = []
+        self.calls: list[BigCall] = []
 
-    def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8, context: str = "") -> str:
-        self.calls.append({"text": text, "unit": unit, "max_tokens": max_tokens, "context": context})
-        years = [w.strip(".,") for w in context.split() if w.strip(".,").isdigit()]
-        return " " + years[0] if years else " unknown"
+    def continue_batch(self, calls, cancel=None) -> list[BigReply]:
+        self.calls += calls
+        replies = []
+        for call in calls:
+            years = [w.strip(".,") for w in call.context.split() if w.strip(".,").isdigit()]
+            replies.append(BigReply(" " + years[0] if years else " unknown", processed=len(call.text), generated=1))
+        return replies
+
+    def end_session(self, session: str) -> None:
+        pass
+
+    def health(self, timeout_s: float) -> dict:
+        return {}
+
+
+def retrieval(store, **knowledge) -> tuple[RecordingBig, Retrieval]:
+    big = RecordingBig()
+    return big, Retrieval(big, store, KnowledgeConfig(**knowledge))
 
 
 def test_retrieval_once_per_topic_keeps_context_stable(store):
-    big = RecordingBig()
-    rbig = RetrievalBigLM(big, store, top_k=2)
-    assert rbig.continue_text("Pierre Curie was born in", topic="Pierre Curie", unit="entity") == " 1859"
-    rbig.continue_text("Pierre Curie was born in 1859 in", topic="Pierre Curie", max_tokens=3)
-    assert rbig.retrievals == 1
-    assert big.calls[0]["context"] == big.calls[1]["context"]  # same prefix: the KV cache stays valid
-    assert big.calls[0]["context"].startswith("Pierre Curie: Pierre Curie was a French physicist")
-    assert (big.calls[0]["unit"], big.calls[1]["max_tokens"]) == ("entity", 3)
-    assert [(p.doc_id, p.start_char) for p in rbig.passages] == [("2", 0), ("2", 44)]  # lead first
+    big, rbig = retrieval(store, top_k=2)
+    session = BigSession(rbig, retrieval=True)
+    assert session.continue_text("Pierre Curie was born in", topic="Pierre Curie", unit="entity") == " 1859"
+    session.continue_text("Pierre Curie was born in 1859 in", topic="Pierre Curie", max_tokens=3)
+    reader = rbig.reader(session.id)
+    assert reader.retrievals == 1
+    assert big.calls[0].context == big.calls[1].context  # same prefix: the KV cache stays valid
+    assert big.calls[0].context.startswith("Pierre Curie: Pierre Curie was a French physicist")
+    assert (big.calls[0].unit, big.calls[1].max_tokens) == ("entity", 3)
+    assert not any(c.retrieval for c in big.calls)  # the backend gets context, not a retrieval request
+    assert [(p.doc_id, p.start_char) for p in reader.passages] == [("2", 0), ("2", 44)]  # lead first
     # A new topic retrieves again; the caller's own context follows the passages.
-    rbig.continue_text("Marie Curie was born in", topic="Marie Curie", context="Q: ")
-    assert rbig.retrievals == 2 and big.calls[-1]["context"].endswith("\n\nQ: ")
-    assert [p.doc_id for p in rbig.passages] == ["1", "1"]
-    # Topic kept when the caller gives none.
-    rbig.continue_text("She", context="")
-    assert rbig.retrievals == 2 and rbig.topic == "Marie Curie"
-    assert (rbig.tokens_processed, rbig.tokens_generated) == (0, 0)  # RecordingBig keeps no counters
+    rbig.continue_batch([BigCall(session.id, "Marie Curie was born in", retrieval=True, topic="Marie Curie",
+                                 context="Q: ")])
+    assert reader.retrievals == 2 and big.calls[-1].context.endswith("\n\nQ: ")
+    assert [p.doc_id for p in reader.passages] == ["1", "1"]
+    # Topic kept when the caller gives none; the session counts the backend's tokens.
+    session.continue_text("She")
+    assert reader.retrievals == 2 and reader.topic == "Marie Curie"
+    assert session.tokens_generated == 3
+    # Calls without retrieval pass through; sessions are apart; a finished session is forgotten.
+    assert BigSession(rbig).continue_text("x") == " unknown" and big.calls[-1].context == ""
+    other = BigSession(rbig, retrieval=True)
+    other.continue_text("Warsaw is", topic="Warsaw")
+    assert rbig.reader(other.id).topic == "Warsaw" and reader.topic == "Marie Curie"
+    session.close()
+    assert session.id not in rbig.readers
 
 
 def test_topic_policy_tops_up_from_the_whole_store_and_no_topic_means_no_context(store):
-    big = RecordingBig()
-    rbig = RetrievalBigLM(big, store, top_k=3)
-    assert rbig.continue_text("Hello") == " unknown" and big.calls[0]["context"] == ""
-    rbig.set_topic("Warsaw")  # the article has 2 passages; one more from elsewhere
-    assert [p.doc_id for p in rbig.passages][:2] == ["3", "3"] and len(rbig.passages) == 3
-    assert rbig.passages[0].start_char == 0  # the lead, whatever BM25 thinks of it
-    rbig.set_topic("Warsaw")
-    assert rbig.retrievals == 1
+    reader = Reader(store, top_k=3)
+    assert reader.context_for("Hello") == ""
+    reader.set_topic("Warsaw")  # the article has 2 passages; one more from elsewhere
+    assert [p.doc_id for p in reader.passages][:2] == ["3", "3"] and len(reader.passages) == 3
+    assert reader.passages[0].start_char == 0  # the lead, whatever BM25 thinks of it
+    reader.set_topic("Warsaw")
+    assert reader.retrievals == 1
 
 
 def test_first_sentence_policy_and_passage_chars(store):
-    big = RecordingBig()
-    rbig = RetrievalBigLM(big, store, top_k=1, passage_chars=20, query="first_sentence")
-    rbig.continue_text("The Vistula river flows north. It reaches")
-    rbig.continue_text("The Vistula river flows north. It reaches the Baltic")  # same request
-    assert rbig.retrievals == 1 and rbig.topic == "The Vistula river flows north."
-    block = big.calls[0]["context"].split("\n\n")[0]
+    reader = Reader(store, top_k=1, passage_chars=20, query="first_sentence")
+    context = reader.context_for("The Vistula river flows north. It reaches")
+    reader.context_for("The Vistula river flows north. It reaches the Baltic")  # same request
+    assert reader.retrievals == 1 and reader.topic == "The Vistula river flows north."
+    block = context.split("\n\n")[0]
     assert block.startswith("Warsaw: ") and len(block) <= len("Warsaw: ") + 20
-    rbig.continue_text("Pierre Curie studied magnetism.")  # does not extend: a new request
-    assert rbig.retrievals == 2 and rbig.passages[0].doc_id == "2"
+    reader.context_for("Pierre Curie studied magnetism.")  # does not extend: a new request
+    assert reader.retrievals == 2 and reader.passages[0].doc_id == "2"
 
 
 def test_helpers_and_validation(store):
@@ -279,7 +301,7 @@ def test_helpers_and_validation(store):
     for kwargs, message in [({"top_k": 0}, "top_k"), ({"top_k": 1, "passage_chars": 0}, "passage_chars"),
                             ({"top_k": 1, "query": "bogus"}, "query policy")]:
         with pytest.raises(KnowledgeError, match=message):
-            RetrievalBigLM(RecordingBig(), store, **kwargs)
+            Reader(store, **kwargs)
 
 
 def test_store_file_is_plain_sqlite_fts5(store):
@@ -290,24 +312,25 @@ def test_store_file_is_plain_sqlite_fts5(store):
 
 @pytest.mark.slow
 def test_real_big_model_reads_the_retrieved_passage(store):
-    """SmolLM2 through the real BigLM: with the article in context it continues with the birth year."""
-    from lacy.cascade.engine import BigLM
+    """SmolLM2 through the real HF backend: with the article in context it continues with the birth year."""
+    from lacy.cascade.hf_big import HFBig
     from lacy.model import load_big_model
 
-    model, tokenizer = load_big_model("smollm2")
-    rbig = RetrievalBigLM(BigLM(model, tokenizer), store, top_k=2)
-    answer = rbig.continue_text("Pierre Curie was born in the year", topic="Pierre Curie",
-                                unit="tokens", max_tokens=6)  # SmolLM2 spells digits one by one
+    rbig = Retrieval(HFBig(*load_big_model("smollm2")), store, KnowledgeConfig(top_k=2))
+    session = BigSession(rbig, retrieval=True)
+    answer = session.continue_text("Pierre Curie was born in the year", topic="Pierre Curie",
+                                   unit="tokens", max_tokens=6)  # SmolLM2 spells digits one by one
     assert "1859" in answer
-    assert rbig.retrievals == 1
-    # The cascade reads the wrapped model's counters through the wrapper.
-    assert rbig.tokens_processed == rbig.big.tokens_processed > 0 and rbig.tokens_generated == 6
+    assert rbig.reader(session.id).retrievals == 1
+    # The session counts what the backend read (the passages too) and wrote.
+    assert session.tokens_processed > len(answer) and session.tokens_generated == 6
 
 
-def test_build_from_a_named_corpus_and_config_validation(tmp_path):
-    from lacy.core.config import ConfigError, KnowledgeConfig
+def test_build_from_a_corpus_and_config_validation(tmp_path):
+    from lacy.core.config import ConfigError
+    from lacy.corpus.corpora import read_corpus
 
-    report = build_store("embedded", tmp_path / "emb.sqlite", passage_words=50, max_docs=30)
+    report = build_store(read_corpus("embedded", max_docs=30), tmp_path / "emb.sqlite", passage_words=50)
     assert report.docs == 30 and report.passages >= 30
     for bad in ({"query": "bogus"}, {"passage_chars": 0}, {"common_share": 1.5}):
         with pytest.raises(ConfigError, match="knowledge."):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lacy.core.config import load_config
+from lacy.corpus.corpora import corpus_for
 from lacy.corpus.readers import split_of
 from lacy.eval.plan import System, evaluation_plan, population
 
@@ -28,7 +29,7 @@ def test_plan_pairs_each_model_with_the_triggers_it_can_use():
 def test_population_evaluates_trained_on_people_and_calibrates_on_others():
     cfg = load_config("configs/default.yaml", ["--eval.entities", "20", "--eval.calibration_entities", "10",
                                                "--eval.heldout_entities", "5"])
-    pop = population(cfg)
+    pop = population(cfg, corpus_for(cfg))
     split = lambda e: split_of(e.doc_id, cfg.data.val_fraction)  # noqa: E731
     assert len(pop.train) == 20 and all(split(e) == "train" for e in pop.train)
     assert len(pop.calibration) == 10 and all(split(e) == "train" for e in pop.calibration)
@@ -49,7 +50,7 @@ def test_local_generator_decodes_every_request_on_the_one_compute_thread(tmp_pat
 
     from lacy.core.compute import compute_thread
     from lacy.core.config import ModelConfig
-    from lacy.eval.plan import LocalGenerator, Request
+    from lacy.eval.generate import LocalGenerator, Request
     from lacy.model import build_model
 
     paths = {}
@@ -62,7 +63,7 @@ def test_local_generator_decodes_every_request_on_the_one_compute_thread(tmp_pat
                              "--cascade.word_start_only", "false"])
     gen = LocalGenerator(cfg, {"lacy": paths["small"]})
     threads: set[int] = set()
-    models = [gen.small["lacy"][0], gen.big_model]
+    models = [gen.small["lacy"][0], gen.big.model]
     hooks = [m.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident())) for m in models]
     request = Request("The river", "lacy", "plain", threshold=float("-inf"), max_tokens=6)  # every point calls
     with ThreadPoolExecutor(4) as pool:
@@ -79,7 +80,7 @@ def test_the_big_model_alone_writes_in_batches_what_it_writes_one_by_one(tmp_pat
     import torch
 
     from lacy.core.config import ModelConfig
-    from lacy.eval.plan import LocalGenerator, Request
+    from lacy.eval.generate import LocalGenerator, Request
     from lacy.model import build_model
 
     torch.manual_seed(1)
@@ -96,3 +97,47 @@ def test_the_big_model_alone_writes_in_batches_what_it_writes_one_by_one(tmp_pat
     assert [b.spans for b in batched] == [a.spans for a in alone]
     with pytest.raises(ValueError, match="model None"):
         gen.generate_many([Request("x", "lacy", "plain")])
+
+
+def test_calibrate_command_holds_the_rate_with_calls_on_for_the_configs_calibration_people(tmp_path, tiny_tokenizer):
+    """`python -m lacy.calibrate`: the closed-loop threshold of one model on the calibration people of any
+    corpus with people (here the synthetic one), written with the config beside it."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from lacy.calibrate import main
+    from lacy.cascade.engine import Cascade
+    from lacy.cascade.lm import SmallLM
+    from lacy.core.config import ModelConfig
+    from lacy.eval.generate import LocalGenerator, Request, bio_prompt
+    from lacy.model import build_model
+
+    for name, seed in (("small", 0), ("big", 1)):
+        torch.manual_seed(seed)
+        build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    args = ["--config", "configs/synthbio-tiny.yaml", "--run_dir", str(tmp_path / "run"), "--big.path",
+            str(tmp_path / "big"), "--small", str(tmp_path / "small"), "--rate", "0.3", "--trigger", "confidence",
+            "--big", "plain", "--cascade.max_new_tokens", "12"]
+    result = main(args)
+    saved = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert saved == result and (tmp_path / "run" / "calibration.config.yaml").is_file()
+    cfg = load_config("configs/synthbio-tiny.yaml", ["--run_dir", str(tmp_path / "run"), "--big.path",
+                                                     str(tmp_path / "big"), "--cascade.max_new_tokens", "12"])
+    people = population(cfg, corpus_for(cfg)).calibration
+    assert saved["people"] == len(people) == cfg.eval.calibration_entities
+    # The realised rate is what decoding those people with calls on at the threshold gives.
+    gen = LocalGenerator(cfg, {"small": str(tmp_path / "small")})
+    outs = [gen.generate(Request(bio_prompt(e, "name"), "small", "plain", "confidence", saved["log_odds"], 12,
+                                 topic=e.name)) for e in people]
+    assert saved["realised_rate"] == pytest.approx(sum(o.calls for o in outs) / sum(o.decision_points for o in outs))
+    assert abs(saved["realised_rate"] - 0.3) <= cfg.eval.calibration_tolerance or saved["rounds"] == 3
+    # With no closed-loop rounds it is the open-loop quantile of the scores with calls off.
+    open_loop = main([*args, "--eval.calibration_rounds", "0", "--out", str(tmp_path / "open.json")])
+    cascade = Cascade(SmallLM(*gen.small["small"]), None, cfg.cascade)
+    scores = [x for e in people for x in cascade.generate(e.name, allow_calls=False, trigger="confidence").call_scores]
+    assert open_loop["log_odds"] == pytest.approx(float(np.quantile(scores, 0.7))) and open_loop["rounds"] == 0
+    with pytest.raises(SystemExit, match="--small"):
+        main(["--config", "configs/synthbio-tiny.yaml", "--rate", "0.2"])

@@ -29,7 +29,7 @@ BAD_LINES = {31: "malformed JSON", 32: "empty text", 33: "missing text"}
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A JSONL file of embedded Wikipedia leads with a malformed line, an empty and a textless record."""
-    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.corpora import read_corpus
 
     docs = list(read_corpus("embedded", max_docs=GOOD_DOCS))
     lines = [json.dumps(d) for d in docs]
@@ -59,7 +59,7 @@ def job_a(corpus, ray_session, mlflow_uri, tmp_path_factory):
 
 
 def good_docs(corpus: Path) -> list[dict]:
-    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.corpora import read_corpus
 
     return list(read_corpus(str(corpus)))
 
@@ -153,7 +153,8 @@ def test_single_process_stage_writes_byte_identical_shards(job_a, corpus, caplog
 def test_bom_and_duplicate_ids(tmp_path):
     """A UTF-8 byte-order mark opens line 1 without losing it; a repeated id is a bad record naming
     where the id was first read."""
-    from lacy.corpus.readers import ReadReport, read_corpus
+    from lacy.corpus.corpora import read_corpus
+    from lacy.corpus.readers import ReadReport
 
     path = tmp_path / "c.jsonl"
     lines = [json.dumps({"id": "a", "text": "first"}), json.dumps({"id": "b", "text": "second"}),

@@ -224,7 +224,7 @@ def test_big_calls_that_arrive_during_a_batch_run_as_one_batch(urls):
     # it one by one; the replica's BatchQueue runs everything that arrived meanwhile as one batch.
     from ray import serve
 
-    from lacy.cascade.batching import BigCall
+    from lacy.cascade.big import BigCall
 
     big = serve.get_deployment_handle("BigModel", app_name="cascade")  # SmolLM2: a long call takes seconds
     before = big.info.remote().result(timeout_s=30)["stats"]

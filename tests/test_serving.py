@@ -1,7 +1,7 @@
 """The served cascade without Ray (`lacy.serve.engine`): request contract, answers, streaming, faults.
 
 Tiny real models: a `tiny` GPT-2 as the small model and another (seed 1) as the big model, both over
-the session's tiny tokenizer, in process (`LocalBig`)."""
+the session's tiny tokenizer, in process (`HFBig`)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,14 @@ import time
 import pytest
 import torch
 
-from lacy.cascade.engine import Quantiles
+from lacy.cascade.big import BigCall, BigModelError, BigReply, BigSession, BigUnavailable, build_big
+from lacy.cascade.hf_big import HFBig
+from lacy.cascade.policy import Quantiles
 from lacy.core.config import ModelConfig, load_config
 from lacy.model import build_model
-from lacy.serve.engine import (
-    APIError,
-    BigCall,
-    BigSessions,
-    BigUnavailable,
-    CascadeEngine,
-    LocalBig,
-    decode_json,
-)
+from lacy.serve.engine import CascadeEngine
+from lacy.serve.remote import HandleBig
+from lacy.serve.request import APIError, decode_json
 
 
 def save_tiny(path, tokenizer, seed: int):
@@ -49,7 +45,7 @@ def make_cfg(dirs, *more: str):
 @pytest.fixture(scope="module")
 def engine(dirs):
     cfg = make_cfg(dirs)
-    eng = CascadeEngine(cfg, LocalBig(BigSessions(cfg)))
+    eng = CascadeEngine(cfg, build_big(cfg))
     assert eng.probe()
     yield eng
     eng.close()
@@ -186,28 +182,26 @@ def test_max_tokens_counts_what_the_client_gets(engine):
     assert gen["calls"] == 7 and gen["text"].startswith("The river") and gen["spans"][0]["source"] == "prompt"
 
 
-class CountingBig(LocalBig):
-    def __init__(self, sessions):
-        super().__init__(sessions)
-        self.calls = 0
+class CountingBig:
+    """A `BigModel` that counts the calls it passes on."""
 
-    def session(self, retrieval, cancel):
-        inner, outer = super().session(retrieval, cancel), self
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
 
-        class Counted:
-            def __getattr__(self, name):
-                return getattr(inner, name)
+    def continue_batch(self, calls, cancel=None):
+        self.calls += len(calls)
+        return self.inner.continue_batch(calls, cancel)
 
-            def continue_text(self, text, **kw):
-                outer.calls += 1
-                return inner.continue_text(text, **kw)
+    def end_session(self, session):
+        self.inner.end_session(session)
 
-        return Counted()
+    def health(self, timeout_s):
+        return self.inner.health(timeout_s)
 
 
 def test_a_stop_sequence_ends_decoding_and_the_big_models_work(dirs):
     cfg = make_cfg(dirs)
-    big = CountingBig(BigSessions(cfg))
+    big = CountingBig(build_big(cfg))
     eng = CascadeEngine(cfg, big)
     try:
         free = run(eng.generate(eng.parse({"prompt": "The river", "max_tokens": 6, "call_threshold": 0.0},
@@ -295,51 +289,44 @@ def test_quantiles_are_shared_per_model_and_trigger_and_bounded(dirs):
 
 
 def test_a_bad_call_in_a_big_batch_fails_alone(dirs):
-    sessions = BigSessions(make_cfg(dirs))  # no knowledge store
+    big = build_big(make_cfg(dirs))  # no knowledge store
+    assert isinstance(big, HFBig)
     long_text = "word " * 400  # past the big model's context of 128: its own sync fails
     calls = [BigCall("a", "The river", "word", 4), BigCall("b", "x", "word", 4, retrieval=True),
              BigCall("c", long_text, "word", 4), BigCall("d", "A city", "tokens", 3)]
-    out = sessions.continue_many(calls)
-    assert "text" in out[0] and "text" in out[3] and out[3]["generated"] == 3
-    assert out[1] == {"error": "retrieval was asked for but this deployment has no knowledge store", "status": 400}
-    assert out[2]["status"] == 500 and "Traceback" not in out[2]["error"]
-    alone = BigSessions(make_cfg(dirs)).continue_many([calls[0], calls[3]])
-    assert [o["text"] for o in alone] == [out[0]["text"], out[3]["text"]]
+    out = big.continue_batch(calls)
+    assert out[0].error is None and out[3].error is None and out[3].generated == 3
+    assert (out[1].error, out[1].status) == ("retrieval was asked for but this deployment has no knowledge store", 400)
+    assert out[2].status == 500 and "Traceback" not in out[2].error
+    alone = build_big(make_cfg(dirs)).continue_batch([calls[0], calls[3]])
+    assert [o.text for o in alone] == [out[0].text, out[3].text]
 
 
 class DownBig:
     """A big model whose replica is gone: calls and probes fail until `up`."""
 
-    def __init__(self, inner: LocalBig) -> None:
+    def __init__(self, inner) -> None:
         self.inner, self.up, self.calls = inner, False, 0
 
-    def session(self, retrieval, cancel):
-        inner, outer = self.inner.session(retrieval, cancel), self
+    def continue_batch(self, calls, cancel=None):
+        self.calls += len(calls)
+        if not self.up:
+            time.sleep(0.2)  # as a dead replica's call would, before it fails
+            return [BigReply.failure(BigUnavailable("its replica did not answer")) for _ in calls]
+        return self.inner.continue_batch(calls, cancel)
 
-        class Session:
-            tokens_processed = tokens_generated = 0
+    def end_session(self, session):
+        self.inner.end_session(session)
 
-            def continue_text(self, text, **kw):
-                outer.calls += 1
-                if not outer.up:
-                    time.sleep(0.2)  # as a dead replica's call would, before it fails
-                    raise BigUnavailable("its replica did not answer")
-                return inner.continue_text(text, **kw)
-
-            def close(self):
-                inner.close()
-
-        return Session()
-
-    def ping(self, timeout_s):
+    def health(self, timeout_s):
         if not self.up:
             raise ConnectionError("replica gone")
-        return self.inner.ping(timeout_s)
+        return self.inner.health(timeout_s)
 
 
 def test_big_model_down_503_or_flagged_at_once_then_recovery(dirs):
     cfg = make_cfg(dirs, "--serve.health_interval_s", "0.2")
-    big = DownBig(LocalBig(BigSessions(cfg)))
+    big = DownBig(build_big(cfg))
     big.up = True
     eng = CascadeEngine(cfg, big)
     body = {"prompt": "The river", "max_tokens": 4, "call_threshold": 0.0}
@@ -373,7 +360,7 @@ def test_big_model_down_503_or_flagged_at_once_then_recovery(dirs):
 
 def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dirs):
     cfg = make_cfg(dirs)
-    big = DownBig(LocalBig(BigSessions(cfg)))
+    big = DownBig(build_big(cfg))
     eng = CascadeEngine(cfg, big)
     eng.health.up({})
     try:
@@ -391,7 +378,7 @@ def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dir
 
 def test_a_client_that_leaves_cancels_decoding_and_big_calls(dirs):
     cfg = make_cfg(dirs, "--serve.max_tokens_limit", "500", "--model.seq_len", "128")
-    big = CountingBig(BigSessions(cfg))
+    big = CountingBig(build_big(cfg))
     eng = CascadeEngine(cfg, big)
     try:
         async def leave_after_first() -> None:
@@ -433,7 +420,7 @@ def test_every_forward_of_concurrent_requests_runs_on_the_one_compute_thread(eng
     # libgomp waits passively once a second OS thread has its own OpenMP pool, and a forward then runs
     # ~1.5x slower (lacy.core.compute): the decoding threads must hand every pass to one thread.
     small = engine.models["lacy"][0]
-    big = engine.big.sessions.model
+    big = engine.big.model
     threads: set[int] = set()
     hooks = [m.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident())) for m in (small, big)]
     body = {"prompt": "The river", "max_tokens": 8, "call_threshold": 0.0, "logprobs": 1}  # every point calls
@@ -478,7 +465,7 @@ class FakeHandle:
 
     def __init__(self, response: FakeResponse) -> None:
         self.response = response
-        self.continue_text = self.end_session = self.info = self
+        self.continue_call = self.end_session = self.health = self
 
     def remote(self, *args):
         return self.response
@@ -489,40 +476,35 @@ class Overloaded(Exception):
 
 
 def test_handle_big_waits_bounded_and_classifies_failures():
-    from lacy.cascade.engine import BigModelError
-    from lacy.serve.engine import HandleBig
-
-    ok = FakeResponse({"text": " Paris", "processed": 3, "generated": 1})
-    session = HandleBig(FakeHandle(ok), timeout_s=5).session(False, threading.Event())
+    ok = FakeResponse(BigReply(" Paris", 3, 1))
+    session = BigSession(HandleBig(FakeHandle(ok), timeout_s=5))
     assert session.continue_text("x") == " Paris" and session.tokens_generated == 1
     slow = FakeResponse(ok.answer, after_s=60)
     start = time.monotonic()
     with pytest.raises(BigUnavailable, match="no answer within"):
-        HandleBig(FakeHandle(slow), timeout_s=0.5, poll_s=0.1).session(False, threading.Event()).continue_text("x")
+        BigSession(HandleBig(FakeHandle(slow), timeout_s=0.5, poll_s=0.1)).continue_text("x")
     assert slow.cancelled and time.monotonic() - start < 2
     cancel = threading.Event()
     threading.Timer(0.3, cancel.set).start()
     slow = FakeResponse(ok.answer, after_s=60)
     with pytest.raises(BigModelError, match="client left"):
-        HandleBig(FakeHandle(slow), timeout_s=30, poll_s=0.1).session(False, cancel).continue_text("x")
+        BigSession(HandleBig(FakeHandle(slow), timeout_s=30, poll_s=0.1), cancel=cancel).continue_text("x")
     assert slow.cancelled
     with pytest.raises(BigModelError, match="overloaded") as caught:
-        HandleBig(FakeHandle(FakeResponse(error=Overloaded())), 5, overloaded=(Overloaded,)).session(
-            False, threading.Event()).continue_text("x")
+        BigSession(HandleBig(FakeHandle(FakeResponse(error=Overloaded())), 5, overloaded=(Overloaded,))).continue_text(
+            "x")
     assert not isinstance(caught.value, BigUnavailable)  # busy is not down
     with pytest.raises(BigUnavailable, match="did not answer"):
-        HandleBig(FakeHandle(FakeResponse(error=RuntimeError("ActorDiedError /tmp/x pid 7"))), 5).session(
-            False, threading.Event()).continue_text("x")
+        BigSession(HandleBig(FakeHandle(FakeResponse(error=RuntimeError("ActorDiedError /tmp/x pid 7"))), 5)
+                   ).continue_text("x")
     with pytest.raises(BigModelError, match="no knowledge store"):
-        HandleBig(FakeHandle(FakeResponse({"error": "no knowledge store", "status": 400})), 5).session(
-            False, threading.Event()).continue_text("x")
+        BigSession(HandleBig(FakeHandle(FakeResponse(BigReply(error="no knowledge store", status=400))), 5)
+                   ).continue_text("x")
 
 
 def test_handle_big_sends_a_call_once_more_when_its_replica_died():
     """Just after a big-model replica dies, the handle may still route one call to it while its
     successor already answers health probes: the call (which carries the whole text) goes once more."""
-    from lacy.serve.engine import HandleBig
-
     class Handle(FakeHandle):
         def __init__(self, responses: list[FakeResponse]) -> None:
             super().__init__(responses[0])
@@ -533,12 +515,12 @@ def test_handle_big_sends_a_call_once_more_when_its_replica_died():
             return self.responses[min(self.sent, len(self.responses)) - 1]
 
     died = FakeResponse(error=RuntimeError("ActorDiedError: the replica's actor died"))
-    handle = Handle([died, FakeResponse({"text": " Paris", "processed": 3, "generated": 1})])
-    assert HandleBig(handle, 5).session(False, threading.Event()).continue_text("x") == " Paris"
+    handle = Handle([died, FakeResponse(BigReply(" Paris", 3, 1))])
+    assert BigSession(HandleBig(handle, 5)).continue_text("x") == " Paris"
     assert handle.sent == 2
-    twice = Handle([died, died, FakeResponse({"text": " never", "processed": 1, "generated": 1})])
+    twice = Handle([died, died, FakeResponse(BigReply(" never", 1, 1))])
     with pytest.raises(BigUnavailable, match="did not answer"):
-        HandleBig(twice, 5).session(False, threading.Event()).continue_text("x")
+        BigSession(HandleBig(twice, 5)).continue_text("x")
     assert twice.sent == 2  # once more, not until it works
 
 
@@ -570,12 +552,12 @@ def test_small_and_big_models_on_the_gpu_answer_as_on_the_cpu(dirs):
     answers = {}
     for gpus in ("0", "1"):
         cfg = make_cfg(dirs, "--serve.small_gpus", gpus, "--serve.big_gpus", gpus)
-        sessions = BigSessions(cfg)
-        eng = CascadeEngine(cfg, LocalBig(sessions))
+        big = build_big(cfg)
+        eng = CascadeEngine(cfg, big)
         try:
             assert eng.device == ("cuda" if gpus == "1" else "cpu")
             assert next(eng.models["lacy"][0].parameters()).device.type == eng.device
-            assert sessions.model.device.type == eng.device
+            assert big.model.device.type == eng.device
             answers[gpus] = run(eng.generate(eng.parse(body, "generate")))["text"]
         finally:
             eng.close()

@@ -174,7 +174,7 @@ def test_bad_versions_and_missing_split_are_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def tagger_and_tokenizer():
-    from lacy.corpus.readers import read_corpus
+    from lacy.corpus.corpora import read_corpus
     from lacy.corpus.tokenizer import train_tokenizer
     from lacy.labels.facts import FactTagger
 

@@ -34,7 +34,7 @@ def s3():
 
     yield new_run
     server.stop()
-    from lacy.core.storage import mirror_dir
+    from lacy.core.paths import mirror_dir
 
     for uri in given:  # the mirrors live in the user cache
         shutil.rmtree(mirror_dir(uri), ignore_errors=True)
@@ -72,7 +72,7 @@ def test_mirrors_move_only_what_changed(s3, tmp_path):
 
 def test_only_run_dir_may_be_a_uri(s3) -> None:
     from lacy.core.config import ConfigError
-    from lacy.core.storage import mirror_dir
+    from lacy.core.paths import mirror_dir
 
     uri = s3()
     cfg = load_config("configs/tiny.yaml", ["--run_dir", uri])
@@ -108,14 +108,15 @@ class _NoTraining:
 def test_experiment_in_a_store_is_reused_by_a_machine_with_an_empty_mirror(s3, caplog) -> None:
     import logging
 
-    from lacy.cascade.batching import BigSessions
+    from lacy.cascade.big import Retrieval, build_big
+    from lacy.corpus.corpora import corpus_for
     from lacy.experiment import knowledge_stage, run
     from lacy.serve.engine import CascadeEngine
 
     uri = s3()
     cfg = _tiny(uri)
     run(cfg, until="train")
-    knowledge_stage(cfg)
+    knowledge_stage(cfg, corpus_for(cfg))
     stored = _objects(uri)
     for name in ("config.yaml", "shards/manifest.json", "tokenizer/tokenizer.json", "knowledge.sqlite",
                  "knowledge/stage.json", "train/plain-steps/stage.json", "train/lacy-steps/final/model.safetensors",
@@ -132,8 +133,8 @@ def test_experiment_in_a_store_is_reused_by_a_machine_with_an_empty_mirror(s3, c
     final = str(Path(cfg.run_dir) / "train" / "lacy-steps" / "final")
     engine = CascadeEngine(_tiny(uri, "--serve.small_path", final), big=None)
     assert "lacy" in engine.models and Path(final, "model.safetensors").is_file()
-    sessions = BigSessions(_tiny(uri, "--big.retrieval", "true"))
-    assert sessions.store is not None and Path(cfg.knowledge.db_path).is_file()
+    assert isinstance(build_big(_tiny(uri, "--big.retrieval", "true")), Retrieval)  # found its store
+    assert Path(cfg.knowledge.db_path).is_file()
 
 
 def test_ray_jobs_read_and_write_through_the_store(s3, ray_session, mlflow_uri) -> None:

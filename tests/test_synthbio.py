@@ -12,8 +12,11 @@ import torch
 
 from lacy.core.config import ConfigError, LabelConfig, SynthConfig, load_config
 from lacy.corpus import synthbio
-from lacy.eval.claims import Generation
-from lacy.labels.facts import ORACLE_ATTRIBUTES, oracle_spans
+from lacy.corpus.corpora import corpus_for
+from lacy.corpus.synthbio import ORACLE_ATTRIBUTES
+from lacy.eval import synthetic
+from lacy.eval.generate import Generation
+from lacy.labels.facts import oracle_spans
 
 
 def test_same_seed_same_bytes_other_seed_other_people(tmp_path):
@@ -47,10 +50,10 @@ def test_a_wrong_value_is_caught_and_cities_are_told_apart():
                              "employer": "Cobalt Labs", "employer_city": "Oslo"}}
     text = ("Anna Keller was born on March 4, 1952. She grew up in Lyon. She graduated from The University of "
             "Oakridge. She studied physics. She worked for Cobalt Labs. Her office was in Lyon.")
-    checks = {s.attr: ok for s, ok in synthbio.check_biography(text, record)}
+    checks = {s.attr: ok for s, ok in synthetic.check_biography(text, record)}
     assert checks == {"birth_date": True, "birth_city": True, "university": True, "field": False,
                       "employer": True, "employer_city": False}
-    assert synthbio.check_biography("Anna Keller was a person.", record) == []
+    assert synthetic.check_biography("Anna Keller was a person.", record) == []
 
 
 def _gen(entity_id: str, text: str, spans=None, calls=0, points=10):
@@ -66,7 +69,7 @@ def test_score_synthetic_exact_precision_abstention_and_where_calls_land():
                  spans=[("A was born on ", "small"), ("May", "big"), (" 1, 1950. He studied ", "small"),
                         ("law", "big"), (" at Oakridge College. He worked for Lumen Foods.", "small")], calls=2),
             _gen("b", "B was a quiet person.")]
-    row = synthbio.score_synthetic("sys", gens, people, bootstrap=50)
+    row = synthetic.score_records("sys", gens, people, bootstrap=50).to_dict()
     assert row["precision"] == pytest.approx(3 / 4) and row["respond_ratio"] == 0.5
     assert row["entity_scores"] == [pytest.approx(0.75), None]
     assert (row["employer_correct"], row["employer_stated"]) == (0, 1)
@@ -77,11 +80,12 @@ def test_score_synthetic_exact_precision_abstention_and_where_calls_land():
     assert row["factscore"] == pytest.approx(0.75 * math.exp(1 - 10 / 4) / 2)
 
 
-def test_config_refuses_oracle_without_spans_and_lead_prompts_on_synthbio():
+def test_corpus_refuses_oracle_without_spans_and_lead_prompts_on_synthbio(tmp_path):
     with pytest.raises(ConfigError, match="data.corpus/facts.source"):
-        load_config("configs/tiny.yaml", ["--experiment.rules", "[plain, lacy_oracle]"])
+        corpus_for(load_config("configs/tiny.yaml", ["--experiment.rules", "[plain, lacy_oracle]"]))
     with pytest.raises(ConfigError, match="prompt_style"):
-        load_config("configs/synthbio-tiny.yaml", ["--eval.prompt_style", "lead"])
+        corpus_for(load_config("configs/synthbio-tiny.yaml", ["--eval.prompt_style", "lead", "--run_dir",
+                                                             str(tmp_path)]))
 
 
 def test_lacy_oracle_selects_among_the_true_facts_only(tiny_model):
@@ -118,7 +122,7 @@ def test_shards_keep_the_oracle_split_by_person_and_proxy_scores(tmp_path):
         person = d["id"].split("-")[0]
         assert split_of_person.setdefault(person, d["split"]) == d["split"]
     assert set(split_of_person.values()) == {"train", "val"}
-    proxy = synthbio.proxy_vs_oracle(tmp_path / "run" / "shards")
+    proxy = synthetic.proxy_vs_oracle(tmp_path / "run" / "shards")
     assert 0 < proxy["precision"] < 1 and 0 < proxy["recall"] <= 1
     assert set(proxy["recall_by_attribute"]) == set(ORACLE_ATTRIBUTES)
     assert proxy["recall_by_attribute"]["birth_date"] > 0.8  # spaCy knows dates
@@ -132,7 +136,7 @@ def test_stored_bits_of_an_untrained_model_are_about_zero(tiny_model, tiny_token
     save_final(tiny_model, tiny_tokenizer, tmp_path / "m", LacyConfig(run_dir=str(tmp_path)), {"steps": 0},
                trainer="test")
     docs = list(synthbio.documents(SynthConfig(people=10, biographies=1)))
-    bits = synthbio.stored_bits(tmp_path / "m", docs)
+    bits = synthetic.stored_bits(tmp_path / "m", docs)
     assert bits["bits_people"] == 10
     assert bits["stored_bits"] == pytest.approx(sum(bits[f"stored_bits_{a}"] for a in ORACLE_ATTRIBUTES))
     assert bits["stored_bits"] < 0.05 * 10 * sum(math.log2(len(synthbio.value_space(a))) for a in ORACLE_ATTRIBUTES)

@@ -1,4 +1,4 @@
-"""Knowledge store (SQLite FTS5 passages, BM25) and a retrieval-augmented big model.
+"""Knowledge store: SQLite FTS5 passages, BM25 (what the retrieval big model and the strict evaluator read).
 
 The big model of the cascade knows some facts and misses others; giving it the passages of the
 request's topic (the person's own article) in its context is the cheap way to make its answers right.
@@ -6,8 +6,7 @@ request's topic (the person's own article) in its context is the cheap way to ma
     build_store("wiki2015", "runs/wiki2015.sqlite", passage_words=100)           # once, ~1-2 min
     store = SqlitePassageStore("runs/wiki2015.sqlite")
     store.search("Dmitri Mendeleev periodic table", k=3)                      # -> [Passage, ...]
-    big = RetrievalBigLM(BigLM(*load_big_model("smollm2")), store, top_k=3)
-    big.continue_text("Dmitri Mendeleev was born in", topic="Dmitri Mendeleev")
+    # the big model reads it: lacy.cascade.big.Retrieval
 
 Passages: each document's text is cut into consecutive, non-overlapping windows of `passage_words`
 whitespace-separated words (the passage text is the exact slice of the document, so `start_char`
@@ -30,10 +29,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
-
-if TYPE_CHECKING:
-    from lacy.core.config import KnowledgeConfig
+from typing import Protocol
 
 # Words of a query: runs of letters/digits (underscore is a separator, like FTS5's unicode61).
 _WORD = re.compile(r"[^\W_]+")
@@ -355,21 +351,14 @@ class BuildReport:
                 f"{self.bytes / 2**20:.1f} MiB")
 
 
-def build_store(source: str | Iterable[dict], db_path: str | Path, passage_words: int,
-                max_docs: int | None = None) -> BuildReport:
-    """Build a fresh store from `source` (anything `lacy.corpus.readers.read_corpus` accepts, or documents).
+def build_store(docs: Iterable[dict], db_path: str | Path, passage_words: int) -> BuildReport:
+    """Build a fresh store of `docs` ({id, title, text}: a corpus' `knowledge_documents`).
 
     Written to a temporary file beside `db_path` and renamed over it only when complete, so a failed
     build never damages an existing store. Open it afterwards with `SqlitePassageStore(db_path)`.
     """
     if passage_words <= 0:
         raise KnowledgeError(f"passage_words must be positive, got {passage_words}")
-    if isinstance(source, str):
-        from lacy.corpus.readers import read_corpus
-
-        docs: Iterable[dict] = read_corpus(source, max_docs=max_docs)
-    else:
-        docs = source
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -389,121 +378,6 @@ def build_store(source: str | Iterable[dict], db_path: str | Path, passage_words
     return BuildReport(n_docs, n_passages, time.perf_counter() - start, db_path.stat().st_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# Retrieval-augmented big model
-
-
-class TextContinuer(Protocol):
-    """The big-model contract of `lacy.cascade.engine.BigLM`."""
-
-    def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8,
-                      context: str = "") -> str: ...
-
-
 def first_sentence(text: str) -> str:
     """Text up to the first sentence end (., ! or ? followed by whitespace), else all of it."""
     return _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
-
-
-def format_passages(passages: list[Passage], passage_chars: int | None = None) -> str:
-    """Passages as context: "Title: text" blocks separated by blank lines, ending in a blank line.
-    `passage_chars` cuts each passage at the last word border before that many characters."""
-    blocks = []
-    for p in passages:
-        text = p.text
-        if passage_chars is not None and len(text) > passage_chars:
-            cut = text[:passage_chars]
-            text = cut.rsplit(None, 1)[0] if " " in cut.strip() else cut
-        blocks.append(f"{p.title}: {text}")
-    return "".join(b + "\n\n" for b in blocks)
-
-
-class RetrievalBigLM:
-    """A big model whose context starts with the top-`top_k` passages for the request's topic.
-
-    Retrieval runs once per topic and its context is kept, so consecutive calls of one request share
-    a context prefix and the big model's KV cache stays valid; it runs again only when the topic
-    changes. Query policy:
-      - "topic": the topic is a title or name given by the caller (`topic=` or `set_topic`). The
-        passages are the lead (first passage) of the article with that title, then its best BM25
-        passages for the topic words, topped up from the whole store. The lead comes first because
-        Wikipedia leads hold the defining facts (dates, places), while BM25 for a name inside the
-        person's own article only prefers passages that repeat the surname. No topic, no retrieval.
-      - "first_sentence": without a caller topic, the first sentence of the text being continued;
-        a text that does not extend the previous one starts a new request (and a new topic).
-    """
-
-    def __init__(self, big: TextContinuer, store: KnowledgeStore, top_k: int,
-                 passage_chars: int | None = None,
-                 query: Literal["topic", "first_sentence"] = "topic") -> None:
-        if top_k <= 0:
-            raise KnowledgeError(f"top_k must be positive, got {top_k}")
-        if passage_chars is not None and passage_chars <= 0:
-            raise KnowledgeError(f"passage_chars must be positive or None, got {passage_chars}")
-        if query not in ("topic", "first_sentence"):
-            raise KnowledgeError(f"query policy must be 'topic' or 'first_sentence', got {query!r}")
-        self.big, self.store, self.top_k = big, store, top_k
-        self.passage_chars, self.query = passage_chars, query
-        self.topic: str | None = None
-        self.passages: list[Passage] = []
-        self.retrievals = 0
-        """How many times the store was queried (one per topic change)."""
-        self._retrieved_context = ""
-        self._last_text: str | None = None
-        self._caller_topic = False
-
-    @classmethod
-    def from_config(cls, big: TextContinuer, store: KnowledgeStore, cfg: KnowledgeConfig) -> RetrievalBigLM:
-        """The retrieval big model every caller (Serve, the experiment, benches) composes the same way."""
-        return cls(big, store, cfg.top_k, cfg.passage_chars, cfg.query)  # type: ignore[arg-type]
-
-    @property
-    def tokens_processed(self) -> int:
-        """The wrapped model's counter (the cascade reports it), 0 if it keeps none."""
-        return getattr(self.big, "tokens_processed", 0)
-
-    @property
-    def tokens_generated(self) -> int:
-        return getattr(self.big, "tokens_generated", 0)
-
-    def set_topic(self, topic: str | None) -> None:
-        """Retrieve for `topic` (a title, name or sentence) unless it is already the current one."""
-        self._caller_topic = topic is not None
-        if topic == self.topic:
-            return
-        self.topic = topic
-        self.passages = self._retrieve(topic) if topic else []
-        self._retrieved_context = format_passages(self.passages, self.passage_chars)
-
-    def _retrieve(self, topic: str) -> list[Passage]:
-        self.retrievals += 1
-        candidates: list[Passage] = []
-        if self.query == "topic":
-            in_article = self.store.search(topic, self.top_k, title=topic)
-            if in_article:
-                candidates = self.store.passages_of(in_article[0].doc_id)[:1] + in_article
-        candidates += self.store.search(topic, self.top_k)
-        passages, seen = [], set()
-        for p in candidates:
-            if (p.doc_id, p.start_char) not in seen:
-                seen.add((p.doc_id, p.start_char))
-                passages.append(p)
-        return passages[:self.top_k]
-
-    def context_for(self, text: str, context: str = "", topic: str | None = None) -> str:
-        """The context the big model gets for this call (retrieving first if the topic changed)."""
-        if topic is not None:
-            self.set_topic(topic)
-        elif self.query == "first_sentence" and not self._caller_topic:
-            same_request = self._last_text is not None and text.startswith(self._last_text)
-            if not same_request:
-                self.set_topic(first_sentence(text) or None)
-                self._caller_topic = False
-        self._last_text = text
-        return self._retrieved_context + context
-
-    def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8, context: str = "",
-                      topic: str | None = None) -> str:
-        """`BigLM.continue_text` with the topic's passages before `context`."""
-        return self.big.continue_text(text, unit=unit, max_tokens=max_tokens,
-                                      context=self.context_for(text, context, topic))

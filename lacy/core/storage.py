@@ -18,20 +18,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
-from lacy.core.paths import cache_dir
+import pyarrow.fs as pafs
 
-if TYPE_CHECKING:  # lacy.core.config imports this module
-    from lacy.core.config import LacyConfig
+from lacy.core.config import LacyConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +38,9 @@ SKIPPED_DIRS = {"ray"}
 """Folders never mirrored: Ray Train's storage (checkpoints live in the store only)."""
 
 
-def is_uri(path: str | Path) -> bool:
-    """`scheme://...` other than a local `file://` path."""
-    scheme = urlsplit(str(path)).scheme
-    return "://" in str(path) and len(scheme) > 1 and scheme != "file"
-
-
-def join(uri: str, *parts: str) -> str:
-    """`uri` with `parts` appended to its path (the query, e.g. an endpoint, stays at the end)."""
-    s = urlsplit(uri)
-    path = "/".join([s.path.rstrip("/"), *(p.strip("/") for p in parts if p)])
-    return urlunsplit((s.scheme, s.netloc, path, s.query, ""))
-
-
-def mirror_dir(uri: str) -> Path:
-    """The node-local mirror of a store URI: the same path on every node with the same LACY_CACHE."""
-    s = urlsplit(uri)
-    name = hashlib.sha256(f"{s.scheme}://{s.netloc}{s.path.rstrip('/')}".encode()).hexdigest()[:16]
-    return cache_dir() / "runs" / name
-
-
 @functools.lru_cache(maxsize=8)
 def filesystem(uri: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) of a store URI."""
-    import pyarrow.fs as pafs
 
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
@@ -83,7 +59,6 @@ class Mirror:
     def pull(self, *paths: str | Path) -> int:
         """Bring the store's files under `paths` (local paths inside the mirror; default all of it) into
         the mirror; returns how many files moved."""
-        import pyarrow.fs as pafs
 
         moved = 0
         with self._record() as record:

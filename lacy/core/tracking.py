@@ -1,5 +1,7 @@
 """MLflow helpers shared by every job: one absolute tracking URI, runs that carry their config.
 
+MLflow is imported where a run is logged, never at import: a lent GPU box trains without it.
+
 MLflow 3.17 refuses the file store and resolves relative URIs against the working directory, which
 differs on Ray workers, so every URI handed out here is an absolute `sqlite:////...` (or a server URL),
 and experiments get an absolute artifact location.
@@ -125,3 +127,10 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifacts(local_dir: str, artifact_path: str | None = None) -> None:
+    """Log a folder's files to the active run."""
+    import mlflow
+
+    mlflow.log_artifacts(local_dir, artifact_path=artifact_path)

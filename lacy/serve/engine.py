@@ -1,38 +1,16 @@
-"""The cascade as an OpenAI-compatible service, without Ray: what `services/cascade.py` deploys.
+"""The served cascade of one replica, without Ray: what `services/cascade.py` deploys.
 
-    engine = CascadeEngine(cfg, LocalBig(BigSessions(cfg)))       # in process (tests, benches)
-    engine = CascadeEngine(cfg, HandleBig(handle, timeout_s))     # a remote BigSessions (services/)
-    job = engine.parse(body, "completions")                         # APIError (4xx) before any work
-    body = await engine.complete(job)                               # OpenAI text_completion
-    response = await open_stream(engine.stream(job))                # server-sent events, or the error
+    engine = CascadeEngine(cfg, build_big(cfg))                      # in process (tests, benches)
+    engine = CascadeEngine(cfg, HandleBig(handle, timeout_s))        # the BigModel deployment (services/)
+    job = engine.parse(body, "completions")                          # APIError (4xx) before any work
+    body = await engine.complete(job)                                # OpenAI text_completion
+    response = await open_stream(engine.stream(job))                 # server-sent events, or the error
 
-POST /v1/completions, in OpenAI's terms:
-- honoured: model, prompt (a string or a list of strings), max_tokens, temperature / top_p / seed (the
-  small model samples; the big model stays greedy), n, stop (ends decoding and the big model's work),
-  stream, stream_options.include_usage, echo, logprobs (0-5), user (accepted, unused);
-- accepted at their neutral value only, else 400 naming the field: best_of (= n), suffix (empty),
-  frequency_penalty / presence_penalty (0), logit_bias ({});
-- lacy's: call_threshold (a probability) | call_log_odds (the same threshold as log-odds, beyond what a
-  probability resolves: what calibration returns) | call_rate, call_trigger (p_call | confidence),
-  allow_calls, retrieval, topic
-  (the knowledge-store title for retrieval; ignored without it), allow_undelegated (big model down:
-  the small model's answer, flagged, instead of 503);
-- refused: other fields, values of the wrong JSON type (no coercion: "yes" is not a boolean, true is
-  not a number), NaN / Infinity, unpaired surrogates, control characters other than tab / newline /
-  carriage return, bodies over serve.max_request_bytes and prompts over serve.max_prompt_chars (413),
-  prompts longer than the small model's context (400 context_length_exceeded).
-Defaults that differ from OpenAI's: temperature 0 (greedy, the cascade's evaluation setting).
-
-Tokens: `usage` counts tokens of the served small model's tokenizer, the completion as the client
-gets it re-tokenised; `usage.delegated_tokens` are those whose first character the big model wrote.
-`max_tokens` bounds that count (the cascade's step budget, 4 x max_tokens + 16, is only a safety
-bound). POST /generate is lacy's own endpoint and keeps the library's meaning: `max_tokens` is
-`Cascade.generate(max_new_tokens=)`, small-model steps, so it writes what the library writes.
-
-Errors are `{"error": {"message", "type", "param", "code"}}` with 400 / 404 / 413 / 429 / 503 and
-never an internal detail (traceback, path, id); what went wrong inside is logged. Validation runs
-before any decoding and before a stream starts; a request's failure never fails another (the big
-side isolates each call of a batch, the small side each step: lacy.cascade.batching).
+The request contract is `lacy.serve.request`'s. Tokens: `usage` counts tokens of the served small
+model's tokenizer, the completion as the client gets it re-tokenised; `usage.delegated_tokens` are
+those whose first character the big model wrote. `max_tokens` bounds that count (the cascade's step
+budget, 4 x max_tokens + 16, is only a safety bound). A request's failure never fails another (the
+big side isolates each call of a batch, the small side each step: lacy.cascade.batching).
 
 Call-rate policy: one running quantile per (model, trigger, rate), shared by every request of a
 replica (`Quantiles`, thread-safe, at most serve.max_call_rates of them). With serve.quantile_scope
@@ -43,222 +21,31 @@ replica or four (services.cascade passes it in as `quantiles`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import html
 import json
 import logging
-import math
-import re
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
-from lacy.cascade.batching import BigCall, BigSessions, FeedBatcher, device_for, raise_for_failure
-from lacy.cascade.engine import (
-    CALL_POLICIES,
-    BigModelError,
-    BigRequestError,
-    BigUnavailable,
-    Cascade,
-    CascadeResult,
-    Quantiles,
-    SmallLM,
-    Span,
-    several_policies,
-)
+from lacy.cascade.batching import FeedBatcher
+from lacy.cascade.big import BigModel, BigModelError, BigRequestError, BigSession, BigUnavailable
+from lacy.cascade.engine import Cascade, CascadeResult, Span
+from lacy.cascade.lm import SmallLM
+from lacy.cascade.policy import Quantiles
 from lacy.core import storage
-from lacy.core.compute import compute_thread
+from lacy.core.compute import compute_thread, device_for
 from lacy.core.config import LacyConfig, to_dict
 from lacy.model import count_parameters, load_small_model
-from lacy.report import generation_block, page_html
+from lacy.serve.request import DEFAULT_MODEL, APIError, Endpoint, Job, Served, encode, model_not_found, parse, read_body
+from lacy.serve.view import view_page
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "lacy"
-DEFAULT_MAX_TOKENS = 16  # OpenAI's
-MAX_STOPS, MAX_STOP_CHARS, MAX_TOPIC_CHARS = 4, 200, 200
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-# ----------------------------------------------------------------------------------------------
-# Errors
-
-_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-                413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-                503: "service_unavailable_error"}
-
-
-class APIError(Exception):
-    """An answer other than 200, in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, _safe(message), param, code
-        self.retry_after_s = retry_after_s
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {} if self.retry_after_s is None else {"retry-after": str(math.ceil(self.retry_after_s))}
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def _safe(text: str, limit: int = 1000) -> str:
-    """Text any JSON encoder can write (unpaired surrogates escaped), bounded."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error of `app` in OpenAI's shape; unexpected ones logged and answered without detail."""
-
-    @app.exception_handler(APIError)
-    async def _api(request: Request, err: APIError) -> Response:
-        return err.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, err: StarletteHTTPException) -> Response:
-        return APIError(err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None
-                        ).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, err: RequestValidationError) -> Response:
-        return _invalid(err.errors(), skip=1).response()  # loc = ("query", name)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception) -> Response:
-        log.exception("unexpected error on %s", request.url.path)
-        return APIError(500, "internal error (logged on the server)").response()
-
-
-def _invalid(errors: Sequence[Any], skip: int = 0) -> APIError:
-    """The first pydantic error as a 400 naming the field (never echoing the value)."""
-    first = errors[0]
-    loc = [str(p) for p in first["loc"][skip:]]
-    param = loc[0] if loc else None
-    if first["type"] == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
-    path = ".".join(p for p in loc if not p.startswith(("str", "list[", "int", "float")))
-    return APIError(400, f"Invalid value for '{path or param}': {first['msg']}", param=param)
-
-
-# ----------------------------------------------------------------------------------------------
-# Requests
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-
-
-class CompletionRequest(BaseModel):
-    """POST /v1/completions and /generate. Strict JSON types; null means "the default"."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    prompt: str | list[str]
-    model: str = DEFAULT_MODEL
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1)
-    best_of: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    echo: bool | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
-    suffix: str | None = None
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    call_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    call_log_odds: float | None = None
-    call_rate: float | None = Field(None, ge=0.0, le=1.0)
-    call_trigger: Literal["p_call", "confidence"] | None = None
-    allow_calls: bool = True
-    retrieval: bool | None = None
-    topic: str | None = None
-    allow_undelegated: bool = False
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} overflows a double")
-    return value
-
-
-def decode_json(body: bytes, max_bytes: int) -> dict:
-    """The request body as a JSON object: 413 over `max_bytes`, 400 for anything that is not strict JSON."""
-    if len(body) > max_bytes:
-        raise APIError(413, f"request body is {len(body)} bytes; the limit is {max_bytes}", code="request_too_large")
-    try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return data
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `max_bytes` (never read whole first)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes}", code="request_too_large")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > max_bytes:
-            raise APIError(413, f"request body is over the limit of {max_bytes} bytes", code="request_too_large")
-    return bytes(body)
-
-
-def _check_text(value: str, param: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, f"'{param}' contains an unpaired UTF-16 surrogate", param=param) from None
-    if (bad := _CONTROL.search(value)) is not None:
-        raise APIError(400, f"'{param}' contains the control character U+{ord(bad.group()):04X}; only tab, "
-                            "newline and carriage return are allowed", param=param)
-
-
-@dataclass
-class Job:
-    """A validated request: everything decoding needs, decided before any work."""
-
-    req: CompletionRequest
-    endpoint: Literal["completions", "generate"]
-    prompts: list[str]
-    n: int
-    max_tokens: int | None
-    """Completion tokens the client may get (None: /generate, where max_tokens is `steps`)."""
-    steps: int
-    stops: list[str]
-    retrieval: bool
-    trigger: str
-    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
-    created: int = field(default_factory=lambda: int(time.time()))
-
 
 # ----------------------------------------------------------------------------------------------
 # One choice as the client sees it
@@ -282,7 +69,7 @@ class _Choice:
         self.logprobs: dict | None = None
 
     def count(self, text: str) -> int:
-        return len(_encode(self.tokenizer, text))
+        return len(encode(self.tokenizer, text))
 
     def add(self, span: Span) -> bool:
         """Take the next span; True once the choice is complete (stop sequence or max_tokens)."""
@@ -361,129 +148,6 @@ class _Choice:
                 "delegated": self.undelegated is None, "undelegated_reason": self.undelegated}
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The big model side
-
-
-class BigSession(Protocol):
-    """The cascade's `big` for one request: `continue_text` plus token counters; `close()` at the end."""
-
-    tokens_processed: int
-    tokens_generated: int
-
-    def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8,
-                      topic: str | None = None) -> str: ...
-
-    def close(self) -> None: ...
-
-
-class BigBackend(Protocol):
-    """Where big-model calls go: `session` for a request (its cancel event ends waiting), `ping` for health."""
-
-    def session(self, retrieval: bool, cancel: threading.Event) -> BigSession: ...
-
-    def ping(self, timeout_s: float) -> dict: ...
-
-
-class LocalBig:
-    """A `BigBackend` in this process (tests, benches): every call goes straight to `BigSessions`."""
-
-    def __init__(self, sessions: BigSessions) -> None:
-        self.sessions = sessions
-
-    def session(self, retrieval: bool, cancel: threading.Event) -> BigSession:
-        return _LocalSession(self.sessions, retrieval)
-
-    def ping(self, timeout_s: float) -> dict:
-        return self.sessions.info()
-
-
-class _LocalSession:
-    def __init__(self, sessions: BigSessions, retrieval: bool) -> None:
-        self.sessions, self.retrieval, self.id = sessions, retrieval, uuid.uuid4().hex
-        self.tokens_processed = self.tokens_generated = 0
-
-    def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8,
-                      topic: str | None = None) -> str:
-        out = raise_for_failure(self.sessions.continue_many(
-            [BigCall(self.id, text, unit, max_tokens, self.retrieval, topic)])[0])
-        self.tokens_processed += out["processed"]
-        self.tokens_generated += out["generated"]
-        return out["text"]
-
-    def close(self) -> None:
-        self.sessions.end_session(self.id)
-
-
-class HandleBig:
-    """A `BigBackend` over a handle to remote `BigSessions` (services.cascade: the BigModel deployment's
-    DeploymentHandle): `handle.continue_text.remote(call)`, `.end_session.remote(id)`, `.info.remote()`,
-    each answering something with `result(timeout_s=)` and `cancel()`. A call waits at most `timeout_s`,
-    in short polls, so a client that leaves cancels it at once. Exceptions in `overloaded` mean busy
-    (503, the model is not marked down); any other means its replica did not answer (BigUnavailable)."""
-
-    def __init__(self, handle: Any, timeout_s: float, overloaded: tuple[type[BaseException], ...] = (),
-                 poll_s: float = 0.2) -> None:
-        self.handle, self.timeout_s, self.overloaded, self.poll_s = handle, timeout_s, overloaded, poll_s
-        self.waiting: Callable[[], Any] = contextlib.nullcontext
-        """Entered while a call waits (the engine sets its batcher's `paused`)."""
-
-    def session(self, retrieval: bool, cancel: threading.Event) -> BigSession:
-        return _HandleSession(self, retrieval, cancel)
-
-    def ping(self, timeout_s: float) -> dict:
-        return self.handle.info.remote().result(timeout_s=timeout_s)
-
-
-class _HandleSession:
-    def __init__(self, big: HandleBig, retrieval: bool, cancel: threading.Event) -> None:
-        self.big, self.retrieval, self.cancel, self.id = big, retrieval, cancel, uuid.uuid4().hex
-        self.tokens_processed = self.tokens_generated = 0
-
-    def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8, topic: str | None = None) -> str:
-        call = BigCall(self.id, text, unit, max_tokens, self.retrieval, topic, sent=time.time())
-        response = self.big.handle.continue_text.remote(call)
-        deadline = time.monotonic() + self.big.timeout_s
-        retried = False
-        with self.big.waiting():  # other requests' small-model steps need not wait for this call
-            while True:  # bounded: the deadline, or the client leaving
-                if self.cancel.is_set() or time.monotonic() > deadline:
-                    response.cancel()
-                    if self.cancel.is_set():
-                        raise BigModelError("cancelled: the client left")
-                    raise BigUnavailable(f"no answer within serve.big_timeout_s ({self.big.timeout_s:g} s)")
-                try:
-                    out = raise_for_failure(response.result(timeout_s=self.big.poll_s))
-                    break
-                except TimeoutError:
-                    continue
-                except BigModelError:
-                    raise
-                except self.big.overloaded:
-                    raise BigModelError("the big model is overloaded") from None
-                except Exception as err:
-                    if not retried:
-                        # A replica that just died may still be in the handle's routing table for a
-                        # moment after its successor answers health probes; the call carries the whole
-                        # text, so sending it once more (routed afresh) is safe.
-                        log.warning("big-model call failed (%r); retrying once", err)
-                        retried, response = True, self.big.handle.continue_text.remote(call)
-                        continue
-                    log.warning("big-model call failed again: %r", err)
-                    raise BigUnavailable("its replica did not answer") from None
-        self.tokens_processed += out["processed"]
-        self.tokens_generated += out["generated"]
-        return out["text"]
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # a replica that is gone has forgotten the session anyway
-            self.big.handle.end_session.remote(self.id)
-
-
 class BigHealth:
     """Whether the big model answers, as last seen by a call or a probe (thread-safe)."""
 
@@ -525,7 +189,7 @@ class CascadeEngine:
     """The served cascade of one replica: small models, the batcher of their steps, the decoding
     threads, the call-rate quantiles and the big model's health. `big` None: no big model deployed."""
 
-    def __init__(self, cfg: LacyConfig, big: BigBackend | None, quantiles: Any = None) -> None:
+    def __init__(self, cfg: LacyConfig, big: BigModel | None, quantiles: Any = None) -> None:
         self.cfg, self.big, s = cfg, big, cfg.serve
         self.compute = compute_thread()  # every load and forward here runs on the process's one thread
         self.compute.set_threads(s.torch_threads)
@@ -562,7 +226,7 @@ class CascadeEngine:
         """Ask the big model for its info now; True when it answered."""
         assert self.big is not None
         try:
-            self.health.up(self.big.ping(self.cfg.serve.health_timeout_s))
+            self.health.up(self.big.health(self.cfg.serve.health_timeout_s))
             return True
         except Exception as err:
             self.health.down(f"no answer to a health probe ({type(err).__name__})")
@@ -596,8 +260,7 @@ class CascadeEngine:
 
     def model_card(self, name: str) -> dict:
         if name not in self.models:
-            raise APIError(404, f"The model '{name}' does not exist; served: {sorted(self.models)}",
-                           param="model", code="model_not_found")
+            raise model_not_found(name, self.models)
         model, tokenizer = self.models[name]
         return {"id": name, "object": "model", "created": self.started, "owned_by": "lacy",
                 "parameters": count_parameters(model), "context": SmallLM(model, tokenizer).max_positions,
@@ -609,86 +272,15 @@ class CascadeEngine:
 
     # -- validation ------------------------------------------------------------------------------
 
-    async def parse_request(self, request: Request, endpoint: Literal["completions", "generate"]) -> Job:
+    async def parse_request(self, request: Request, endpoint: Endpoint) -> Job:
         """`parse` of an HTTP request's body (read no further than serve.max_request_bytes)."""
         return self.parse(await read_body(request, self.cfg.serve.max_request_bytes), endpoint)
 
-    def parse(self, body: bytes | dict, endpoint: Literal["completions", "generate"]) -> Job:
-        """Validate a request completely (APIError otherwise), before any decoding or streaming."""
-        s = self.cfg.serve
-        data = body if isinstance(body, dict) else decode_json(body, s.max_request_bytes)
-        try:
-            req = CompletionRequest.model_validate(data)
-        except ValidationError as err:
-            raise _invalid(err.errors()) from None
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        n = req.n or 1
-        if endpoint == "generate":
-            for name, bad in (("stream", bool(req.stream)), ("prompt", len(prompts) != 1 or not isinstance(
-                    req.prompt, str)), ("n", n != 1), ("logprobs", req.logprobs is not None)):
-                if bad:
-                    raise APIError(400, f"/generate takes one prompt string and one choice, without stream or "
-                                        f"logprobs ('{name}'); use /v1/completions", param=name)
-        neutral = {"best_of": req.best_of in (None, n), "suffix": not req.suffix,
-                   "frequency_penalty": not req.frequency_penalty, "presence_penalty": not req.presence_penalty,
-                   "logit_bias": not req.logit_bias}
-        for name, ok in neutral.items():
-            if not ok:
-                raise APIError(400, f"'{name}' is not supported by the cascade; send it at its neutral value or "
-                                    "leave it out", param=name)
-        if req.stream_options is not None and not req.stream:
-            raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        if req.stream and req.logprobs is not None:
-            raise APIError(400, "'logprobs' is not supported with 'stream'", param="logprobs")
-        policies = [n for n in CALL_POLICIES if getattr(req, n) is not None]
-        if len(policies) > 1:
-            raise APIError(400, several_policies(policies), param=policies[-1])
-        if not prompts:
-            raise APIError(400, "'prompt' must not be an empty list", param="prompt")
-        if len(prompts) * n > s.max_choices:
-            raise APIError(400, f"{len(prompts)} prompts x n={n} choices exceed the limit of {s.max_choices}",
-                           param="n")
-        for i, prompt in enumerate(prompts):
-            if len(prompt) > s.max_prompt_chars:
-                raise APIError(413, f"prompt is {len(prompt)} characters; the limit is {s.max_prompt_chars}",
-                               param="prompt", code="request_too_large")
-            _check_text(prompt, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        if len(stops) > MAX_STOPS or any(not 0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
-            raise APIError(400, f"'stop' takes at most {MAX_STOPS} non-empty sequences of at most "
-                                f"{MAX_STOP_CHARS} characters", param="stop")
-        for stop in stops:
-            _check_text(stop, "stop")
-        for name in ("model", "topic", "user"):
-            if (value := getattr(req, name)) is not None:
-                if len(value) > MAX_TOPIC_CHARS:
-                    raise APIError(400, f"'{name}' is longer than {MAX_TOPIC_CHARS} characters", param=name)
-                _check_text(value, name)
-        if req.model not in self.models:
-            self.model_card(req.model)  # 404 naming the served models
-        model, tokenizer = self.models[req.model]
-        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        if max_tokens > s.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds the limit {s.max_tokens_limit}", param="max_tokens")
-        context = SmallLM(model, tokenizer).max_positions
-        for prompt in prompts:
-            if context is not None and (length := 1 + len(_encode(tokenizer, prompt))) > context:
-                raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
-                                    f"{length}", param="prompt", code="context_length_exceeded")
-        retrieval = self.cfg.big.retrieval if req.retrieval is None else req.retrieval
-        if retrieval and not self.cfg.big.retrieval:
-            raise APIError(400, "retrieval was asked for but this deployment has no knowledge store "
-                                "(deploy with big.retrieval: true)", param="retrieval")
-        c = self.cfg.cascade
-        if req.allow_calls and not policies and c.call_threshold is None and c.call_log_odds is None \
-                and c.call_rate is None:
-            raise APIError(400, "no call policy: send call_threshold, call_log_odds or call_rate (or "
-                                "allow_calls: false)", param="call_rate")
-        if endpoint == "generate":
-            return Job(req, endpoint, prompts, 1, None, max_tokens, stops, retrieval,
-                       req.call_trigger or self.cfg.cascade.trigger)
-        return Job(req, endpoint, prompts, n, max_tokens, 4 * max_tokens + 16, stops, retrieval,
-                   req.call_trigger or self.cfg.cascade.trigger)
+    def parse(self, body: bytes | dict, endpoint: Endpoint) -> Job:
+        """The request validated against this deployment (`lacy.serve.request.parse`)."""
+        models = {name: (tokenizer, SmallLM(model, tokenizer).max_positions) for name, (model, tokenizer)
+                  in self.models.items()}
+        return parse(body, Served(endpoint, self.cfg.serve, self.cfg.cascade, self.cfg.big.retrieval, models))
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -711,7 +303,7 @@ class CascadeEngine:
             allow, choice.undelegated = False, down  # answer at once, without waiting for a timeout
         if allow:
             assert self.big is not None
-            big = self.big.session(job.retrieval, cancel)
+            big = BigSession(self.big, retrieval=job.retrieval, cancel=cancel, waiting=self.batcher.paused)
         policy = {"call_threshold": req.call_threshold, "call_log_odds": req.call_log_odds,
                   "call_rate": req.call_rate, "trigger": job.trigger,
                   "topic": req.topic if job.retrieval else None, "temperature": req.temperature or 0.0,
@@ -783,8 +375,8 @@ class CascadeEngine:
         P(<CALL>) before it and who wrote it. Tokens past the model's context are left out."""
         model, tokenizer = self.models[job.req.model]
         small = SmallLM(model, tokenizer)
-        prompt_ids = _encode(tokenizer, choice.prompt)
-        ids = [small.start_id, *prompt_ids, *_encode(tokenizer, choice.text)][:small.max_positions or None]
+        prompt_ids = encode(tokenizer, choice.prompt)
+        ids = [small.start_id, *prompt_ids, *encode(tokenizer, choice.text)][:small.max_positions or None]
         logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
         p_call = torch.softmax(logits, dim=-1)[:, small.call_id]
         logits[:, small.call_id] = float("-inf")
@@ -825,7 +417,7 @@ class CascadeEngine:
 
     def _usage(self, job: Job, choices: list[_Choice]) -> dict:
         tokenizer = self.models[job.req.model][1]
-        prompt = sum(len(_encode(tokenizer, p)) for p in job.prompts)
+        prompt = sum(len(encode(tokenizer, p)) for p in job.prompts)
         completion = sum(c.count(c.text) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "delegated_tokens": sum(c.delegated_tokens() for c in choices)}
@@ -907,24 +499,8 @@ class CascadeEngine:
             cancel.set()  # the client left (or all is done): stop decoding and big calls at once
 
     async def view(self, params: dict) -> str:
-        """GET /view: a prompt form, and the generation with delegated spans coloured."""
-        form = ("<form method='get'>" + " ".join(
-            f"{label} <input name='{name}' size='{size}' value='{_attr(params.get(name))}'>"
-            for name, label, size in (("prompt", "", 40), ("topic", "topic", 16), ("max_tokens", "tokens", 3),
-                                      ("call_rate", "call rate", 4))) + " <button>generate</button></form>")
-        if not params.get("prompt"):
-            return page_html("lacy cascade", form)
-        body = {k: v for k, v in params.items() if v is not None}
-        out = await self.generate(self.parse({**body, "allow_undelegated": True}, "generate"))
-        meta = (f"{out['calls']} calls, realised call rate {out['call_rate']:.2f}, {out['small_tokens']} small + "
-                f"{out['big_tokens']} big tokens"
-                + (f" — undelegated: {out['undelegated_reason']}" if out["undelegated_reason"] else ""))
-        spans = [(s["text"], s["source"]) for s in out["spans"]]
-        return page_html("lacy cascade", form + generation_block(spans, meta))
-
-
-def _attr(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+        """GET /view (`lacy.serve.view.view_page`)."""
+        return await view_page(self, params)
 
 
 async def open_stream(events: AsyncIterator[str]) -> Response:

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from lacy.corpus.tokenizer import load_tokenizer, tokenizer_hash
+
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
 _META_KEY = b"lacy.schema_version"
@@ -246,7 +248,6 @@ def load_shard_tokenizer(directory: str | Path, also: Sequence[str | Path | None
     """The tokenizer the shards at `directory` were made with: the manifest's path, else a folder of
     `also`, else `<directory>/../tokenizer` (where `jobs.score` puts it: shards copied to another
     machine keep it beside them). Whichever loads must have the manifest's tokenizer hash."""
-    from lacy.corpus.tokenizer import load_tokenizer, tokenizer_hash
 
     manifest = read_manifest(directory)
     tried = []

@@ -33,8 +33,13 @@ import pyarrow as pa
 
 from lacy.core import storage
 from lacy.core.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
-from lacy.corpus.readers import ReadReport, corpus_source, doc_split, read_corpus
+from lacy.core.console import progress, setup_logging
+from lacy.corpus.corpora import corpus_for
+from lacy.corpus.readers import ReadReport, doc_split
 from lacy.corpus.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_tokenizer
+from lacy.labels.facts import FactTagger, tagger_info
+from lacy.labels.reference import JudgeLabeler, ReferenceScorer
+from lacy.model import load_big_model
 from lacy.shards.format import (
     SCHEMA_VERSION,
     SPLITS,
@@ -141,7 +146,6 @@ class Encoder:
     """The tagger, tokenizer and reference/judge scorers of one worker, loaded once; docs -> results."""
 
     def __init__(self, cfg: LacyConfig, tokenizer_dir: str | Path, device: str = "cpu") -> None:
-        from lacy.labels.facts import FactTagger
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(tokenizer_dir)
@@ -162,8 +166,6 @@ def load_scorers(cfg: LacyConfig, our_tokenizer: Any, device: str = "cpu") -> tu
     sc = cfg.score
     if not (sc.reference or sc.judge):
         return None, None
-    from lacy.labels.reference import JudgeLabeler, ReferenceScorer
-    from lacy.model import load_big_model
 
     loaded = {path: load_big_model(path) for path in {sc.reference, sc.judge} - {None}}
     reference = ReferenceScorer(*loaded[sc.reference], device=device) if sc.reference else None
@@ -392,8 +394,6 @@ def finalize(out: Path, cfg: LacyConfig, records: list[dict], *, shard_hash: str
 def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_locally) -> tuple[Manifest, dict]:
     """Build (or finish building) the shards of `cfg` at `cfg.score.output_dir`; returns the manifest
     and the run's metrics (counts per split, rejects, units reused, fact share, tokens/s)."""
-    from lacy.core.console import progress
-    from lacy.labels.facts import tagger_info
 
     out = Path(cfg.score.output_dir).resolve()
     storage.pull(cfg, out, Path(cfg.run_dir) / "tokenizer")  # units another machine finished are reused
@@ -403,7 +403,7 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
             partial.unlink()
     save_config(cfg, out / "config.yaml")
     report = ReadReport()
-    docs = list(read_corpus(corpus_source(cfg), report, cfg.data.max_docs, min_chars=cfg.data.min_chars))
+    docs = list(corpus_for(cfg).documents(report))
     if report.total_bad:
         log.warning("corpus %s: %s", cfg.data.corpus, report.summary(max_reasons=20))
     if not docs:
@@ -451,7 +451,6 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
 
 
 def main(argv: list[str] | None = None) -> Manifest:
-    from lacy.core.console import setup_logging
 
     setup_logging()
     return build_shards(parse_cli(argv, __doc__ or ""))[0]

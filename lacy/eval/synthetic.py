@@ -1,0 +1,222 @@
+"""Exact evaluation on the synthetic corpus: every value a text states, checked against the record.
+
+    stated_values("She was born on March 3, 1952 in Oslo.")   # [Stated(birth_date ...), Stated(birth_city ...)]
+    row = score_records("lacy+retrieval", generations, records(path))   # one lacy.eval.row.Row
+
+Also what only a corpus with exact facts can show: leakage probes at the true value spans, the bits
+of values a trained model stores (`stored_bits`), and spaCy's fact flags scored against the oracle
+(`proxy_vs_oracle`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lacy.corpus.synthbio import MONTHS, ORACLE_ATTRIBUTES, value_space
+from lacy.corpus.tokenizer import call_id
+from lacy.eval.claims import length_penalty_factor
+from lacy.eval.leakage import LeakProbe
+from lacy.eval.row import PersonScore, Row, build_row
+from lacy.labels.facts import oracle_codes, oracle_spans
+from lacy.labels.method import token_losses
+from lacy.model import load_small_model
+from lacy.shards.format import load_shard_tokenizer, read_batches, read_manifest
+
+
+@dataclass(frozen=True)
+class Stated:
+    attr: str
+    value: str
+    start: int
+    end: int
+
+
+def _matcher() -> tuple[re.Pattern, dict[str, list[str]]]:
+    by_value: dict[str, list[str]] = {}
+    for attr in ORACLE_ATTRIBUTES:
+        if attr != "birth_date":
+            for v in value_space(attr):
+                by_value.setdefault(v.lower().removeprefix("the "), []).append(attr)
+    words = sorted(by_value, key=len, reverse=True)  # longest first: "Oakridge College" before "Oakridge"
+    months = "|".join(MONTHS)
+    date = rf"(?:{months}) (?:[1-9]|[12][0-9]|3[01]), (?:1[0-9]{{3}}|20[0-9]{{2}})"
+    pattern = re.compile(rf"(?P<date>{date})|\b(?P<value>{'|'.join(map(re.escape, words))})\b", re.IGNORECASE)
+    return pattern, by_value
+
+
+_MATCHER: tuple[re.Pattern, dict[str, list[str]]] | None = None
+_CITY_CONTEXT = re.compile(r"\b(work|worked|working|job|office|career|company|posted|stationed|based|relocated|"
+                           r"commuted|salary|practised|living|moved|settled|workplace)\b[^.]*$", re.IGNORECASE)
+
+
+def stated_values(text: str) -> list[Stated]:
+    """Attribute values a text states, in order, non-overlapping. A city is the employer city when its
+    sentence talks about work before it, else the birth city (the templates keep the two apart)."""
+    global _MATCHER
+    if _MATCHER is None:
+        _MATCHER = _matcher()
+    pattern, by_value = _MATCHER
+    out = []
+    for m in pattern.finditer(text):
+        if m.group("date"):
+            out.append(Stated("birth_date", m.group("date"), m.start(), m.end()))
+            continue
+        attrs = by_value[m.group("value").lower()]
+        if attrs == ["birth_city", "employer_city"]:
+            sentence = text[text.rfind(".", 0, m.start()) + 1:m.start()]
+            attrs = ["employer_city" if _CITY_CONTEXT.search(sentence) else "birth_city"]
+        out.append(Stated(attrs[0], m.group("value"), m.start(), m.end()))
+    return out
+
+
+def _canonical(attr: str, value: str) -> str:
+    return value.lower().removeprefix("the ")
+
+
+def check_biography(text: str, record: Mapping[str, Any]) -> list[tuple[Stated, bool]]:
+    """Each distinct (attribute, value) the text states, and whether it is the person's."""
+    truth = record["attributes"]
+    seen, out = set(), []
+    for s in stated_values(text):
+        key = (s.attr, _canonical(s.attr, s.value))
+        if key not in seen:
+            seen.add(key)
+            out.append((s, key[1] == _canonical(s.attr, truth[s.attr])))
+    return out
+
+
+def _on_facts(text: str, spans: Sequence[Any] | None, stated: Sequence[Stated]) -> tuple[int, int]:
+    """(big-written spans overlapping a stated value, big-written spans) of one cascade generation.
+    The spans are the end of `text` (the prompt in front may or may not be one of them)."""
+    if not spans:
+        return 0, 0
+    spans = [(s[0], s[1]) if isinstance(s, (tuple, list)) else (s.text, s.source) for s in spans]
+    pos, hits, calls = len(text) - sum(len(t) for t, _ in spans), 0, 0
+    for text, source in spans:
+        if source == "big":
+            calls += 1
+            hits += any(s.start < pos + len(text) and pos < s.end for s in stated)
+        pos += len(text)
+    return hits, calls
+
+
+def record_scores(generations: Sequence[Any], people: Mapping[str, Mapping[str, Any]], *, gamma: float = 10,
+                  seed: int = 0) -> list[PersonScore]:
+    """Each biography's values checked against its person's record: precision over the values stated,
+    FActScore (gamma-penalised, abstainers 0), informative precision (values another random person's
+    record does not share), per-attribute correctness, and how many big-model spans state a value."""
+    n = len(generations)
+    shift = 1 + random.Random(seed).randrange(n - 1) if n > 1 else 0
+    scores = []
+    for i, gen in enumerate(generations):
+        checks = check_biography(gen.text, people[gen.entity.doc_id])
+        other = people[generations[(i + shift) % n].entity.doc_id]["attributes"] if shift else {}
+        correct = sum(ok for _, ok in checks)
+        precision = correct / len(checks) if checks else None
+        kept = [ok for s, ok in checks if _canonical(s.attr, s.value) != _canonical(s.attr, other.get(s.attr, ""))]
+        on_values, spans = _on_facts(gen.text, getattr(gen, "spans", None), [s for s, _ in checks])
+        scores.append(PersonScore(
+            precision=precision, claims=len(checks), supported=correct,
+            factscore=0.0 if precision is None else precision * length_penalty_factor(len(checks), gamma),
+            informative=sum(kept) / len(kept) if kept else None,
+            attributes=[(s.attr, ok) for s, ok in checks], lenient=precision, strict=precision,
+            big_spans=spans, big_spans_on_values=on_values))
+    return scores
+
+
+def score_records(name: str, generations: Sequence[Any], people: Mapping[str, Mapping[str, Any]], *,
+                  gamma: float = 10, bootstrap: int = 1000, seed: int = 0) -> Row:
+    """The row of a system's synthetic biographies (`record_scores`, `lacy.eval.row.build_row`)."""
+    return build_row(name, generations, record_scores(generations, people, gamma=gamma, seed=seed),
+                     attributes=ORACLE_ATTRIBUTES, strict=True, bootstrap=bootstrap, seed=seed)
+
+
+def leak_probes(docs: Sequence[dict], n: int, seed: int = 0) -> list[LeakProbe]:
+    """Up to `n` leakage probes from training biographies: the text up to a random attribute value that
+    is not the first sentence's (so the context names the person), the value as gold, the attribute
+    as label."""
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    probes = []
+    for i in order[:n]:
+        doc = docs[i]
+        fact = rng.choice(doc["facts"][1:])
+        probes.append(LeakProbe(doc["text"][:fact["start"]].rstrip(), fact["value"], doc["id"], fact["attr"]))
+    return probes
+
+
+# ----------------------------------------------------------------------------------------------
+# Knowledge stored in a small model, and the spaCy proxy against the truth
+
+
+def stored_bits(model_dir: str | Path, docs: Sequence[dict], max_people: int | None = None) -> dict[str, Any]:
+    """Bits of attribute values the model holds: per value, log2 |value space| minus the model's
+    cross-entropy (bits, real-token softmax without <CALL>) on the value's tokens in the person's first
+    training biography, floored at 0; summed over people. Also bits per parameter, per attribute, and
+    the mean loss (nats) on the tokens that are no value (the template): a model that delegates facts
+    should store fewer bits without losing the template."""
+    model, tokenizer = load_small_model(str(model_dir))
+    cid = call_id(tokenizer)
+    firsts = [d for d in docs if d["id"].endswith("-0")][:max_people]
+    space_bits = {attr: math.log2(len(value_space(attr))) for attr in ORACLE_ATTRIBUTES}
+    bits = dict.fromkeys(ORACLE_ATTRIBUTES, 0.0)
+    template_loss, template_tokens = 0.0, 0
+    limit = model.config.n_positions
+    with torch.no_grad():
+        for doc in firsts:
+            enc = tokenizer(doc["text"], add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"][:limit], np.asarray(enc["offset_mapping"][:limit])
+            codes = oracle_codes(offsets, oracle_spans(doc))
+            x = torch.tensor([ids])
+            nll = token_losses(model(input_ids=x[:, :-1]).logits, x[:, 1:], cid)[0].numpy()
+            target_codes = codes[1:]
+            for code, attr in enumerate(ORACLE_ATTRIBUTES, start=1):
+                mine = target_codes == code
+                if mine.any():
+                    bits[attr] += max(0.0, space_bits[attr] - float(nll[mine].sum()) / math.log(2))
+            template = target_codes == 0
+            template_loss += float(nll[template].sum())
+            template_tokens += int(template.sum())
+    params = sum(p.numel() for p in model.parameters())
+    total = sum(bits.values())
+    return {"stored_bits": total, "bits_per_param": total / params, "bits_people": len(firsts),
+            "template_loss": template_loss / max(1, template_tokens),
+            **{f"stored_bits_{attr}": b for attr, b in bits.items()}}
+
+
+def proxy_vs_oracle(shards_dir: str | Path, split: str = "train", top: int = 8) -> dict[str, Any]:
+    """Token-level precision and recall of the shards' fact flags against their oracle codes: overall
+    and per attribute (recall), plus the tokens most often flagged outside every attribute value."""
+    tokens = read_manifest(shards_dir).counts[split]["tokens"]
+    tokenizer = load_shard_tokenizer(shards_dir)
+    flagged = hit = facts = 0
+    per_attr = {attr: [0, 0] for attr in ORACLE_ATTRIBUTES}
+    false_pos: Counter[int] = Counter()
+    for batch in read_batches(shards_dir, split, 64):
+        if "oracle" not in batch:
+            raise ValueError(f"{shards_dir}: the shards have no oracle column (a corpus with `facts` spans)")
+        fact, oracle, ids = batch["fact"].numpy(), batch["oracle"].numpy(), batch["input_ids"].numpy()
+        flagged += int(fact.sum())
+        hit += int((fact & (oracle > 0)).sum())
+        facts += int((oracle > 0).sum())
+        for code, attr in enumerate(ORACLE_ATTRIBUTES, start=1):
+            mine = oracle == code
+            per_attr[attr][0] += int((fact & mine).sum())
+            per_attr[attr][1] += int(mine.sum())
+        false_pos.update(ids[fact & (oracle == 0)].tolist())
+    return {"precision": hit / flagged if flagged else None, "recall": hit / facts if facts else None,
+            "flagged_share": flagged / tokens if tokens else None, "fact_share": facts / tokens if tokens else None,
+            "recall_by_attribute": {a: (h / n if n else None) for a, (h, n) in per_attr.items()},
+            "false_positive_tokens": [(tokenizer.decode([t]), c) for t, c in false_pos.most_common(top)]}
