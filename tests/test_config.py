@@ -95,3 +95,26 @@ def test_moved_config_takes_derived_paths_along_and_keeps_given_ones(tmp_path):
     assert moved.train.output_dir == str(tmp_path / "b" / "train")
     assert moved.knowledge.db_path == str(tmp_path / "store.sqlite")  # given explicitly: stays
     assert cfg.score.output_dir == str(tmp_path / "a" / "shards")  # the original is untouched
+
+
+def test_a_config_inherits_its_base_and_states_only_what_differs(tmp_path):
+    (tmp_path / "a.yaml").write_text("run_dir: runs/a\ntrain: {lr: 0.5, max_steps: 7}\neval: {entities: 9}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {max_steps: 3}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: ../b.yaml\neval: {entities: 2}\n")
+    cfg = load_config(tmp_path / "sub" / "c.yaml", ["--train.lr", "0.25"])
+    # Sections merge field by field, the nearest file wins, overrides win over every file.
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.eval.entities) == (3, 0.25, 2)
+    assert cfg.run_dir.endswith("runs/a")
+    (tmp_path / "a.yaml").write_text("base: sub/c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: no such config file .the base of"):
+        load_config(tmp_path / "d.yaml")
+    # The synthetic configs share synthbio.yaml's benchmark and say only what differs.
+    quick, full = load_config("configs/synthbio-quick.yaml"), load_config("configs/synthbio.yaml")
+    same = lambda section: {**vars(getattr(quick, section)), "output_dir": 0} == {**vars(getattr(full, section)),  # noqa: E731
+                                                                               "output_dir": 0}
+    assert same("train") and quick.model == full.model and quick.cascade == full.cascade
+    assert (quick.eval.entities, full.eval.entities) == (160, 200)

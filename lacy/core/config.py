@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per stage, loaded from YAML with dotted CLI overrides.
 
 A YAML file holds any subset of the top-level sections of `LacyConfig`; everything missing keeps its
-default. Overrides name a dotted path and a YAML value:
+default. `base: other.yaml` (relative to the file) inherits another file: sections merge field by field,
+and the file states only what differs. Overrides name a dotted path and a YAML value:
 
     python -m jobs.pretrain --config configs/tiny.yaml --train.lr 3e-4 --labels.rule loss
 
@@ -758,14 +759,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml(path: str | Path, inheriting: tuple[Path, ...] = ()) -> dict:
+    """A config file as a nested dict, its `base:` files merged under it (sections field by field)."""
+    path = Path(path).resolve()
+    chain = " -> ".join(map(str, inheriting))
+    _check(path not in inheriting, str(path), f"base: files inherit each other in a cycle ({chain})")
+    of = f" (the base of {inheriting[-1]})" if inheriting else ""
+    _check(path.is_file(), str(path), f"no such config file{of}")
+    data = yaml.safe_load(path.read_text()) or {}
+    _check(isinstance(data, dict), str(path), "a config file must hold a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    _check(isinstance(base, str), f"{path}: base", f"expected a file name, got {base!r}")
+    return _merged(read_yaml(path.parent / base, (*inheriting, path)), data)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> LacyConfig:
     """Load a YAML config (or defaults when `path` is None) and apply dotted overrides."""
-    data: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
-        _check(isinstance(loaded, dict), str(path), "a config file must hold a mapping")
-        data = loaded
+    data = {} if path is None else read_yaml(path)
     data = apply_overrides(data, list(overrides))
     return from_dict(LacyConfig, data)
 
