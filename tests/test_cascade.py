@@ -7,7 +7,6 @@ from that cache, so a wrong crop or a wrongly fed suffix changes what it predict
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import threading
@@ -20,9 +19,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from lacy.cascade.big import BigModelError
+from lacy.cascade.big import BigModelError, BigSession
 from lacy.cascade.engine import Cascade, CascadeResult, Span, _word_start
-from lacy.cascade.big import BigSession
 from lacy.cascade.hf_big import BigLM, HFBig
 from lacy.cascade.lm import SmallLM
 from lacy.cascade.policy import Quantiles, RunningQuantile, calibrate, closed_loop_threshold, decision_scores, log_odds
