@@ -33,7 +33,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m jobs.experiment --config $(CONFIG)
+	$(PY) -m jobs.experiment --config $(CONFIG) --publish docs/results
 
 # Debian's Chromium for the HTML-view test (skipped, with a reason, where it cannot be installed).
 browser:
@@ -46,6 +46,7 @@ lint: setup
 
 test: setup browser
 	$(PY) -m ruff check .
+	$(abspath $(VENV))/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The speed benchmarks against this machine's limits (bench/README.md); each refuses a busy machine.

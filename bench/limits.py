@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from lacy.core.provenance import machine
 
 MAX_LOAD_PER_CORE = 1.5
 
@@ -88,18 +89,6 @@ def record(path: Path, result: dict, start: Load, own_threads: int = 0, force: b
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"# written to {path}", flush=True)
     return result
-
-
-def machine() -> dict:
-    """CPU model, cores, AVX2 / AVX-512 and torch version: what a figure was measured on."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    field = lambda name: next((line.split(":", 1)[1] for line in lines if line.startswith(name)), "")
-    flags = field("flags").split()
-    return {"cpu": field("model name").strip() or platform.processor(), "cores": os.cpu_count(),
-            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "torch": torch.__version__}
 
 
 def process_group(title: str) -> str | None:

@@ -14,6 +14,7 @@ a user's deployed cascade with it. One MLflow parent run holds a nested run per 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import logging
@@ -27,6 +28,7 @@ from jobs import pretrain, score
 from lacy.core.config import LacyConfig, config_hash, parse_cli, to_dict
 from lacy.core.console import setup_logging
 from lacy.eval.generate import Generated, Request
+from lacy.experiment import command_line
 from lacy.experiment import run as run_experiment
 from lacy.serve.request import CompletionRequest
 from services.cascade import run as serve_run
@@ -85,15 +87,16 @@ class RayBackend:
             serve.delete(name)
 
 
-def run(cfg: LacyConfig) -> Path:
-
-    return run_experiment(cfg, RayBackend(), track=True)
+def run(cfg: LacyConfig, publish: str | None = None, command: str = "jobs.experiment.run") -> Path:
+    return run_experiment(cfg, RayBackend(), track=True, publish=publish, command=command)
 
 
 def main(argv: list[str] | None = None) -> Path:
-
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--publish", help="also write the report with its plots to this folder (docs/results)")
+    known, rest = extra.parse_known_args(argv)
     setup_logging()
-    return run(parse_cli(argv, __doc__ or ""))
+    return run(parse_cli(rest, __doc__ or ""), known.publish, command_line("jobs.experiment", argv))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ import contextlib
 import copy
 import json
 import logging
+import shlex
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +45,7 @@ from lacy.eval.generate import Generator, LocalGenerator
 from lacy.eval.plan import Population, evaluate, evaluation_plan, population, thresholds_stage, write_views
 from lacy.eval.synthetic import proxy_vs_oracle, stored_bits
 from lacy.model import load_small_model
-from lacy.report import method_summary
+from lacy.report import method_summary, write_report
 from lacy.shards.format import read_batches, read_manifest
 from lacy.shards.scoring import build_shards
 from lacy.train import SUMMARY, train_from_shards
@@ -199,13 +202,16 @@ def _proxy_stage(cfg: LacyConfig, results: Path) -> None:
 
 
 def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report", track: bool = False,
-        rules: list[str] | None = None) -> Path:
+        rules: list[str] | None = None, publish: str | Path | None = None, command: str = "lacy.experiment.run"
+        ) -> Path:
     """Run the experiment up to stage `until` ("shards", "train", "report"); returns `<run_dir>/results`.
 
     `rules` trains only those (their token budget's `plain` must be done already); `track` logs one
     MLflow parent run with a nested run per stage (the Ray backend's jobs log theirs under it). A run
     that is to be evaluated first checks that its corpus has people to evaluate and calibrate on, so a
-    config whose evaluation cannot run fails before anything trains."""
+    config whose evaluation cannot run fails before anything trains. The report (results/report.md) names
+    `command`; `publish` copies it with its plots to that folder (`docs/results` for the README)."""
+    started = time.time()
     backend = backend or LocalBackend()
     corpus = corpus_for(cfg)
     results = Path(cfg.run_dir) / "results"
@@ -240,7 +246,9 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
                             LocalGenerator(cfg, {}), pop)
             write_views(cfg, generator, list(models), pop.train, thresholds)
         log.info("stage 7, report")
-        summary = method_summary([row.to_dict() for row in rows], trained, cfg, results)
+        table = [row.to_dict() for row in rows]
+        summary = method_summary(table, trained, cfg, results)
+        write_report(results, table, cfg, summary, command, publish, started)
         if parent is not None:
             _log_results(results)
     print(summary)  # noqa: T201 - the experiment's product, for the person who ran it
@@ -294,12 +302,19 @@ def main(argv: list[str] | None = None) -> Path:
     extra.add_argument("--save_dtype", choices=["float32", "bfloat16"])
     extra.add_argument("--max_shard_mb", type=float, help="largest safetensors file of a saved model")
     extra.add_argument("--reuse_shards", action="store_true", help="train on the shards as they are")
+    extra.add_argument("--publish", help="also write the report with its plots to this folder (docs/results)")
     known, rest = extra.parse_known_args(argv)
     setup_logging()
     cfg = parse_cli(rest, __doc__ or "")
     backend = LocalBackend(getattr(torch, known.save_dtype) if known.save_dtype else None, known.max_shard_mb,
                            known.reuse_shards)
-    return run(cfg, backend, until=known.until, rules=known.rules.split(",") if known.rules else None)
+    return run(cfg, backend, until=known.until, rules=known.rules.split(",") if known.rules else None,
+               publish=known.publish, command=command_line("lacy.experiment", argv))
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """`python -m <module> <arguments>` as the user typed it (for the report)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

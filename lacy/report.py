@@ -1,16 +1,25 @@
-"""What a person reads: the coloured view of delegated spans, the method table and its plot."""
+"""Stage 7, the report: what a person reads of an experiment.
+
+`method_summary` writes the run's results folder (table.md, rows.csv, plots) and returns the method
+table; `write_report` puts a narrow headline table in front of it with the command, commit and machine
+that produced it (results/report.md), and publishes that page with its plots under `docs/results/`
+when asked, so the README links results instead of holding them.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from lacy.core.config import LacyConfig
+from lacy.core.provenance import git_describe, machine
 from lacy.eval.row import paired_bootstrap
 
 
@@ -220,3 +229,58 @@ def method_summary(rows: Sequence[dict], trained: dict[str, dict], cfg: LacyConf
     text = "\n".join(lines)
     (results_dir / "table.md").write_text(text)
     return text
+
+
+def headline_table(rows: Sequence[dict], cfg: LacyConfig) -> str:
+    """One narrow line per system at the headline call rate (each comparison and big side): precision
+    and correct values per person with their CIs, the realised call rate, the share of the small-alone
+    to big-alone gap closed; the small and big models alone as reference lines."""
+    rate, lines = cfg.experiment.headline_rate, []
+    for comparison in cfg.experiment.comparisons:
+        for big in cfg.experiment.big_models:
+            big_row = next((r for r in rows if r["model"] is None and r["big"] == big), {})
+            lines.append({"system": f"big alone ({big})", "precision [CI]": _ci(big_row, "precision"),
+                          "correct / person [CI]": _ci(big_row, "supported_per_person"), "call rate": 1.0})
+            for r in rows:
+                model = r["model"] or ""
+                if not model.endswith(f"-{comparison}") or r["people"] != "train":
+                    continue
+                rule = model.removesuffix(f"-{comparison}")
+                if r["big"] == "none":
+                    lines.append({"system": f"{rule} alone", "precision [CI]": _ci(r, "precision"),
+                                  "correct / person [CI]": _ci(r, "supported_per_person"), "call rate": 0.0})
+                elif r["big"] == big and r["target_rate"] == rate:
+                    alone = next((a for a in rows if a["model"] == model and a["big"] == "none"), {})
+                    lines.append({"system": f"{rule} + {big} / {r['trigger']}", "precision [CI]": _ci(r, "precision"),
+                                  "correct / person [CI]": _ci(r, "supported_per_person"),
+                                  "call rate": r.get("call_rate"),
+                                  "gap closed": gap_closed(r.get("precision"), alone.get("precision"),
+                                                           big_row.get("precision"))})
+    return markdown_table(lines, ["system", "precision [CI]", "correct / person [CI]", "call rate", "gap closed"])
+
+
+def write_report(results_dir: str | Path, rows: Sequence[dict], cfg: LacyConfig, summary: str, command: str,
+                 publish: str | Path | None = None, started: float | None = None) -> Path:
+    """results/report.md: the headline table, then the method table (`summary`), under the command,
+    commit, machine and duration that produced them; copied with the run's plots to
+    `<publish>/<run name>.md` (and `<run name>-*.png`) when `publish` names a folder."""
+    results_dir, name = Path(results_dir), Path(cfg.run_dir).name
+    host = machine()
+    took = "" if started is None else f", {(time.time() - started) / 60:.1f} min"
+    head = [f"# {name}: results", "",
+            f"Produced by `{command}` at commit `{git_describe()}` on {time.strftime('%Y-%m-%d')}, "
+            f"{host['cpu']} ({host['cores']} cores, load {host['load']:.2f} at the end{took}). CPU models "
+            "round differently: compare numbers taken on the same machine.", "",
+            f"## Headline (call rate {cfg.experiment.headline_rate:.0%})", "", headline_table(rows, cfg), ""]
+    text = "\n".join(head) + "\n" + summary.replace("# Method table", "## Method table", 1) + "\n"
+    path = results_dir / "report.md"
+    path.write_text(text)
+    if publish is not None:
+        out = Path(publish)
+        out.mkdir(parents=True, exist_ok=True)
+        plots = sorted(results_dir.glob("*.png"))
+        for plot in plots:
+            shutil.copyfile(plot, out / f"{name}-{plot.name}")
+        links = "".join(f"\n![{plot.stem}]({name}-{plot.name})\n" for plot in plots)
+        (out / f"{name}.md").write_text(text + links)
+    return path

@@ -440,3 +440,29 @@ def test_correct_birth_years_are_credited_for_real_embedded_people(nlp):
     before = score_claims("gold", gens, raw, None, bootstrap=50, nlp=nlp)
     assert credited.precision_lenient == pytest.approx(1.0) and credited.respond_ratio == 1.0
     assert before.precision_lenient < 0.3  # what the text alone credits
+
+
+def test_every_scorer_yields_the_one_row(nlp):
+    """Claims against articles and values against records fill the same typed row, and a row survives
+    its cache (to_dict / from_dict) whole."""
+    from dataclasses import fields
+
+    from lacy.eval.row import Row
+    from lacy.eval.synthetic import score_records
+
+    wiki = score_claims("wiki", [Generation(ADA, "Ada Lovelace (born 1920) was a British chemist."),
+                                 Generation(BOB, "Bob Marley ( I do not know.")], ARTICLES, None, bootstrap=50, nlp=nlp)
+    record = {"attributes": {"birth_date": "May 1, 1950", "birth_city": "Oslo", "university": "Oakridge College",
+                             "field": "law", "employer": "Zephyr Media", "employer_city": "Riga"}}
+    person = SimpleNamespace(doc_id="p", name="P", title="P")
+    synth = score_records("synth", [Generation(person, "P was born on May 1, 1950. P studied law.")], {"p": record},
+                          bootstrap=50)
+    assert isinstance(wiki, Row) and isinstance(synth, Row)
+    shared = ("precision", "precision_lo", "precision_hi", "precision_lenient", "respond_ratio", "claims_per_response",
+              "supported_per_person", "factscore", "informative_responses", "entity_scores", "entity_factscore")
+    for row in (wiki, synth):
+        assert all(getattr(row, name) is not None for name in shared), row.system
+        assert Row.from_dict(row.to_dict()) == row
+    assert set(wiki.attributes) == {"birth_year", "birth_place", "occupation"}
+    assert synth.attributes["birth_date"] == (1, 1) and synth.attributes["university"] == (0, 0)
+    assert {f.name for f in fields(Row)} >= set(shared)

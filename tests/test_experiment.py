@@ -35,7 +35,8 @@ def _rows(results) -> dict[str, dict]:
 def ray_run(ray_session, mlflow_uri, tmp_path_factory):
     from jobs.experiment import run
 
-    run_dir = tmp_path_factory.mktemp("experiment") / "run"
+    root = tmp_path_factory.mktemp("experiment")
+    run_dir = root / "run"
     cfg = load_config("configs/tiny.yaml", [
         "--run_dir", str(run_dir), "--data.max_docs", "150", "--train.max_steps", "6",
         "--experiment.rules", "[plain, lacy]", "--eval.entities", "4", "--eval.call_rates", "[0.22]",
@@ -43,7 +44,7 @@ def ray_run(ray_session, mlflow_uri, tmp_path_factory):
         "--eval.bootstrap", "100",
         "--experiment.views", "2", "--experiment.eval_concurrency", "1", "--serve.port", str(_free_port()),
         "--mlflow.tracking_uri", mlflow_uri, "--mlflow.experiment", "test-experiment"])
-    return cfg, run(cfg)
+    return cfg, run(cfg, publish=str(root / "docs"), command="python -m jobs.experiment --config configs/tiny.yaml")
 
 
 def test_ray_experiment_table_views_and_mlflow(ray_run, mlflow_uri):
@@ -67,6 +68,19 @@ def test_ray_experiment_table_views_and_mlflow(ray_run, mlflow_uri):
         assert 1 <= calibration["rounds"] <= 2 and 0 <= calibration["realised_rate"] <= 1, calibration
     assert (results / "precision_vs_call_rate-steps-retrieval.png").stat().st_size > 1000
     assert 'data-source="prompt"' in (results / "view-lacy-steps.html").read_text()
+    # The report: the narrow headline, then the method table, under its command, commit and machine;
+    # published beside its plots for the README to link.
+    report = (results / "report.md").read_text()
+    assert "`python -m jobs.experiment --config configs/tiny.yaml` at commit" in report and "cores, load" in report
+    headline = report.split("## Headline")[1].split("## Method table")[0]
+    for needle in ("| big alone (retrieval) |", "| lacy alone |", "| lacy + retrieval / p_call |",
+                   "| plain + plain / confidence |", "correct / person [CI]"):
+        assert needle in headline
+    assert table.split("\n", 2)[2] in report  # the method table, whole
+    docs = results.parent.parent / "docs"
+    assert (docs / "run.md").read_text().startswith(report)
+    assert "![precision_vs_call_rate-steps-retrieval](run-precision_vs_call_rate-steps-retrieval.png)" in (
+        docs / "run.md").read_text() and (docs / "run-precision_vs_call_rate-steps-retrieval.png").is_file()
     final = cfg.run_dir + "/train/lacy-steps/final"
     assert json.loads(open(final + "/training_summary.json").read())["trainer"] == "jobs.pretrain"
 

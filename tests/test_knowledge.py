@@ -88,16 +88,6 @@ def test_search_restricted_to_a_title(store):
     assert store.search("physicist", k=5, title="No Such Article") == []
 
 
-def test_topic_passages_by_id_or_title_with_lead_fallback(store):
-    by_id = store.topic_passages("1", "Nobel Prize", k=2)
-    by_title = store.topic_passages("Marie Curie", "Nobel Prize", k=2)
-    assert by_id == by_title and by_id[0].doc_id == "1" and "Nobel" in by_id[0].text
-    # No passage of the article matches: its lead passages, in order.
-    lead = store.topic_passages("1", "Vistula", k=2)
-    assert [p.start_char for p in lead] == [p.start_char for p in store.passages_of("1")[:2]]
-    assert store.topic_passages("unknown", "Curie", k=2) == []
-
-
 def test_add_replaces_changed_documents_and_persists(tmp_path):
     path = tmp_path / "kb.sqlite"
     build_store(DOCS, path, passage_words=8)
@@ -174,7 +164,6 @@ def test_hostile_queries_never_raise_and_mean_their_words(store, query):
     words = " ".join(match_terms(query))
     assert store.search(query, k=3) == store.search(words, k=3)
     assert store.search(query, k=3, title="Warsaw") == store.search(words, k=3, title="Warsaw")
-    store.topic_passages("3", query, k=2)
     assert store.counts() == (4, 10)
 
 
@@ -209,7 +198,6 @@ def test_any_text_query_is_safe(store, query):
     result = store.search(query, k=2)
     assert result == store.search(" ".join(match_terms(query)), k=2)
     store.search(query, k=2, title=query)
-    store.topic_passages(query, query, k=2)
 
 
 # ----------------------------------------------------------------------------------------------

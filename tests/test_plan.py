@@ -141,3 +141,52 @@ def test_calibrate_command_holds_the_rate_with_calls_on_for_the_configs_calibrat
     assert open_loop["log_odds"] == pytest.approx(float(np.quantile(scores, 0.7))) and open_loop["rounds"] == 0
     with pytest.raises(SystemExit, match="--small"):
         main(["--config", "configs/synthbio-tiny.yaml", "--rate", "0.2"])
+
+
+def test_cached_thresholds_answer_only_for_the_same_question(tmp_path, tiny_tokenizer):
+    """results/thresholds.json is keyed by everything that changes it: adding a trigger to a run
+    recalibrates (it once reused the file without the new trigger's thresholds)."""
+    import torch
+
+    from lacy.core.config import ModelConfig
+    from lacy.eval.generate import LocalGenerator
+    from lacy.eval.plan import thresholds_stage
+    from lacy.model import build_model
+
+    for name, seed in (("lacy-steps", 0), ("big", 1)):
+        torch.manual_seed(seed)
+        build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    overrides = ["--run_dir", str(tmp_path / "run"), "--big.path", str(tmp_path / "big"), "--experiment.big_models",
+                 "[plain]", "--cascade.max_new_tokens", "8", "--eval.calibration_rounds", "1"]
+    cfg = load_config("configs/synthbio-tiny.yaml", overrides)
+    pop, models = population(cfg, corpus_for(cfg)), {"lacy-steps": str(tmp_path / "lacy-steps")}
+    gen = LocalGenerator(cfg, models)
+    first = thresholds_stage(cfg, models, {"lacy-steps": "k1"}, pop, gen)
+    assert set(first) == {"lacy-steps+plain/p_call/0.22"}
+    path = tmp_path / "run" / "results" / "thresholds.json"
+    stamp = path.stat().st_mtime_ns
+    assert thresholds_stage(cfg, models, {"lacy-steps": "k1"}, pop, gen) == first and path.stat().st_mtime_ns == stamp
+    both = load_config("configs/synthbio-tiny.yaml", [*overrides, "--experiment.triggers", "[p_call, confidence]"])
+    assert set(thresholds_stage(both, models, {"lacy-steps": "k1"}, pop, gen)) == {
+        "lacy-steps+plain/p_call/0.22", "lacy-steps+plain/confidence/0.22"}
+    stamp = path.stat().st_mtime_ns
+    fewer = population(cfg, corpus_for(cfg))
+    fewer.calibration = fewer.calibration[:2]  # other calibration people: calibrated again
+    thresholds_stage(both, models, {"lacy-steps": "k1"}, fewer, gen)
+    assert path.stat().st_mtime_ns != stamp
+
+
+def test_an_experiment_that_cannot_be_evaluated_stops_before_anything_trains(tmp_path, embedded_docs):
+    """A corpus of files names no people: the experiment refuses at once, not after every model trained."""
+    import json
+
+    from lacy.corpus.corpora import CorpusError
+    from lacy.experiment import run
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in embedded_docs[:40]))
+    cfg = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "run"), "--data.corpus", str(corpus)])
+    with pytest.raises(CorpusError, match="names no people to evaluate.*--until train"):
+        run(cfg)
+    assert not (tmp_path / "run" / "shards").exists() and not (tmp_path / "run" / "train").exists()

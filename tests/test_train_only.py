@@ -14,7 +14,7 @@ import pytest
 
 from lacy.core.config import load_config
 
-BLOCKED = ("ray", "deepspeed", "mlflow", "spacy")
+BLOCKED = ("ray", "deepspeed", "mlflow", "spacy", "fastapi", "starlette", "matplotlib", "httpx", "psutil")
 """What the GPU machine's image lacks: importing any of them fails in the subprocess."""
 
 
@@ -100,3 +100,4 @@ def test_a_different_tokenizer_is_refused(run_dir, tmp_path, embedded_docs):
     shutil.rmtree(tmp_path / "tokenizer")
     with pytest.raises(FileNotFoundError, match="/elsewhere/tokenizer"):
         load_shard_tokenizer(tmp_path / "shards")
+

@@ -78,10 +78,6 @@ class KnowledgeStore(Protocol):
         """All passages of one document in text order (empty if unknown)."""
         ...
 
-    def topic_passages(self, title_or_doc_id: str, query: str, k: int) -> list[Passage]:
-        """Top-`k` passages of one article (by id, else by title) for `query`."""
-        ...
-
 
 def match_terms(query: str, max_terms: int = MAX_QUERY_TERMS) -> list[str]:
     """The query's distinct lower-cased words, stopwords dropped unless nothing else is left."""
@@ -273,18 +269,6 @@ class SqlitePassageStore:
             terms = self._informative(match_terms(query))
             return self._ranked(_fts_or(terms), k, doc_ids=None) if terms else []
         return self._search_in(self.doc_ids(title), query, k)
-
-    def topic_passages(self, title_or_doc_id: str, query: str, k: int) -> list[Passage]:
-        """Top-`k` passages of one article: `title_or_doc_id` is a document id if one exists, else a
-        title. When no passage of it matches `query`, its first `k` passages (the lead) are returned."""
-        if self._db.execute("SELECT 1 FROM docs WHERE doc_id = ?", (title_or_doc_id,)).fetchone():
-            doc_ids = [title_or_doc_id]
-        else:
-            doc_ids = self.doc_ids(title_or_doc_id)
-        found = self._search_in(doc_ids, query, k)
-        if found or k <= 0:
-            return found
-        return [p for d in doc_ids for p in self.passages_of(d)][:k]
 
     def _informative(self, terms: list[str]) -> list[str]:
         """`terms` less the most common ones (in more than `common_share` of passages), keeping at

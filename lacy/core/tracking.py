@@ -10,7 +10,6 @@ and experiments get an absolute artifact location.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from lacy.core.config import ConfigError, LacyConfig, to_dict
-from lacy.core.paths import REPO_ROOT
+from lacy.core.provenance import git_sha
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -56,18 +55,6 @@ def _artifact_location(uri: str) -> str | None:
     if not uri.startswith(_SQLITE):
         return None
     return (Path(uri[len(_SQLITE):]).parent / "mlartifacts").as_uri()
-
-
-def git_sha() -> str | None:
-    """The checkout's commit, or None outside a git checkout (e.g. a `ray job submit` working dir)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, str]:
