@@ -5,8 +5,8 @@
 For each corpus: build the store (or reuse it with --reuse), then time a few hundred queries of three
 kinds, all with k=3: a person's name (`search(name)`), a sentence (the first sentence of a random
 article) and the strict evaluator's call (`search("born year", k, title=name)`, in one article). The
-baseline, in the same run on the same file, is what one does without a full-text index: a `LIKE '%name%'` scan over every
-passage (on a handful of names: it is slow). Reported as the ratio of its p50 to FTS5's.
+baseline, in the same run on the same file, is what one does without a full-text index: a `LIKE '%name%'`
+scan over every passage (on a handful of names: it is slow). Reported as the ratio of its p50 to FTS5's.
 """
 
 from __future__ import annotations
