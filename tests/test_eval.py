@@ -288,7 +288,7 @@ def test_view_spans_escape_every_attribute():
 
 def evaluate_system(name, generate_fn, entities, articles, store, *, prompt_style="lead", **kwargs) -> dict:
     """The row of the biographies `generate_fn(prompt)` writes for `entities`, as the report reads it."""
-    gens = biographies(lambda _entity, prompt: generate_fn(prompt), entities, prompt_style)
+    gens = biographies(entities, [generate_fn(bio_prompt(e, prompt_style)) for e in entities], prompt_style)
     return score_claims(name, gens, articles, store, **kwargs).to_dict()
 
 
@@ -347,7 +347,7 @@ def test_leakage_on_hand_made_probes():
                "The city had a population of": "The city had a population of 1234 in 1900.",  # prompt echoed
                "She was born in": " Leedsville.",                                             # not the word
                "He painted": " a portrait of the Mona Lisa."}           # contained, not at the start
-    report = leakage(lambda prefix: answers[prefix], probes)
+    report = leakage(probes, [answers[p.prefix] for p in probes])
     assert report.hits == [True, True, False, True]
     assert (report.probes, report.leaked, report.rate) == (4, 3, 0.75)
     assert report.continuations[1] == " 1234 in 1900."
@@ -357,7 +357,7 @@ def test_leakage_on_hand_made_probes():
     assert wilson_interval(0, 300)[1] == pytest.approx(0.0126, abs=1e-3)  # hundreds of probes: a tight CI
     assert leaks(" The Mona Lisa!", "the Mona Lisa")
     with pytest.raises(ValueError):
-        leakage(lambda p: "", [])
+        leakage([], [])
 
 
 def test_make_leak_probes(nlp):
@@ -376,8 +376,8 @@ def test_make_leak_probes(nlp):
     # A perfect memoriser of the documents leaks every probe; one that answers <CALL>-free noise none.
     texts = {d["id"]: d["text"] for d in docs}
     perfect = {p.prefix: texts[p.doc_id][len(p.prefix):] for p in probes}
-    assert leakage(lambda prefix: perfect[prefix], probes).rate == 1.0
-    assert leakage(lambda prefix: " the", probes).rate == 0.0
+    assert leakage(probes, [perfect[p.prefix] for p in probes]).rate == 1.0
+    assert leakage(probes, [" the"] * len(probes)).rate == 0.0
     # Long prefixes are cut at a word boundary to the last max_prefix_chars characters.
     cut = make_leak_probes(docs[1:2], nlp, n=1, seed=0, min_prefix_chars=60, max_prefix_chars=30)[0]
     assert len(cut.prefix) <= 30 and ADA_ARTICLE.find(cut.prefix) > 0

@@ -22,6 +22,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TINY_RUN = ["--data.max_docs", "150", "--train.max_steps", "6", "--experiment.rules", "[plain, lacy]",
+            "--eval.entities", "4", "--eval.call_rates", "[0.22]", "--eval.calibration_entities", "3",
+            "--eval.calibration_rounds", "2", "--eval.leakage_facts", "6", "--eval.bootstrap", "100",
+            "--experiment.views", "2", "--experiment.eval_concurrency", "1"]
+"""The tiny experiment every test here evaluates (run_dir, port and MLflow added per run)."""
+
+
 def _rows(results) -> dict[str, dict]:
     """Evaluation rows by system, without what may differ between runs (timings)."""
     out = {}
@@ -38,11 +45,7 @@ def ray_run(ray_session, mlflow_uri, tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
     run_dir = root / "run"
     cfg = load_config("configs/tiny.yaml", [
-        "--run_dir", str(run_dir), "--data.max_docs", "150", "--train.max_steps", "6",
-        "--experiment.rules", "[plain, lacy]", "--eval.entities", "4", "--eval.call_rates", "[0.22]",
-        "--eval.calibration_entities", "3", "--eval.calibration_rounds", "2", "--eval.leakage_facts", "6",
-        "--eval.bootstrap", "100",
-        "--experiment.views", "2", "--experiment.eval_concurrency", "1", "--serve.port", str(_free_port()),
+        *TINY_RUN, "--run_dir", str(run_dir), "--serve.port", str(_free_port()),
         "--mlflow.tracking_uri", mlflow_uri, "--mlflow.experiment", "test-experiment"])
     return cfg, run(cfg, publish=str(root / "docs"), command="python -m jobs.experiment --config configs/tiny.yaml")
 
@@ -64,7 +67,7 @@ def test_ray_experiment_table_views_and_mlflow(ray_run, mlflow_uri):
     cascades = {f"{m}+{b}/{t}/0.22" for m, t in (("lacy-steps", "p_call"), ("lacy-steps", "confidence"),
                                                  ("plain-steps", "confidence")) for b in ("plain", "retrieval")}
     assert cascades == set(thresholds) - {"key"}
-    for calibration in (thresholds[k] for k in cascades):  # measured with calls on, through Serve
+    for calibration in (thresholds[k] for k in cascades):  # measured with calls on, on Ray Data's actors
         assert 1 <= calibration["rounds"] <= 2 and 0 <= calibration["realised_rate"] <= 1, calibration
     assert (results / "precision_vs_call_rate-steps-retrieval.png").stat().st_size > 1000
     assert 'data-source="prompt"' in (results / "view-lacy-steps.html").read_text()
@@ -110,12 +113,7 @@ def test_one_process_pipeline_gives_the_same_shards_and_table(ray_run, tmp_path)
     from lacy.shards.scoring import build_shards
 
     cfg, results = ray_run
-    local = load_config("configs/tiny.yaml", [
-        "--run_dir", str(tmp_path / "run"), *[a for pair in (
-            ("--data.max_docs", "150"), ("--train.max_steps", "6"), ("--experiment.rules", "[plain, lacy]"),
-            ("--eval.entities", "4"), ("--eval.call_rates", "[0.22]"), ("--eval.calibration_entities", "3"),
-            ("--eval.calibration_rounds", "2"), ("--eval.leakage_facts", "6"), ("--eval.bootstrap", "100"),
-            ("--experiment.views", "2"), ("--experiment.eval_concurrency", "1")) for a in pair]])
+    local = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "run"), *TINY_RUN])
     # Shards afresh, in one process, with the Ray run's tokenizer: byte for byte the same files.
     fresh = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "fresh"), "--data.max_docs", "150",
                                               "--tokenizer.path", f"{cfg.run_dir}/tokenizer"])
@@ -132,3 +130,18 @@ def test_one_process_pipeline_gives_the_same_shards_and_table(ray_run, tmp_path)
     for system, row in theirs.items():
         assert ours[system] == row, system
     assert (local_results / "table.md").read_text() == (results / "table.md").read_text()
+
+
+
+def test_the_serve_evaluator_writes_the_batch_evaluations_table(ray_run, mlflow_uri, tmp_path):
+    """`--experiment.evaluator serve` (HTTP requests to the cascade's Serve app, the online product) over a
+    copy of the run without its results: the thresholds and rows the batch path wrote on Ray Data."""
+    from jobs.experiment import run
+
+    cfg, results = ray_run
+    shutil.copytree(cfg.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("results", "mlflow.db"))
+    served = run(load_config("configs/tiny.yaml", [
+        *TINY_RUN, "--run_dir", str(tmp_path / "run"), "--experiment.evaluator", "serve", "--serve.port",
+        str(_free_port()), "--mlflow.tracking_uri", mlflow_uri, "--mlflow.experiment", "test-serve-evaluator"]))
+    assert json.loads((served / "thresholds.json").read_text()) == json.loads((results / "thresholds.json").read_text())
+    assert _rows(served) == _rows(results)

@@ -95,7 +95,7 @@ def test_the_big_model_alone_writes_in_batches_what_it_writes_one_by_one(tmp_pat
     alone = [gen.generate(r) for r in requests]
     assert [b.text for b in batched] == [a.text for a in alone]
     assert [b.spans for b in batched] == [a.spans for a in alone]
-    with pytest.raises(ValueError, match="model None"):
+    with pytest.raises(ValueError, match=r"no small model \['lacy'\] here"):
         gen.generate_many([Request("x", "lacy", "plain")])
 
 
@@ -190,3 +190,44 @@ def test_an_experiment_that_cannot_be_evaluated_stops_before_anything_trains(tmp
     with pytest.raises(CorpusError, match="names no people to evaluate.*--until train"):
         run(cfg)
     assert not (tmp_path / "run" / "shards").exists() and not (tmp_path / "run" / "train").exists()
+
+
+def test_the_batch_path_writes_what_each_request_alone_writes(tmp_path, tiny_tokenizer, embedded_docs):
+    """Offline evaluation decodes every person of a row together (small steps as one forward pass, pending
+    big calls as one batch); a cascade decoding each request alone — what a Serve replica does — writes
+    the same texts and spans, calls and decision points, with retrieval and with the plain big model."""
+    import torch
+
+    from lacy.cascade.big import BigSession
+    from lacy.cascade.engine import Cascade
+    from lacy.cascade.knowledge import build_store
+    from lacy.cascade.lm import SmallLM
+    from lacy.core.config import ModelConfig
+    from lacy.corpus.corpora import knowledge_document
+    from lacy.eval.generate import LocalGenerator, Request
+    from lacy.model import build_model
+
+    for name, seed, context in (("small", 0, 96), ("big", 1, 512)):
+        torch.manual_seed(seed)
+        build_model(ModelConfig(preset="tiny", seq_len=context), tiny_tokenizer).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    people = [d for d in embedded_docs if d.get("topic") == "People"][:24]
+    build_store((knowledge_document(d) for d in embedded_docs), tmp_path / "knowledge.sqlite", passage_words=40)
+    cfg = load_config(None, ["--run_dir", str(tmp_path), "--big.path", str(tmp_path / "big"),
+                             "--cascade.max_new_tokens", "20", "--eval.batch_people", "16"])
+    gen = LocalGenerator(cfg, {"small": str(tmp_path / "small")})
+    requests = [Request(d["title"], "small", big, trigger, threshold, 20, topic=d["title"])
+                for d in people for big, trigger, threshold in (("retrieval", "confidence", 2.0),
+                                                                  ("plain", "p_call", -0.5))]
+    requests += [Request(d["title"] + " was", "small", None, max_tokens=8) for d in people[:4]]  # small alone
+    batched = gen.generate_many(requests)
+    model, tokenizer = gen.small["small"]
+    for request, out in zip(requests, batched, strict=True):
+        big = None if request.big is None else BigSession(gen.big, retrieval=request.big == "retrieval")
+        alone = Cascade(SmallLM(model, tokenizer), big, cfg.cascade).generate(
+            request.prompt, call_log_odds=request.threshold, trigger=request.trigger, max_new_tokens=request.max_tokens,
+            allow_calls=big is not None, topic=request.topic if request.big == "retrieval" else None)
+        assert (out.text, out.spans) == (alone.text, [(s.text, s.source) for s in alone.spans]), request
+        assert (out.calls, out.decision_points) == (alone.calls, alone.decision_points)
+    assert sum(out.calls for out in batched) > 20  # the big model wrote in many of them
+    assert len({out.text for out in batched}) > 20

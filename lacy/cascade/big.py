@@ -145,9 +145,16 @@ class BigSession:
 
     def continue_text(self, text: str, *, unit: str = "word", max_tokens: int = 8, topic: str | None = None) -> str:
         """The big model's continuation of `text` (BigModelError when it has none)."""
-        call = BigCall(self.id, text, unit, max_tokens, self.retrieval, topic)
         with self.waiting():
-            (reply,) = self.big.continue_batch([call], self.cancel)
+            (reply,) = self.big.continue_batch([self.call(text, unit, max_tokens, topic)], self.cancel)
+        return self.take(reply)
+
+    def call(self, text: str, unit: str = "word", max_tokens: int = 8, topic: str | None = None) -> BigCall:
+        """This session's call to continue `text` (to send with other sessions' in one batch)."""
+        return BigCall(self.id, text, unit, max_tokens, self.retrieval, topic)
+
+    def take(self, reply: BigReply) -> str:
+        """The words of a reply to one of this session's calls, its tokens counted (BigModelError if none)."""
         reply.result()
         self.tokens_processed += reply.processed
         self.tokens_generated += reply.generated

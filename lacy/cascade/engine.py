@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from lacy.cascade.batching import feed_many
 from lacy.cascade.big import BigModelError, BigSession
 from lacy.cascade.lm import SmallLM
 from lacy.cascade.policy import CALL_POLICIES, Quantiles, log_odds, several_policies
@@ -91,6 +92,112 @@ class _Run:
     stop_reason: Literal["eos", "max_new_tokens", "context", "stopped", "error"] = "stopped"
 
 
+@dataclass(frozen=True)
+class Feed:
+    """The decoding needs the small model to read these ids after its cache (prepared by `prepare`)."""
+
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class Call:
+    """The decoding needs the big model to continue `text` (its words are sent back)."""
+
+    text: str
+    topic: str | None
+
+
+class Decoding:
+    """One generation under way: the cascade's decoding as a coroutine (`steps`) that yields what it
+    needs next — a `Span` it wrote, a `Feed` for the small model, a `Call` for the big model (answered by
+    sending the big model's words back) — so that one request (`Cascade.generate_stream`) or many at once
+    (`generate_batch`: every small step of a batch one forward pass, every pending call one big-model
+    batch) run the same decisions."""
+
+    def __init__(self, cascade: Cascade, prompt: str, decide: Any, steps: int, trigger: str, topic: str | None,
+                 temperature: float, top_p: float, generator: torch.Generator | None) -> None:
+        self.cascade, self.prompt, self.decide, self.steps = cascade, prompt, decide, steps
+        self.trigger, self.topic, self.temperature, self.top_p = trigger, topic, temperature, top_p
+        self.generator = generator
+        self.run = _Run(text=prompt)
+        self.big_seconds = 0.0
+        small, big = cascade.small, cascade.big
+        self.before = (small.tokens_processed, small.seconds, *_big_counters(big))
+
+    def steps_of(self) -> Iterator[Span | Feed | Call]:
+        """The decoding itself (see `Cascade.generate_stream` for its rules)."""
+        cfg, small, run = self.cascade.cfg, self.cascade.small, self.run
+
+        def flush(pending: list[int]) -> Span:
+            # Small tokens whose decoded text is complete (or final) become one span of the text.
+            run.text += (piece := small.decode(pending))
+            run.spans.append(Span(piece, "small"))
+            pending.clear()
+            return run.spans[-1]
+
+        if new := small.prepare(small.encode(self.prompt)):  # a prompt too long raises here, before any output
+            yield Feed(new)
+        prompt_len = len(small.ids)
+        pending: list[int] = []  # small tokens since the last emitted span (incomplete UTF-8 waits)
+        if self.prompt:
+            run.spans.append(Span(self.prompt, "prompt"))
+            yield run.spans[-1]
+        run.stop_reason = "max_new_tokens"
+        for _ in range(self.steps):
+            if small.room() <= 0:
+                run.stop_reason = "context"
+                break
+            logits = small.next_logits(allow_call=False)
+            _block_repeats(logits, small.ids[prompt_len:], cfg.no_repeat_ngram)
+            token = _choose(logits, self.temperature, self.top_p, self.generator)
+            at_word_start = not cfg.word_start_only or _word_start(run.text, small.decode([token]))
+            if at_word_start:
+                run.call_scores.append(small.call_score(self.trigger))
+            if self.decide is not None and at_word_start:
+                run.decision_points += 1
+                if self.decide(run.call_scores[-1]):
+                    if pending:
+                        yield flush(pending)
+                    run.calls += 1
+                    run.stop_reason = "error"
+                    words = yield Call(run.text, self.topic)
+                    run.stop_reason = "max_new_tokens"
+                    if words:
+                        run.text += words
+                        run.spans.append(Span(words, "big"))
+                        yield run.spans[-1]
+                        ids = small.encode(run.text)
+                        if small.max_positions is not None and len(ids) > small.max_positions:
+                            # The big model's words filled the small model's context.
+                            run.stop_reason = "context"
+                            break
+                        if new := small.prepare(ids):
+                            yield Feed(new)
+                        continue
+                    # The big model had nothing to add (EOS): the small model writes this step.
+            if token == small.eos_id:
+                run.stop_reason = "eos"
+                break
+            yield Feed([token])
+            run.small_tokens += 1
+            pending.append(token)
+            if not small.decode(pending).endswith("\ufffd"):
+                yield flush(pending)
+        if pending:
+            yield flush(pending)
+
+    def result(self) -> CascadeResult:
+        run, small = self.run, self.cascade.small
+        after = (small.tokens_processed, small.seconds, *_big_counters(self.cascade.big))
+        before = self.before
+        return CascadeResult(
+            text=run.text, spans=_merge(run.spans), calls=run.calls, small_tokens=run.small_tokens,
+            big_tokens=after[3] - before[3], decision_points=run.decision_points,
+            call_rate=run.calls / run.decision_points if run.decision_points else 0.0, call_scores=run.call_scores,
+            tokens_processed={"small": after[0] - before[0], "big": after[2] - before[2]},
+            timings={"small": after[1] - before[1], "big": self.big_seconds}, stop_reason=run.stop_reason)
+
+
 class Cascade:
     """Small model + big model. `big` may be None when calls are never made (calibration, small-alone).
 
@@ -115,19 +222,11 @@ class Cascade:
         assert self.result is not None
         return self.result
 
-    def generate_stream(self, prompt: str, *, call_threshold: float | None = None,
-                        call_log_odds: float | None = None, call_rate: float | None = None,
-                        trigger: str | None = None,
-                        max_new_tokens: int | None = None, allow_calls: bool = True,
-                        topic: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                        seed: int | None = None) -> Iterator[Span]:
-        """Yield spans as they are written: the prompt, then one per small token or big call.
-
-        `self.result` holds the CascadeResult once the iterator ends. A `<CALL>` is one of the
-        `max_new_tokens` small-model steps (its big-model words are not counted), which also bounds the
-        work of a small model that calls at every step. Closing the iterator early (a consumer that has
-        what it needs) stops decoding and calling at once.
-        """
+    def start(self, prompt: str, *, call_threshold: float | None = None, call_log_odds: float | None = None,
+              call_rate: float | None = None, trigger: str | None = None, max_new_tokens: int | None = None,
+              allow_calls: bool = True, topic: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+              seed: int | None = None) -> Decoding:
+        """A generation of `prompt` under the request's policy, checked, not yet decoded (`Decoding`)."""
         trigger = self.cfg.trigger if trigger is None else trigger
         if trigger not in TRIGGERS:
             raise ValueError(f"unknown call trigger {trigger!r}; choose from {TRIGGERS}")
@@ -143,83 +242,46 @@ class Cascade:
         if temperature > 0:
             generator = torch.Generator()
             generator.manual_seed(seed) if seed is not None else generator.seed()
+        return Decoding(self, prompt, decide, steps, trigger, topic, temperature, top_p, generator)
+
+    def generate_stream(self, prompt: str, **policy: Any) -> Iterator[Span]:
+        """Yield spans as they are written: the prompt, then one per small token or big call.
+
+        `self.result` holds the CascadeResult once the iterator ends. A `<CALL>` is one of the
+        `max_new_tokens` small-model steps (its big-model words are not counted), which also bounds the
+        work of a small model that calls at every step. Closing the iterator early (a consumer that has
+        what it needs) stops decoding and calling at once. The policy keywords are `start`'s.
+        """
+        decoding = self.start(prompt, **policy)
         self.result = None
-        small, big = self.small, self.big
-        before = (small.tokens_processed, small.seconds, *_big_counters(big))
-        run = _Run(text=prompt)
-        big_seconds = 0.0
-
-        def flush(pending: list[int]) -> Span:
-            # Small tokens whose decoded text is complete (or final) become one span of the text.
-            run.text += (piece := small.decode(pending))
-            run.spans.append(Span(piece, "small"))
-            pending.clear()
-            return run.spans[-1]
-
-        small.sync_text(prompt)  # a prompt too long for the small model raises here, before any output
-        prompt_len = len(small.ids)
-        pending: list[int] = []  # small tokens since the last emitted span (incomplete UTF-8 waits)
+        steps = decoding.steps_of()
         try:
-            if prompt:
-                run.spans.append(Span(prompt, "prompt"))
-                yield run.spans[-1]
-            run.stop_reason = "max_new_tokens"
-            for _ in range(steps):
-                if small.room() <= 0:
-                    run.stop_reason = "context"
-                    break
-                logits = small.next_logits(allow_call=False)
-                _block_repeats(logits, small.ids[prompt_len:], self.cfg.no_repeat_ngram)
-                token = _choose(logits, temperature, top_p, generator)
-                at_word_start = not self.cfg.word_start_only or _word_start(run.text, small.decode([token]))
-                if at_word_start:
-                    run.call_scores.append(small.call_score(trigger))
-                if decide is not None and at_word_start:
-                    run.decision_points += 1
-                    if decide(run.call_scores[-1]):
-                        if pending:
-                            yield flush(pending)
-                        run.calls += 1
-                        start = time.perf_counter()
-                        run.stop_reason = "error"
-                        words = self._call_big(run.text, topic)
-                        run.stop_reason = "max_new_tokens"
-                        big_seconds += time.perf_counter() - start
-                        if words:
-                            run.text += words
-                            run.spans.append(Span(words, "big"))
-                            yield run.spans[-1]
-                            ids = small.encode(run.text)
-                            if small.max_positions is not None and len(ids) > small.max_positions:
-                                # The big model's words filled the small model's context.
-                                run.stop_reason = "context"
-                                break
-                            small.sync(ids)
-                            continue
-                        # The big model had nothing to add (EOS): the small model writes this step.
-                if token == small.eos_id:
-                    run.stop_reason = "eos"
-                    break
-                small.append(token)
-                run.small_tokens += 1
-                pending.append(token)
-                if not small.decode(pending).endswith("\ufffd"):
-                    yield flush(pending)
-            if pending:
-                yield flush(pending)
+            need = next(steps)
+            while True:
+                if isinstance(need, Span):
+                    yield need
+                    need = steps.send(None)
+                elif isinstance(need, Feed):
+                    self.small.feed(need.ids)
+                    need = steps.send(None)
+                else:
+                    start = time.perf_counter()
+                    try:
+                        words = self._call_big(need.text, need.topic)
+                    except BigModelError as err:
+                        decoding.big_seconds += time.perf_counter() - start
+                        need = steps.throw(err)
+                        continue
+                    decoding.big_seconds += time.perf_counter() - start
+                    need = steps.send(words)
+        except StopIteration:
+            pass
         except GeneratorExit:
-            run.stop_reason = "stopped"
+            decoding.run.stop_reason = "stopped"
             raise
         finally:
-            after = (small.tokens_processed, small.seconds, *_big_counters(big))
-            self.result = CascadeResult(
-                text=run.text, spans=_merge(run.spans), calls=run.calls, small_tokens=run.small_tokens,
-                big_tokens=after[3] - before[3], decision_points=run.decision_points,
-                call_rate=run.calls / run.decision_points if run.decision_points else 0.0,
-                call_scores=run.call_scores,
-                tokens_processed={"small": after[0] - before[0], "big": after[2] - before[2]},
-                timings={"small": after[1] - before[1], "big": big_seconds},
-                stop_reason=run.stop_reason)
+            steps.close()
+            self.result = decoding.result()
 
     def _decider(self, call_threshold: float | None, call_log_odds: float | None, call_rate: float | None,
                  trigger: str):
@@ -304,3 +366,49 @@ def _merge(spans: list[Span]) -> list[Span]:
         else:
             merged.append(Span(span.text, span.source))
     return merged
+
+
+def generate_batch(decodings: Sequence[Decoding]) -> list[CascadeResult]:
+    """Many generations decoded together: every round, the small-model reads of all sessions that need
+    one run as one forward pass (`lacy.cascade.batching.feed_many`; one per small model) and every pending
+    big-model call as one `continue_batch` (one per big model), each session keeping its KV caches. The
+    decisions are `Decoding`'s, so each text is what `Cascade.generate` writes alone, up to the float
+    rounding of batched passes. A big-model failure raises (with the results so far in nobody's hands:
+    an evaluation must not go on without its big side)."""
+    live = {i: d.steps_of() for i, d in enumerate(decodings)}
+    needs: dict[int, Any] = {}
+    for i, steps in list(live.items()):
+        _advance(live, needs, i, steps, None)
+    while needs:
+        feeds = [i for i, need in needs.items() if isinstance(need, Feed)]
+        calls = [i for i, need in needs.items() if isinstance(need, Call)]
+        if feeds:
+            feed_many([decodings[i].cascade.small for i in feeds], [needs[i].ids for i in feeds])
+            for i in feeds:
+                _advance(live, needs, i, live[i], None)
+        by_big: dict[int, list[int]] = {}
+        for i in calls:
+            by_big.setdefault(id(decodings[i].cascade.big.big), []).append(i)
+        for members in by_big.values():
+            sessions = [decodings[i].cascade.big for i in members]
+            batch = [s.call(needs[i].text, decodings[i].cascade.cfg.big_unit, decodings[i].cascade.cfg.big_max_tokens,
+                            needs[i].topic) for s, i in zip(sessions, members, strict=True)]
+            start = time.perf_counter()
+            replies = sessions[0].big.continue_batch(batch)
+            seconds = time.perf_counter() - start
+            for session, i, reply in zip(sessions, members, replies, strict=True):
+                decodings[i].big_seconds += seconds
+                _advance(live, needs, i, live[i], session.take(reply))
+    return [d.result() for d in decodings]
+
+
+def _advance(live: dict[int, Any], needs: dict[int, Any], i: int, steps: Any, value: str | None) -> None:
+    """Run one decoding on to its next need of a model (spans it records itself), or to its end."""
+    try:
+        need = steps.send(value) if value is not None or i in needs else next(steps)
+        while isinstance(need, Span):
+            need = steps.send(None)
+        needs[i] = need
+    except StopIteration:
+        needs.pop(i, None)
+        del live[i]

@@ -187,6 +187,7 @@ def continue_batch(lms: Sequence[BigLM], texts: Sequence[str], *, units: Sequenc
 
     if stats is not None:
         stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - start
+        stats["decode_tokens"] = stats.get("decode_tokens", 0) + sum(fed)
     # Once a session stops it stays stopped, so its valid cache is its padded-away prefix plus the
     # first fed[i] appended columns; later columns are masked filler.
     for i, lm in enumerate(lms):
@@ -214,15 +215,17 @@ class HFBig:
         self.stats: dict[str, float] = {"batches": 0, "calls": 0, "wait_s": 0.0, "arrival_s": 0.0}
         """Batches and calls so far, seconds the calls waited from `sent` to their batch's start (of
         which arrival_s: from `sent` to reaching the replica, see `arrived`), and
-        continue_batch's prefill_s / prefill_tokens / decode_s / decode_steps (the bench profiles these)."""
+        continue_batch's prefill_s / prefill_tokens / decode_s / decode_steps / decode_tokens (the benches
+        profile these)."""
 
     @classmethod
     def from_config(cls, cfg: LacyConfig, device: str | None = None) -> HFBig:
-        """`big.path` in `big.dtype` on `device` (default: cuda when serve.big_gpus reserves a GPU)."""
+        """`big.path` in `big.dtype` on `device` (default: cuda when serve.big_gpus reserves a GPU), keeping
+        the sessions of a Serve replica's requests or of a batch evaluation's people, whichever is more."""
         compute = compute_thread()
         model, tokenizer = compute.call(load_big_model, cfg.big.path, cfg.big.dtype)
         compute.call(model.to, device or device_for(cfg.serve.big_gpus, "big"))
-        return cls(model, tokenizer, cfg.serve.big_sessions)
+        return cls(model, tokenizer, max(cfg.serve.big_sessions, cfg.eval.batch_people))
 
     def _session(self, session: str) -> BigLM:
         if session not in self.sessions:

@@ -63,7 +63,7 @@ class CachedLM:
     def sync(self, ids: list[int]) -> None:
         """Cache exactly `ids` (start token included), feeding only what differs from the cache."""
         if new := self.prepare(ids):
-            self._feed(new)
+            self.feed(new)
 
     def prepare(self, ids: list[int]) -> list[int]:
         """The first half of `sync`: crop the cache to its longest common prefix with `ids` and return
@@ -89,9 +89,10 @@ class CachedLM:
         return ids[keep:]
 
     def append(self, token_id: int) -> None:
-        self._feed([token_id])
+        self.feed([token_id])
 
-    def _feed(self, new_ids: list[int]) -> None:
+    def feed(self, new_ids: list[int]) -> None:
+        """Read `new_ids` after the cached ones: through `feeder` (batched with other sessions') if set."""
         if self.feeder is not None:
             self.feeder.feed(self, new_ids)
         else:
@@ -99,7 +100,7 @@ class CachedLM:
 
     @torch.inference_mode()
     def forward(self, new_ids: list[int]) -> None:
-        """Feed `new_ids` after the cached ones, alone (what `_feed` does without a feeder)."""
+        """Feed `new_ids` after the cached ones, alone (what `feed` does without a feeder)."""
         start = time.perf_counter()
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)

@@ -181,54 +181,74 @@ class Calibration:
     """Realised rate at the open-loop threshold (the first round's), when measured."""
 
 
-def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Callable[[float], float],
-                          rounds: int, tolerance: float = 0.02, step: float = 1.0) -> Calibration:
-    """The log-odds threshold whose call rate *with calls on* (`realised(threshold)`) is closest to
-    `target_rate`.
+class ClosedLoop:
+    """The search for the log-odds threshold whose call rate *with calls on* is closest to a target, one
+    measurement at a time: `threshold` is the next one to measure (None once done), `observe(rate)`
+    takes its realised rate, `result()` the best measured. Many searches (models, triggers, rates) step
+    together, so each round of measurements can be decoded as one batch.
 
     Starts at the open-loop threshold (`calibrate`'s quantile of `scores`) and, until the target is
     bracketed, moves to the open-loop quantile at the level scaled by target / realised rate, or (when
     that cannot move it: after a call the scores can leave the open-loop range altogether) by a step of
     `step` log-odds, doubling; then interpolation of logit(rate) between the bracket's ends (the
-    midpoint when that lands near an end). Stops after `rounds` measurements or within `tolerance`;
-    returns the best measured threshold. rounds = 0 is the open-loop threshold, unmeasured.
-    """
-    if not 0.0 < target_rate <= 1.0:
-        raise ValueError(f"target_rate must be in (0, 1], got {target_rate}")
-    start = float(np.quantile(scores, 1.0 - target_rate))
-    if rounds <= 0:
-        return Calibration(start, None, 0)
-    eps = 1e-6
-    logit = lambda rate: log_odds(min(max(rate, eps), 1 - eps))  # noqa: E731 - finite at rates 0 and 1
-    threshold, best, first, measured = start, None, None, 0
-    above: tuple[float, float] | None = None  # (x, rate) of the highest threshold still calling too often
-    below: tuple[float, float] | None = None  # (x, rate) of the lowest threshold calling too rarely
-    while measured < rounds:
-        rate, measured, x = realised(threshold), measured + 1, threshold  # x: the threshold to move
-        first = rate if first is None else first
-        if best is None or abs(rate - target_rate) < abs(best.realised_rate - target_rate):
-            best = Calibration(threshold, rate)
-        if abs(rate - target_rate) <= tolerance:
-            break
-        if rate > target_rate:
-            above = (x, rate) if above is None or x > above[0] else above
+    midpoint when that lands near an end). Stops after `rounds` measurements or within `tolerance`.
+    rounds = 0 is the open-loop threshold, unmeasured."""
+
+    def __init__(self, scores: np.ndarray, target_rate: float, rounds: int, tolerance: float = 0.02,
+                 step: float = 1.0) -> None:
+        if not 0.0 < target_rate <= 1.0:
+            raise ValueError(f"target_rate must be in (0, 1], got {target_rate}")
+        self.scores, self.target, self.rounds, self.tolerance, self.step = scores, target_rate, rounds, tolerance, step
+        self.start = float(np.quantile(scores, 1.0 - target_rate))
+        self.threshold: float | None = self.start if rounds > 0 else None
+        self.measured, self.first = 0, None
+        self.best: Calibration | None = None
+        self.above: tuple[float, float] | None = None  # (x, rate) of the highest threshold still calling too often
+        self.below: tuple[float, float] | None = None  # (x, rate) of the lowest threshold calling too rarely
+
+    def observe(self, rate: float) -> None:
+        """The realised rate at `threshold`; moves `threshold` on (None when the search is done)."""
+        assert self.threshold is not None, "the search is done"
+        x, target, eps = self.threshold, self.target, 1e-6
+        self.measured += 1
+        self.first = rate if self.first is None else self.first
+        if self.best is None or abs(rate - target) < abs(self.best.realised_rate - target):
+            self.best = Calibration(x, rate)
+        if abs(rate - target) <= self.tolerance or self.measured >= self.rounds:
+            self.threshold = None
+            return
+        if rate > target:
+            self.above = (x, rate) if self.above is None or x > self.above[0] else self.above
         else:
-            below = (x, rate) if below is None or x < below[0] else below
-        if above is None or below is None:
+            self.below = (x, rate) if self.below is None or x < self.below[0] else self.below
+        if self.above is None or self.below is None:
             # Unbracketed: the open-loop quantile at a proportionally scaled level, when that moves the
             # threshold the right way; else a fixed step, doubling.
-            level = float(np.mean(scores > threshold)) * target_rate / max(rate, eps)
-            guess = float(np.quantile(scores, 1.0 - min(level, 1.0)))
-            if (guess > x) == (rate > target_rate) and guess != x:
+            level = float(np.mean(self.scores > x)) * target / max(rate, eps)
+            guess = float(np.quantile(self.scores, 1.0 - min(level, 1.0)))
+            if (guess > x) == (rate > target) and guess != x:
                 x = guess
             else:
-                x, step = x + (step if rate > target_rate else -step), 2 * step
+                x, self.step = x + (self.step if rate > target else -self.step), 2 * self.step
         else:
-            (x1, r1), (x2, r2) = above, below
+            logit = lambda r: log_odds(min(max(r, eps), 1 - eps))  # noqa: E731 - finite at rates 0 and 1
+            (x1, r1), (x2, r2) = self.above, self.below
             y1, y2 = logit(r1), logit(r2)
-            x = x1 + (logit(target_rate) - y1) * (x2 - x1) / (y2 - y1) if y2 != y1 else (x1 + x2) / 2
+            x = x1 + (logit(target) - y1) * (x2 - x1) / (y2 - y1) if y2 != y1 else (x1 + x2) / 2
             if not min(x1, x2) + 0.1 * abs(x2 - x1) < x < max(x1, x2) - 0.1 * abs(x2 - x1):
                 x = (x1 + x2) / 2
-        threshold = x
-    best.rounds, best.open_loop_rate = measured, first
-    return best
+        self.threshold = x
+
+    def result(self) -> Calibration:
+        if self.best is None:
+            return Calibration(self.start, None, 0)
+        return Calibration(self.best.threshold, self.best.realised_rate, self.measured, self.first)
+
+
+def closed_loop_threshold(scores: np.ndarray, target_rate: float, realised: Callable[[float], float],
+                          rounds: int, tolerance: float = 0.02, step: float = 1.0) -> Calibration:
+    """`ClosedLoop` run to its end with `realised(threshold)` measuring each threshold's call rate."""
+    search = ClosedLoop(scores, target_rate, rounds, tolerance, step)
+    while search.threshold is not None:
+        search.observe(realised(search.threshold))
+    return search.result()

@@ -429,6 +429,15 @@ class EvalConfig:
     prompt_style: str = "lead"
     """Biography prompt: lead ("NAME (", Wikipedia-lead shape for base LMs), instruct ("Tell me a bio
     of NAME.") or name (the name alone: synthetic biographies)."""
+    batch_people: int = 256
+    """Generations decoded together by the batch evaluation (every small step of them one forward pass,
+    every pending big-model call one batch); bounds its memory (each keeps a big-model KV cache)."""
+    actors: int = 1
+    """Ray Data model actors of the batch evaluation (jobs.experiment); each holds every model."""
+    actor_cpus: float = 1.0
+    """CPUs Ray reserves per evaluation actor (its torch threads: serve.torch_threads, else these)."""
+    actor_gpus: float = 0.0
+    """GPUs per evaluation actor (both models on the GPU when > 0)."""
 
     def __post_init__(self) -> None:
         _check(self.entities > 0, "eval.entities", "must be positive")
@@ -442,6 +451,9 @@ class EvalConfig:
         _check(self.gamma > 0, "eval.gamma", "must be positive")
         _check(self.prompt_style in PROMPT_STYLES, "eval.prompt_style",
                f"unknown style {self.prompt_style!r}; choose from {PROMPT_STYLES}")
+        _check(self.batch_people > 0 and self.actors > 0, "eval.batch_people/eval.actors", "must be positive")
+        _check(self.actor_cpus > 0 and self.actor_gpus >= 0, "eval.actor_cpus/eval.actor_gpus",
+               "CPUs must be positive, GPUs 0 or more")
 
 
 @dataclass
@@ -559,8 +571,12 @@ class ExperimentConfig:
     (inference-only calling on low real-token confidence, for every model: the honest baseline)."""
     headline_rate: float = 0.22
     """The call rate of the headline comparison (the paper's 22 %)."""
+    evaluator: str = "batch"
+    """How jobs.experiment writes the evaluation's texts: batch (Ray Data actors decoding every person
+    of a row together: the offline path) or serve (HTTP requests to the cascade's Serve app, the online
+    product, eval_concurrency at a time)."""
     eval_concurrency: int = 4
-    """Concurrent HTTP requests to the Serve app during evaluation."""
+    """Concurrent HTTP requests to the Serve app when experiment.evaluator is serve."""
     views: int = 8
     """Biographies per delegated-token HTML view."""
 
@@ -578,6 +594,7 @@ class ExperimentConfig:
         for t in self.triggers:
             _check(t in TRIGGERS, "experiment.triggers", f"unknown trigger {t!r}; choose from {TRIGGERS}")
         _check(self.eval_concurrency > 0, "experiment.eval_concurrency", "must be positive")
+        _check(self.evaluator in ("batch", "serve"), "experiment.evaluator", "must be batch or serve")
 
 
 @dataclass

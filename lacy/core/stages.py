@@ -39,10 +39,18 @@ def stage_finish(directory: str | Path, key: str, **record: Any) -> dict:
     return record
 
 
+def cached_value(path: str | Path, key_payload: Any) -> dict | None:
+    """The value stored at `path` under the hash of `key_payload`, else None."""
+    path = Path(path)
+    if path.is_file() and (value := json.loads(path.read_text())).get("key") == config_hash(key_payload):
+        return value
+    return None
+
+
 def cached_json(path: str | Path, key_payload: Any, compute: Callable[[], dict]) -> dict:
     """`compute()`, stored at `path` under the hash of `key_payload`, or the stored value for that key."""
     path, key = Path(path), config_hash(key_payload)
-    if path.is_file() and (value := json.loads(path.read_text())).get("key") == key:
+    if (value := cached_value(path, key_payload)) is not None:
         return value
     value = {**compute(), "key": key}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,21 +1,20 @@
 """How biographies get written: the prompt for a person, and the generators that write them.
 
     generator = LocalGenerator(cfg, {"lacy-steps": "runs/x/train/lacy-steps/final"})
-    out = generator.generate(Request("Anna Keller", "lacy-steps", "retrieval", "p_call", threshold, 48,
-                                     topic="Anna Keller"))
-    bios = biographies(lambda entity, prompt: generator.generate(...), people, "name")
+    requests = [Request(bio_prompt(e, "name"), "lacy-steps", "retrieval", "p_call", threshold, 48, topic=e.name)
+                for e in people]
+    bios = biographies(people, generator.generate_many(requests), "name")   # one batch
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lacy.cascade.big import BigCall, BigModel, BigSession, build_big
-from lacy.cascade.engine import Cascade
+from lacy.cascade.engine import Cascade, generate_batch
 from lacy.cascade.lm import SmallLM
 from lacy.core.compute import compute_thread
 from lacy.core.config import PROMPT_STYLES, LacyConfig
@@ -66,20 +65,14 @@ class Generation:
     """(text, source) pieces of the generation, when known: where the big model wrote."""
 
 
-def biographies(generate: Callable[[EntityLike, str], Any], entities: Sequence[EntityLike],
-                prompt_style: str = "lead", workers: int = 1) -> list[Generation]:
-    """One biography per person: `generate(entity, prompt)` returns the text (prompt included or not)
-    or an object with `.text` (and `.call_rate`, `.calls`, `.decision_points`, as a `CascadeResult`).
-    The biography is prompt + continuation for the lead style, the continuation alone for instruct.
-    `workers` > 1 asks that many at once (a server answers several requests together)."""
-
-
-    prompts = [bio_prompt(entity, prompt_style) for entity in entities]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        answers = tracked(pool.map(generate, entities, prompts), "biographies", total=len(entities), unit="person")
-        outs = list(answers)
+def biographies(entities: Sequence[EntityLike], outs: Sequence[Any], prompt_style: str = "lead") -> list[Generation]:
+    """One biography per person from what was written for their prompt (`bio_prompt`): a text (prompt
+    included or not) or an object with `.text` (and `.call_rate`, `.calls`, `.decision_points`,
+    `.spans`, as a `Generated`). The biography is prompt + continuation for the lead and name styles, the
+    continuation alone for instruct."""
     generations = []
-    for entity, prompt, out in zip(entities, prompts, outs, strict=True):
+    for entity, out in zip(entities, outs, strict=True):
+        prompt = bio_prompt(entity, prompt_style)
         text = out.text if hasattr(out, "text") else str(out)
         # A lead prompt ("NAME (") is the start of the biography; an instruction is not part of it.
         if prompt_style == "instruct":
@@ -89,8 +82,6 @@ def biographies(generate: Callable[[EntityLike, str], Any], entities: Sequence[E
         generations.append(Generation(entity, text, getattr(out, "call_rate", None), getattr(out, "calls", None),
                                       getattr(out, "decision_points", None), getattr(out, "spans", None)))
     return generations
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,13 +115,18 @@ class Request:
 
 
 class Generator(Protocol):
-    def generate(self, request: Request) -> Generated: ...
+    """Who writes the evaluation's texts: in this process (`LocalGenerator`, batched), on Ray Data's
+    model actors or over HTTP to Serve (`jobs.experiment`). `generate_many` keeps the requests' order."""
+
+    def generate_many(self, requests: Sequence[Request]) -> list[Generated]: ...
 
 
 class LocalGenerator:
-    """Every request decoded in this process (small models loaded once, one big model), on the process's
-    compute thread whichever thread asks (`lacy.core.compute`: concurrent requests are not batched here,
-    and forwards spread over threads run slower)."""
+    """Every request decoded in this process on its compute thread (`lacy.core.compute`), as batches:
+    requests of the small models decode together (`lacy.cascade.engine.generate_batch`: every small step
+    one forward pass, every pending big-model call one big-model batch), `eval.batch_people` at a time;
+    the big model alone writes `serve.big_batch` texts per batch. Each text is what a cascade decoding
+    that request alone writes, up to the float rounding of batched passes."""
 
     def __init__(self, cfg: LacyConfig, models: dict[str, str], big: BigModel | None = None) -> None:
         self.cfg, self.compute = cfg, compute_thread()
@@ -138,20 +134,23 @@ class LocalGenerator:
         self.big = build_big(cfg, device="cpu", retrieval=True) if big is None else big
 
     def generate(self, request: Request) -> Generated:
-        return self.compute.call(self._generate, request)
+        return self.generate_many([request])[0]
 
     def generate_many(self, requests: Sequence[Request]) -> list[Generated]:
-        """Big-alone requests (no small model) decoded `serve.big_batch` at a time, each chunk as one
-        batch (as a Serve BigModel replica decodes): the texts `generate` writes, up to batched
-        rounding, in a fraction of the time one by one takes on a CPU."""
-        if any(r.model is not None for r in requests):
-            raise ValueError("generate_many decodes the big model alone: every request needs model None")
-        size = self.cfg.serve.big_batch
-        chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
-        return [out for chunk in tracked(chunks, "big alone", total=len(chunks), unit="batch")
-                for out in self._big_batch(chunk)]
+        if unknown := {r.model for r in requests if r.model is not None} - set(self.small):
+            raise ValueError(f"no small model {sorted(unknown)} here; loaded: {sorted(self.small)}")
+        alone = [i for i, r in enumerate(requests) if r.model is None]
+        cascades = [i for i, r in enumerate(requests) if r.model is not None]
+        outs: dict[int, Generated] = {}
+        size, big = self.cfg.eval.batch_people, self.cfg.serve.big_batch
+        chunks = [(cascades[i:i + size], self._cascade_batch) for i in range(0, len(cascades), size)]
+        chunks += [(alone[i:i + big], self._big_batch) for i in range(0, len(alone), big)]
+        for chunk, write in tracked(chunks, "decoding", total=len(chunks), unit="batch"):
+            outs.update(zip(chunk, self.compute.call(write, [requests[i] for i in chunk]), strict=True))
+        return [outs[i] for i in range(len(requests))]
 
     def _big_batch(self, requests: Sequence[Request]) -> list[Generated]:
+        """The big model alone: `max_tokens` tokens after each prompt, as one batch."""
         calls = [BigCall(uuid.uuid4().hex, r.prompt, "tokens", r.max_tokens, r.big == "retrieval",
                          r.topic if r.big == "retrieval" else None) for r in requests]
         replies = self.big.continue_batch(calls)
@@ -160,18 +159,20 @@ class LocalGenerator:
         return [Generated(r.prompt + reply.result().text, [(r.prompt, "prompt"), (reply.text, "big")])
                 for r, reply in zip(requests, replies, strict=True)]
 
-    def _generate(self, request: Request) -> Generated:
-        if request.model is None:
-            return self._big_batch([request])[0]
-        big = None if request.big is None else BigSession(self.big, retrieval=request.big == "retrieval")
-        model, tokenizer = self.small[request.model]
-        cascade = Cascade(SmallLM(model, tokenizer), big, self.cfg.cascade)
+    def _cascade_batch(self, requests: Sequence[Request]) -> list[Generated]:
+        """Cascades (a small model, with a big side or alone) decoded together."""
+        decodings = []
+        for r in requests:
+            big = None if r.big is None else BigSession(self.big, retrieval=r.big == "retrieval")
+            cascade = Cascade(SmallLM(*self.small[r.model]), big, self.cfg.cascade)
+            decodings.append(cascade.start(r.prompt, call_log_odds=r.threshold, trigger=r.trigger,
+                                           max_new_tokens=r.max_tokens, allow_calls=big is not None,
+                                           topic=r.topic if r.big == "retrieval" else None))
         try:
-            result = cascade.generate(request.prompt, call_log_odds=request.threshold, trigger=request.trigger,
-                                      max_new_tokens=request.max_tokens, allow_calls=big is not None,
-                                      topic=request.topic if request.big == "retrieval" else None)
+            results = generate_batch(decodings)
         finally:
-            if big is not None:
-                big.close()
-        return Generated(result.text, [(s.text, s.source) for s in result.spans], result.calls,
-                         result.decision_points, result.call_rate)
+            for d in decodings:
+                if d.cascade.big is not None:
+                    d.cascade.big.close()
+        return [Generated(x.text, [(s.text, s.source) for s in x.spans], x.calls, x.decision_points, x.call_rate)
+                for x in results]

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lacy.core.console import tracked
 from lacy.eval.claims import CLAIM_LABELS, normalize
 
 
@@ -83,26 +81,21 @@ def leaks(continuation: str, gold: str) -> bool:
     return bool(key) and f" {key} " in f" {normalize(continuation)} "
 
 
-def leakage(generate_fn: Callable[[str], str], probes: Sequence[LeakProbe], workers: int = 1) -> LeakReport:
-    """Share of probes whose greedy continuation reproduces the held fact, with its Wilson CI and per
-    fact type. `generate_fn(prefix)` returns the continuation (the prefix repeated in front is
-    removed) with <CALL> disabled; `workers` asks that many at once."""
-
-
+def leakage(probes: Sequence[LeakProbe], continuations: Sequence[str]) -> LeakReport:
+    """Share of probes whose greedy continuation (the small model alone, <CALL> disabled: one text per
+    probe, the prefix repeated in front or not) reproduces the held fact, with its Wilson CI and per
+    fact type."""
     if not probes:
         raise ValueError("leakage needs at least one probe")
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        outs = list(tracked(pool.map(generate_fn, [p.prefix for p in probes]), "leakage", total=len(probes),
-                            unit="probe"))
-    continuations, hits = [], []
+    outs, hits = [], []
     by_label: dict[str, list[int]] = {}
-    for probe, out in zip(probes, outs, strict=True):
+    for probe, out in zip(probes, continuations, strict=True):
         out = out[len(probe.prefix):] if out.startswith(probe.prefix) else out
-        continuations.append(out)
+        outs.append(out)
         hits.append(leaks(out, probe.gold))
         counts = by_label.setdefault(probe.label, [0, 0])
         counts[0] += hits[-1]
         counts[1] += 1
     leaked = sum(hits)
     return LeakReport(len(probes), leaked, leaked / len(probes), wilson_interval(leaked, len(probes)),
-                      {k: (v[0], v[1]) for k, v in sorted(by_label.items())}, continuations, hits)
+                      {k: (v[0], v[1]) for k, v in sorted(by_label.items())}, outs, hits)

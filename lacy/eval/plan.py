@@ -14,17 +14,18 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from lacy.cascade.engine import Cascade
+import numpy as np
+
+from lacy.cascade.engine import Cascade, generate_batch
 from lacy.cascade.knowledge import SqlitePassageStore
 from lacy.cascade.lm import SmallLM
-from lacy.cascade.policy import closed_loop_threshold, decision_scores
+from lacy.cascade.policy import ClosedLoop
 from lacy.core.compute import compute_thread
 from lacy.core.config import CALL_RULES, LacyConfig, to_dict
-from lacy.core.stages import cached_json
+from lacy.core.stages import cached_json, cached_value
 from lacy.corpus.corpora import Corpus
 from lacy.corpus.readers import doc_split
 from lacy.eval.claims import load_nlp, score_claims
@@ -136,42 +137,57 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
     """{threshold_key: {"threshold", "realised_rate", "rounds", "open_loop_rate"}} for every cascade of
     the plan, on the calibration people (never the evaluation people).
 
-    Open loop first (`lacy.cascade.policy.calibrate`'s quantile of the small model's scores with calls
-    off), then `eval.calibration_rounds` closed-loop rounds through `generator` with the big side on
-    (`lacy.cascade.policy.closed_loop_threshold`): rules are compared at the call rate they realise,
-    and a model whose calls beget calls would otherwise realise several times the target. Fixed
-    thresholds make every row independent of request order and concurrency. `triggers`: per model (default:
-    every trigger of experiment.triggers the model can use)."""
+    Open loop first (the quantile of each small model's trigger scores, decoded with calls off), then
+    `eval.calibration_rounds` closed-loop rounds through `generator` with the big side on
+    (`lacy.cascade.policy.ClosedLoop`): rules are compared at the call rate they realise, and a model
+    whose calls beget calls would otherwise realise several times the target. Every search steps at
+    once, so each round is one batch over every model, trigger, big side and rate. Fixed thresholds make
+    every row independent of request order and concurrency. `triggers`: per model (default: every
+    trigger of experiment.triggers the model can use)."""
     ecfg = cfg.eval
     prompts = [bio_prompt(e, ecfg.prompt_style) for e in people]
     if not prompts:
         raise ValueError("no calibration people: raise eval.calibration_entities or the corpus size")
-    out, compute = {}, compute_thread()  # the thread LocalGenerator decodes on (lacy.core.compute)
-    for name, path in models.items():
-        cascade = Cascade(SmallLM(*compute.call(load_small_model, path)), None, cfg.cascade)
-        for trigger in (triggers or {}).get(name) or _triggers(cfg, name):
-            scores = compute.call(decision_scores, cascade, prompts, trigger=trigger)
-            for big in cfg.experiment.big_models:
-                for rate in (r for r in ecfg.call_rates if r > 0):
-                    realised = partial(_realised_rate, cfg, generator, people, name, big, trigger)
-                    result = closed_loop_threshold(scores, rate, realised, ecfg.calibration_rounds,
-                                                   ecfg.calibration_tolerance)
-                    out[threshold_key(name, big, trigger, rate)] = asdict(result)
-                    log.info("calibrated %s+%s/%s at %.2f: threshold %.4g, realised %s after %d rounds (open "
-                             "loop %s)", name, big, trigger, rate, result.threshold, result.realised_rate,
-                             result.rounds, result.open_loop_rate)
+    searches: dict[tuple[str, str, str, float], ClosedLoop] = {}
+    for name, trigger, scores in _open_loop_scores(cfg, models, prompts, triggers):
+        for big in cfg.experiment.big_models:
+            for rate in (r for r in ecfg.call_rates if r > 0):
+                searches[name, big, trigger, rate] = ClosedLoop(scores, rate, ecfg.calibration_rounds,
+                                                                ecfg.calibration_tolerance)
+    while pending := [key for key, search in searches.items() if search.threshold is not None]:
+        requests = [Request(prompt, name, big, trigger, searches[name, big, trigger, rate].threshold,
+                            cfg.cascade.max_new_tokens, topic=e.name)
+                    for name, big, trigger, rate in pending for e, prompt in zip(people, prompts, strict=True)]
+        outs = generator.generate_many(requests)
+        for k, key in enumerate(pending):
+            mine = outs[k * len(people):(k + 1) * len(people)]
+            searches[key].observe(sum(o.calls for o in mine) / max(1, sum(o.decision_points for o in mine)))
+    out = {}
+    for (name, big, trigger, rate), search in searches.items():
+        result = search.result()
+        out[threshold_key(name, big, trigger, rate)] = asdict(result)
+        log.info("calibrated %s+%s/%s at %.2f: threshold %.4g, realised %s after %d rounds (open loop %s)", name,
+                 big, trigger, rate, result.threshold, result.realised_rate, result.rounds, result.open_loop_rate)
     return out
 
 
-def _realised_rate(cfg: LacyConfig, generator: Generator, people: list[Any], model: str, big: str, trigger: str,
-                   threshold: float) -> float:
-    """All calls over all decision points of the people's biographies with calls on at `threshold`."""
-    def write(entity: Any, prompt: str) -> Generated:
-        return generator.generate(Request(prompt, model, big, trigger, threshold, cfg.cascade.max_new_tokens,
-                                          topic=entity.name))
-
-    bios = biographies(write, people, cfg.eval.prompt_style, workers=cfg.experiment.eval_concurrency)
-    return sum(b.calls or 0 for b in bios) / max(1, sum(b.decision_points or 0 for b in bios))
+def _open_loop_scores(cfg: LacyConfig, models: dict[str, str], prompts: list[str],
+                      triggers: dict[str, list[str]] | None) -> list[tuple[str, str, Any]]:
+    """(model, trigger, every decision point's score with calls off) for each model and its triggers,
+    each model's prompts decoded as one batch in this process (the small models alone)."""
+    compute, out = compute_thread(), []
+    for name, path in models.items():
+        model, tokenizer = compute.call(load_small_model, path)
+        for trigger in (triggers or {}).get(name) or _triggers(cfg, name):
+            decodings = [Cascade(SmallLM(model, tokenizer), None, cfg.cascade).start(p, allow_calls=False,
+                                                                                     trigger=trigger)
+                         for p in prompts]
+            results = compute.call(generate_batch, decodings)
+            scores = np.asarray([x for r in results for x in r.call_scores], dtype=np.float64)
+            if not scores.size:
+                raise ValueError(f"{name}: no decision points while decoding the calibration prompts")
+            out.append((name, trigger, scores))
+    return out
 
 
 def _row_key(cfg: LacyConfig) -> dict:
@@ -199,53 +215,71 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
              thresholds: dict[str, dict], generator: Generator, big_generator: LocalGenerator,
              pop: Population) -> list[Row]:
     """Every system of the plan: its biographies, scored, plus leakage for each small model alone;
-    rows cached under results/rows by what determines them. The big model alone writes in batches
-    (`big_generator.generate_many`)."""
+    rows cached under results/rows by what determines them. The biographies of every row not cached
+    yet are written in one `generate_many` (the big model alone by `big_generator`, in this process)."""
     ecfg = cfg.eval
     results = Path(cfg.run_dir) / "results"
     store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
     nlp = None if pop.exact else load_nlp(cfg.facts.spacy_model)
     base_key = _row_key(cfg)
     probes = _leak_probes(cfg, pop, nlp, models)
-    rows = []
+    todo: dict[System, dict] = {}
     for system in plan:
         people = pop.train if system.people == "train" else pop.heldout
         calibration = thresholds.get(threshold_key(system.small, system.big, system.trigger, system.rate), {})
-        threshold = calibration.get("threshold")
         key = {**base_key, "system": system.name, "model": stage_keys.get(system.small or ""),
-               "threshold": threshold, "people": [e.doc_id for e in people]}
-
-        def compute(system: System = system, people: list = people, threshold: float | None = threshold) -> dict:
-            def request(entity: Any, prompt: str) -> Request:
-                return Request(prompt, system.small, system.big, system.trigger or "p_call", threshold,
-                               cfg.cascade.max_new_tokens, topic=entity.name)
-
-            written: dict[str, Generated] = {}
-            if system.small is None:  # the big model alone writes in batches, up front
-                outs = big_generator.generate_many([request(e, bio_prompt(e, ecfg.prompt_style)) for e in people])
-                written = dict(zip((e.doc_id for e in people), outs, strict=True))
-
-            def write(entity: Any, prompt: str) -> Generated:
-                return written[entity.doc_id] if written else generator.generate(request(entity, prompt))
-
-            bios = biographies(write, people, ecfg.prompt_style, workers=cfg.experiment.eval_concurrency)
+               "threshold": calibration.get("threshold"), "people": [e.doc_id for e in people]}
+        todo[system] = {"people": people, "calibration": calibration, "key": key,
+                        "path": results / "rows" / f"{system.name}.json"}
+    missing = [s for s, job in todo.items() if cached_value(job["path"], job["key"]) is None]
+    written = _write(cfg, missing, todo, probes, generator, big_generator)
+    rows = []
+    for system, job in todo.items():
+        def compute(system: System = system, job: dict = job) -> dict:
+            bios = biographies(job["people"], written[system, "bios"], ecfg.prompt_style)
             if pop.exact:
                 row = score_records(system.name, bios, pop.articles, gamma=ecfg.gamma, bootstrap=ecfg.bootstrap,
                                     seed=cfg.seed)
             else:
                 row = score_claims(system.name, bios, pop.articles, store, k=cfg.knowledge.top_k, gamma=ecfg.gamma,
                                    bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=nlp)
-            if system.small is not None and system.big is None:
-                _add_leakage(row, generator, system.small, probes, cfg.experiment.eval_concurrency)
+            if (system, "leaks") in written:
+                _add_leakage(row, probes, written[system, "leaks"])
             return row.to_dict()
 
-        row = Row.from_dict(cached_json(results / "rows" / f"{system.name}.json", key, compute))
+        row = Row.from_dict(cached_json(job["path"], job["key"], compute))
         row.model, row.big, row.trigger = system.small, system.big or "none", system.trigger
-        row.target_rate = system.rate
-        row.people, row.threshold, row.calibration_rate = system.people, threshold, calibration.get("realised_rate")
+        row.target_rate, row.people = system.rate, system.people
+        row.threshold, row.calibration_rate = job["key"]["threshold"], job["calibration"].get("realised_rate")
         rows.append(row)
-        log.info("eval %s: strict precision %s, call rate %s", system.name, row.precision_strict, row.call_rate)
+        log.info("eval %s: precision %s, call rate %s", system.name, row.precision, row.call_rate)
     return rows
+
+
+def _write(cfg: LacyConfig, systems: list[System], todo: dict[System, dict], probes: list[Any],
+           generator: Generator, big_generator: LocalGenerator) -> dict[tuple[System, str], list[Generated]]:
+    """The texts of `systems` as one batch: each system's biographies and, for a small model alone, its
+    continuations of the leakage probes; {(system, "bios" | "leaks"): outputs}."""
+    requests: list[Request] = []
+    spans: dict[tuple[System, str], tuple[int, int]] = {}
+    alone: list[Request] = []
+    for system in systems:
+        job = todo[system]
+        asks = [Request(bio_prompt(e, cfg.eval.prompt_style), system.small, system.big, system.trigger or "p_call",
+                        job["key"]["threshold"], cfg.cascade.max_new_tokens, topic=e.name) for e in job["people"]]
+        if system.small is None:  # the big model alone: in this process, in its own batches
+            spans[system, "bios"] = (-len(alone) - 1, len(asks))
+            alone += asks
+            continue
+        spans[system, "bios"] = (len(requests), len(asks))
+        requests += asks
+        if system.big is None:  # leakage: the small model alone continues each probe, <CALL> disabled
+            spans[system, "leaks"] = (len(requests), len(probes))
+            requests += [Request(p.prefix, system.small, None, max_tokens=8) for p in probes]
+    outs = generator.generate_many(requests) if requests else []
+    big_outs = big_generator.generate_many(alone) if alone else []
+    return {key: (big_outs[-start - 1:-start - 1 + n] if start < 0 else outs[start:start + n])
+            for key, (start, n) in spans.items()}
 
 
 def _leak_probes(cfg: LacyConfig, pop: Population, nlp: Any, models: dict[str, str]) -> list[Any]:
@@ -260,9 +294,8 @@ def _leak_probes(cfg: LacyConfig, pop: Population, nlp: Any, models: dict[str, s
     return [_fit_probe(p, tokenizer, cfg.model.seq_len - 16) for p in probes]
 
 
-def _add_leakage(row: Row, generator: Generator, model: str, probes: list[Any], workers: int) -> None:
-    report = leakage(lambda prefix: generator.generate(Request(prefix, model, None, max_tokens=8)).text, probes,
-                     workers)
+def _add_leakage(row: Row, probes: list[Any], outs: list[Generated]) -> None:
+    report = leakage(probes, [out.text for out in outs])
     row.leakage, (row.leakage_lo, row.leakage_hi) = report.rate, report.ci
     row.leak_probes = report.probes
     row.leakage_by_type = {k: v[0] / v[1] for k, v in report.by_label.items()}
@@ -283,18 +316,18 @@ def write_views(cfg: LacyConfig, generator: Generator, models: list[str], people
     """One HTML page per model: biographies at the headline call rate, delegated spans coloured."""
     xcfg = cfg.experiment
     big = "retrieval" if "retrieval" in xcfg.big_models else xcfg.big_models[0]
+    pages = []
     for model in models:
         if not (triggers := _triggers(cfg, model)):
             continue  # e.g. plain when only p_call is evaluated: it never calls
-        trigger = triggers[0]
-        threshold = thresholds.get(threshold_key(model, big, trigger, xcfg.headline_rate), {}).get("threshold")
-        blocks = []
-        for entity in people[:xcfg.views]:
-            out = generator.generate(Request(bio_prompt(entity, cfg.eval.prompt_style), model, big, trigger,
-                                             threshold, cfg.cascade.max_new_tokens, topic=entity.name))
-            blocks.append(generation_block(out.spans, f"{out.calls} calls, call rate {out.call_rate:.2f}"))
+        threshold = thresholds.get(threshold_key(model, big, triggers[0], xcfg.headline_rate), {}).get("threshold")
+        pages.append((model, triggers[0], [Request(bio_prompt(e, cfg.eval.prompt_style), model, big, triggers[0],
+                                                   threshold, cfg.cascade.max_new_tokens, topic=e.name)
+                                           for e in people[:xcfg.views]]))
+    outs = iter(generator.generate_many([r for *_, requests in pages for r in requests]))
+    for model, trigger, requests in pages:
+        blocks = [generation_block(out.spans, f"{out.calls} calls, call rate {out.call_rate:.2f}")
+                  for out in (next(outs) for _ in requests)]
         (Path(cfg.run_dir) / "results" / f"view-{model}.html").write_text(page_html(
             f"{model}: cascade with the {big} big model, {trigger} trigger at {xcfg.headline_rate:.0%} calls",
             "".join(blocks)))
-
-
