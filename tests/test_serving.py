@@ -380,6 +380,7 @@ def test_a_client_that_leaves_cancels_decoding_and_big_calls(dirs):
     cfg = make_cfg(dirs, "--serve.max_tokens_limit", "500", "--model.seq_len", "128")
     big = CountingBig(build_big(cfg))
     eng = CascadeEngine(cfg, big)
+    assert eng.probe()  # not waiting for the watcher's first probe
     try:
         async def leave_after_first() -> None:
             events = eng.stream(eng.parse({"prompt": "The", "max_tokens": 100, "call_threshold": 0.0,

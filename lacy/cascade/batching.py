@@ -51,14 +51,15 @@ def feed_many(lms: Sequence[CachedLM], new_ids: Sequence[list[int]]) -> None:
     Every session of a pass feeds the same number of tokens, the longest suffix among them: a session
     with a shorter one feeds its last cached tokens again (cropped from its cache), so no padding sits
     between a session's cache and its input, and each session's valid cache ends up one contiguous
-    slice. Caches are left-padded (masked) and positions are explicit, so results equal separate
+    slice; sessions whose suffixes differ by more than a pass is worth go in different passes
+    (`_passes`). Caches are left-padded (masked) and positions are explicit, so results equal separate
     passes up to float rounding. A session with fewer tokens in all than the pass feeds runs alone."""
     if len(lms) != len(new_ids):
         raise ValueError(f"feed_many: {len(lms)} sessions but {len(new_ids)} id lists")
-    groups: dict[int, list[int]] = {}
+    by_model: dict[int, list[int]] = {}
     for i, lm in enumerate(lms):
-        groups.setdefault(id(lm.model), []).append(i)
-    for members in groups.values():
+        by_model.setdefault(id(lm.model), []).append(i)
+    for members in (g for model_members in by_model.values() for g in _passes(model_members, new_ids)):
         width = max(len(new_ids[i]) for i in members)
         batch = [i for i in members if len(lms[i].ids) + len(new_ids[i]) >= width]
         for i in members:
@@ -90,6 +91,30 @@ def feed_many(lms: Sequence[CachedLM], new_ids: Sequence[list[int]]) -> None:
             lm.ids = lm.ids + list(new_ids[i])
             lm.tokens_processed += width
             lm.seconds += seconds
+
+
+PASS_COST_TOKENS = 64
+"""What one more forward pass costs, in tokens fed: a pass reads every weight once, so on a CPU a pass of
+a few tokens costs about as much as this many tokens more in a pass that runs anyway."""
+
+
+def _passes(members: list[int], new_ids: Sequence[list[int]]) -> list[list[int]]:
+    """Sessions grouped into passes: by the length of their suffix, neighbouring lengths merged while
+    the tokens a merge re-feeds (every session of a pass feeds the longest suffix) cost less than one
+    more pass."""
+    by_width: dict[int, list[int]] = {}
+    for i in members:
+        by_width.setdefault(len(new_ids[i]), []).append(i)
+    groups = [by_width[w] for w in sorted(by_width)]
+    merged = [groups[0]]
+    for group in groups[1:]:
+        # merging the shorter group into this one re-feeds (width - its width) tokens per session
+        extra = len(merged[-1]) * (len(new_ids[group[0]]) - len(new_ids[merged[-1][0]]))
+        if extra < PASS_COST_TOKENS:
+            merged[-1] = merged[-1] + group
+        else:
+            merged.append(group)
+    return merged
 
 
 def sync_many(lms: Sequence[CachedLM], ids: Sequence[list[int]]) -> None:

@@ -136,67 +136,73 @@ def continue_batch(lms: Sequence[BigLM], texts: Sequence[str], *, units: Sequenc
         stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - start
         stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + sum(lm.tokens_processed for lm in lms) - fed_before
     start = time.perf_counter()
-
     outs, generated, tokens = [""] * n, [[] for _ in range(n)], [None] * n
     for i, lm in enumerate(lms):
         tokens[i], outs[i] = _decide(lm, outs[i], generated[i], units[i], max_tokens[i])
-    if all(t is None for t in tokens):
-        return outs
+    rows = [i for i in range(n) if tokens[i] is not None]  # the sessions decoding, in batch order
+    if rows:
+        _decode(lms, rows, tokens, outs, generated, units, max_tokens, stats)
+    if stats is not None:
+        stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - start
+        stats["decode_tokens"] = stats.get("decode_tokens", 0) + sum(len(g) for g in generated)
+    return outs
 
-    model = lms[0].model
-    device = model.device
-    lengths = [len(lm.ids) for lm in lms]
-    width = max(lengths)
-    layers = len(lms[0].cache.layers)
+
+def _decode(lms: Sequence[BigLM], rows: list[int], tokens: list[int | None], outs: list[str],
+            generated: list[list[int]], units: Sequence[str], max_tokens: Sequence[int],
+            stats: dict[str, float] | None) -> None:
+    """The batched decoding of `continue_batch`: caches left-padded to one length and stacked
+    [B, heads, L, d]; each step feeds one token per session, with an attention mask over the padding and
+    explicit positions (so rotary/learned position embeddings see each session's true positions). A
+    session that stops takes back its own slice of the cache at once, and the batch shrinks to the
+    sessions still decoding, so no step computes a finished one."""
+    model, device = lms[0].model, lms[0].model.device
+    lengths = {i: len(lms[i].ids) for i in rows}
+    width = max(lengths.values())
     stacked = []
-    for layer in range(layers):
+    for layer in range(len(lms[rows[0]].cache.layers)):
         keys, values = [], []
-        for lm, length in zip(lms, lengths, strict=True):
-            k, v = lm.cache.layers[layer].keys, lm.cache.layers[layer].values
-            pad = (0, 0, width - length, 0)  # left-pad the sequence dimension of [1, H, L, d]
-            keys.append(torch.nn.functional.pad(k, pad))
-            values.append(torch.nn.functional.pad(v, pad))
+        for i in rows:
+            pad = (0, 0, width - lengths[i], 0)  # left-pad the sequence dimension of [1, H, L, d]
+            keys.append(torch.nn.functional.pad(lms[i].cache.layers[layer].keys, pad))
+            values.append(torch.nn.functional.pad(lms[i].cache.layers[layer].values, pad))
         stacked.append((torch.cat(keys), torch.cat(values)))
     cache = DynamicCache(ddp_cache_data=stacked)
-    mask = torch.zeros(n, width, dtype=torch.long, device=device)
-    for i, length in enumerate(lengths):
-        mask[i, width - length:] = 1
-    positions = torch.tensor(lengths, device=device)
-    fed = [0] * n
-    pad_id = lms[0].start_id
-
-    while any(t is not None for t in tokens):
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for r, i in enumerate(rows):
+        mask[r, width - lengths[i]:] = 1
+    positions = torch.tensor([lengths[i] for i in rows], device=device)
+    while rows:
         if stats is not None:
             stats["decode_steps"] = stats.get("decode_steps", 0) + 1
-        live = torch.tensor([t is not None for t in tokens], device=device)
-        step = torch.tensor([[pad_id if t is None else t] for t in tokens], device=device)
-        mask = torch.cat([mask, live.long()[:, None]], dim=1)
+        step = torch.tensor([[tokens[i]] for i in rows], device=device)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
         out = model(input_ids=step, attention_mask=mask, position_ids=positions[:, None],
                     past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        for i, lm in enumerate(lms):
-            if tokens[i] is None:
-                continue
+        cache, positions = out.past_key_values, positions + 1
+        keep = []
+        for r, i in enumerate(rows):
+            lm = lms[i]
             generated[i].append(tokens[i])
             lm.tokens_generated += 1
             lm.tokens_processed += 1
-            lm.logits = out.logits[i, -1].float()
-            fed[i] += 1
-            positions[i] += 1
+            lm.logits = out.logits[r, -1].float()
             tokens[i], outs[i] = _decide(lm, outs[i], generated[i], units[i], max_tokens[i])
-
-    if stats is not None:
-        stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - start
-        stats["decode_tokens"] = stats.get("decode_tokens", 0) + sum(fed)
-    # Once a session stops it stays stopped, so its valid cache is its padded-away prefix plus the
-    # first fed[i] appended columns; later columns are masked filler.
-    for i, lm in enumerate(lms):
-        lo, hi = width - lengths[i], width + fed[i]
-        lm.cache = DynamicCache(ddp_cache_data=[
-            (layer.keys[i:i + 1, :, lo:hi].contiguous(), layer.values[i:i + 1, :, lo:hi].contiguous())
-            for layer in cache.layers])
-        lm.ids = lm.ids + generated[i]
-    return outs
+            if tokens[i] is not None:
+                keep.append(r)
+                continue
+            # Stopped: its valid cache is the unpadded prefix plus every column appended since.
+            lo = mask.shape[1] - lengths[i] - len(generated[i])
+            lm.cache = DynamicCache(ddp_cache_data=[
+                (layer.keys[r:r + 1, :, lo:].contiguous(), layer.values[r:r + 1, :, lo:].contiguous())
+                for layer in cache.layers])
+            lm.ids = lm.ids + generated[i]
+        if keep and len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            cache = DynamicCache(ddp_cache_data=[
+                (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers])
+            mask, positions = mask.index_select(0, index), positions.index_select(0, index)
+        rows = [rows[r] for r in keep]
 
 
 class HFBig:
