@@ -21,9 +21,9 @@ Failures, each call's own: a 429, a 5xx, a refused or broken connection and a ti
 `big.backoff_max_s`), then the call answers 503 (`BigUnavailable`): the cascade's "big model
 unavailable" (a 503 with Retry-After, or the flagged small-only answer with `allow_undelegated`). A 401 or
 403 is a wrong or missing key (an error naming `big.api_key_env`), a 404 a wrong `big.base_url` or
-`big.model`, any other 4xx the call's own fault (400). The calls of a batch, and those of concurrent
-requests, run at most `big.concurrency` at once. There are no server-side sessions: `end_session` does
-nothing.
+`big.model` (both refused by `from_config` already when the server answers then), any other 4xx the
+call's own fault (400). The calls of a batch, and those of concurrent requests, run at most
+`big.concurrency` at once. There are no server-side sessions: `end_session` does nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ from lacy.core.config import BigModelConfig, ConfigError, LacyConfig
 
 log = logging.getLogger(__name__)
 
+class Misconfigured(BigModelError):
+    """The server refuses us whatever the call (a wrong key, base URL or model): the message names the field."""
+
+
 POLL_S = 0.1
 """How often a waiting batch looks at its `cancel` event (a client that left)."""
 
@@ -57,6 +61,7 @@ def cut(text: str, unit: str) -> str:
     ("Barack Obama", "4 August 1961"). "tokens": the whole text."""
     if unit == "tokens":
         return text
+    capital = lambda w: w[:1].isupper() or w[:1].isdigit()
     i, n = 0, len(text)
     while i < n and not text[i].isalnum():  # no word yet: nothing ends the unit
         i += 1
@@ -65,9 +70,8 @@ def cut(text: str, unit: str) -> str:
             i += 1
         if i >= n - 1 or unit == "word" or text[i] not in " \t":
             return text[:i]
-        capital = lambda w: w[:1].isupper() or w[:1].isdigit()
-        nxt = text[i + 1]
-        if not (nxt.isupper() or nxt.isdigit()) or not all(capital(w) for w in text[:i].split()):
+        # entity, at a space: the next word joins if it and every word so far are capitalised or numeric
+        if not capital(text[i + 1]) or not all(capital(w) for w in text[:i].split()):
             return text[:i]
         i += 1
 
@@ -99,7 +103,17 @@ class OpenAIBig:
             raise ConfigError(f"big.api_key_env: the environment variable {name} is not set (or empty) in this "
                               "process; set it to the server's API key, or set big.api_key_env to null for a "
                               "server without one")
-        return cls(cfg.big, key)
+        big = cls(cfg.big, key)
+        try:  # a wrong key or URL is the deployment's error: say so at once, not as every call's 500
+            models = big._models(cfg.big.connect_timeout_s, tries=1)
+            if cfg.big.model is not None and cfg.big.model not in models:
+                log.warning("big.model %r is not among the models the server lists (%s)", cfg.big.model, models[:8])
+        except Misconfigured as err:
+            big.close()
+            raise ConfigError(str(err)) from None
+        except BigModelError as err:  # not up yet, say: its calls answer 503 until it is
+            log.warning("the big model's server does not answer yet: %s", err)
+        return big
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -214,10 +228,11 @@ class OpenAIBig:
                 why, retry_after = f"answered {status}", _seconds(response.headers.get("retry-after"))
                 continue
             if status in (401, 403):
-                raise BigModelError(self._key_refused(status))
+                raise Misconfigured(self._key_refused(status))
             if status == 404:
-                raise BigModelError(f"{url} answered 404 ({_message(response)}): check big.base_url (the API root, "
-                                    f"e.g. http://HOST:PORT/v1) and big.model ({self._model!r})")
+                raise Misconfigured(f"big.base_url/big.model: {url} answered 404 ({_message(response)}); big.base_url "
+                                    f"must be the API root (e.g. http://HOST:PORT/v1), big.model ({self._model!r}) "
+                                    "one the server serves")
             if status >= 400:
                 raise BigRequestError(f"the big model's server refused the call ({status}: {_message(response)})")
             try:
@@ -230,10 +245,10 @@ class OpenAIBig:
     def _key_refused(self, status: int) -> str:
         name = self.cfg.api_key_env
         if name is None:
-            return (f"the big model's server at {self.base_url} wants an API key ({status}): set big.api_key_env "
-                    "to the name of the environment variable that holds it")
-        return (f"the big model's server at {self.base_url} refused the API key in ${name} ({status}): check the "
-                f"variable that big.api_key_env names")
+            return (f"big.api_key_env: the big model's server at {self.base_url} wants an API key ({status}); set "
+                    "big.api_key_env to the name of the environment variable that holds it")
+        return (f"big.api_key_env: the big model's server at {self.base_url} refused the API key in ${name} "
+                f"({status}); check the variable that big.api_key_env names")
 
 
 def _reply(answer: Any, unit: str) -> BigReply:
