@@ -370,6 +370,8 @@ class FlakyProxy:
 
     def __init__(self, target: str, failures: int, status: int = 429, retry_after: str = "0.5") -> None:
         self.target, self.left, self.status, self.retry_after, self.posts = target, failures, status, retry_after, []
+        self.in_flight = self.most_in_flight = 0
+        lock = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -381,6 +383,7 @@ class FlakyProxy:
                 proxy.posts.append(time.monotonic()) if method == "POST" else None
                 if method == "POST" and proxy.left > 0:
                     proxy.left -= 1
+                    self._answered(method)
                     self.send_response(proxy.status)
                     self.send_header("Retry-After", proxy.retry_after)
                     self.send_header("Content-Length", "2")
@@ -389,13 +392,22 @@ class FlakyProxy:
                     return
                 r = httpx.request(method, proxy.target + self.path[len("/v1"):], content=body or None,
                                   headers={"content-type": "application/json"}, timeout=60)
+                self._answered(method)
                 self.send_response(r.status_code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(r.content)))
                 self.end_headers()
                 self.wfile.write(r.content)
 
+            def _answered(self, method: str) -> None:
+                if method == "POST":  # before the answer goes out: the client may send its next call at once
+                    with lock:
+                        proxy.in_flight -= 1
+
             def do_POST(self) -> None:
+                with lock:
+                    proxy.in_flight += 1
+                    proxy.most_in_flight = max(proxy.most_in_flight, proxy.in_flight)
                 self._pass("POST")
 
             def do_GET(self) -> None:
@@ -422,6 +434,21 @@ def test_429_and_5xx_are_retried_honouring_retry_after(server):
         proxy.left, proxy.status = 3, 503  # more failures than tries: 503, the cascade's "unavailable"
         (reply,) = big.continue_batch([BigCall("s", "The capital of France is", "word", 4)])
         assert reply.status == 503 and "answered 503" in reply.error
+    finally:
+        big.close()
+        proxy.close()
+
+
+@pytest.mark.slow
+def test_the_calls_of_a_batch_run_concurrently_at_most_big_concurrency(server):
+    proxy = FlakyProxy(server.url, failures=0)
+    big = OpenAIBig.from_config(big_cfg(proxy.url, "--big.concurrency", "3"))
+    try:
+        prompts = PROMPTS[:9]
+        replies = big.continue_batch([BigCall(str(i), p, "word", 4) for i, p in enumerate(prompts)])
+        assert all(r.error is None and r.text.strip() for r in replies) and len(proxy.posts) == 9
+        assert proxy.most_in_flight == 3, proxy.most_in_flight
+        assert replies[2].text == " Paris" and replies[3].text == " Tokyo"  # each reply is its own call's
     finally:
         big.close()
         proxy.close()

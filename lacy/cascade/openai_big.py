@@ -110,7 +110,7 @@ class OpenAIBig:
                 log.warning("big.model %r is not among the models the server lists (%s)", cfg.big.model, models[:8])
         except Misconfigured as err:
             big.close()
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"{err} (the server at {big.base_url})") from None
         except BigModelError as err:  # not up yet, say: its calls answer 503 until it is
             log.warning("the big model's server does not answer yet: %s", err)
         return big
@@ -185,7 +185,7 @@ class OpenAIBig:
                 return self._model
         models = self._models(self.cfg.timeout_s, cancel=cancel)
         if not models:
-            raise BigModelError(f"the server at big.base_url ({self.base_url}) lists no model; set big.model")
+            raise Misconfigured("big.model: the server at big.base_url lists no model; set big.model")
         with self._lock:
             self._model = models[0]
         return models[0]
@@ -195,7 +195,7 @@ class OpenAIBig:
             timeout_s, self.cfg.connect_timeout_s)), tries=tries, cancel=cancel)
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list):
-            raise BigModelError(f"{self.base_url}/models answered no model list: is big.base_url the API root?")
+            raise BigModelError("/models answered no model list: is big.base_url the API root?")
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
     def _request(self, method: str, path: str, *, cancel: threading.Event | None = None,
@@ -230,7 +230,7 @@ class OpenAIBig:
             if status in (401, 403):
                 raise Misconfigured(self._key_refused(status))
             if status == 404:
-                raise Misconfigured(f"big.base_url/big.model: {url} answered 404 ({_message(response)}); big.base_url "
+                raise Misconfigured(f"big.base_url/big.model: {path} answered 404 ({_message(response)}); big.base_url "
                                     f"must be the API root (e.g. http://HOST:PORT/v1), big.model ({self._model!r}) "
                                     "one the server serves")
             if status >= 400:
@@ -238,17 +238,20 @@ class OpenAIBig:
             try:
                 return response.json()
             except ValueError:
-                raise BigModelError(f"{url} answered {status} with no JSON: is big.base_url the API root?") from None
-        raise BigUnavailable(f"the big model's server at {self.base_url} did not answer after {tries} "
-                             f"tr{'ies' if tries > 1 else 'y'} ({why})")
+                raise BigModelError(f"{path} answered {status} with no JSON: is big.base_url the API root?") from None
+        # No address in the message: a service passes it on to its clients (the log has it).
+        if tries > 1:
+            log.warning("%s %s: %s after %d tries; answering 503", method, url, why, tries)
+        raise BigUnavailable(f"the big model's server did not answer after {tries} tr{'ies' if tries > 1 else 'y'} "
+                             f"({why})")
 
     def _key_refused(self, status: int) -> str:
         name = self.cfg.api_key_env
         if name is None:
-            return (f"big.api_key_env: the big model's server at {self.base_url} wants an API key ({status}); set "
-                    "big.api_key_env to the name of the environment variable that holds it")
-        return (f"big.api_key_env: the big model's server at {self.base_url} refused the API key in ${name} "
-                f"({status}); check the variable that big.api_key_env names")
+            return (f"big.api_key_env: the big model's server wants an API key ({status}); set big.api_key_env to "
+                    "the name of the environment variable that holds it")
+        return (f"big.api_key_env: the big model's server refused the API key in ${name} ({status}); check the "
+                "variable that big.api_key_env names")
 
 
 def _reply(answer: Any, unit: str) -> BigReply:
@@ -268,10 +271,12 @@ def _message(response: httpx.Response) -> str:
     """The server's own error message (OpenAI's {"error": {"message"}}, FastAPI's {"detail"}), trimmed."""
     try:
         body = response.json()
-        error = body.get("error") if isinstance(body, dict) else None
-        text = (error.get("message") if isinstance(error, dict) else error) or body.get("detail") or body
     except ValueError:
-        text = response.text
+        body = response.text
+    text = body
+    if isinstance(body, dict):
+        error = body.get("error")
+        text = (error.get("message") if isinstance(error, dict) else error) or body.get("detail") or body
     return " ".join(str(text).split())[:300]
 
 
