@@ -370,6 +370,8 @@ class FlakyProxy:
 
     def __init__(self, target: str, failures: int, status: int = 429, retry_after: str = "0.5") -> None:
         self.target, self.left, self.status, self.retry_after, self.posts = target, failures, status, retry_after, []
+        self.delay_s = 0.0
+        """Seconds each POST is held before it is answered (a server too slow for big.timeout_s)."""
         self.in_flight = self.most_in_flight = 0
         lock = threading.Lock()
         proxy = self
@@ -380,7 +382,9 @@ class FlakyProxy:
 
             def _pass(self, method: str) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                proxy.posts.append(time.monotonic()) if method == "POST" else None
+                if method == "POST":
+                    proxy.posts.append(time.monotonic())
+                    time.sleep(proxy.delay_s)
                 if method == "POST" and proxy.left > 0:
                     proxy.left -= 1
                     self._answered(method)
@@ -413,7 +417,11 @@ class FlakyProxy:
             def do_GET(self) -> None:
                 self._pass("GET")
 
-        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:  # a client that timed out and left
+                pass
+
+        self.http = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
@@ -423,7 +431,7 @@ class FlakyProxy:
 
 
 @pytest.mark.slow
-def test_429_and_5xx_are_retried_honouring_retry_after(server):
+def test_429_5xx_and_timeouts_are_retried_then_503(server):
     proxy = FlakyProxy(server.url, failures=2, status=429, retry_after="0.5")
     big = OpenAIBig.from_config(big_cfg(proxy.url, "--big.backoff_s", "0.1", "--big.model", "smollm2"))
     try:
@@ -436,6 +444,16 @@ def test_429_and_5xx_are_retried_honouring_retry_after(server):
         assert reply.status == 503 and "answered 503" in reply.error
     finally:
         big.close()
+    slow = OpenAIBig.from_config(big_cfg(proxy.url, "--big.timeout_s", "0.5", "--big.retries", "1",
+                                         "--big.backoff_s", "0.1", "--big.model", "smollm2"))
+    try:
+        proxy.delay_s = 1.5  # every try outlasts big.timeout_s
+        start = time.perf_counter()
+        (reply,) = slow.continue_batch([BigCall("s", "The capital of France is", "word", 4)])
+        assert reply.status == 503 and "no answer in time (ReadTimeout" in reply.error
+        assert 1.0 <= time.perf_counter() - start < 3.0  # two tries of 0.5 s and the wait between
+    finally:
+        slow.close()
         proxy.close()
 
 
