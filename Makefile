@@ -18,9 +18,9 @@ export TOKENIZERS_PARALLELISM ?= false
 export LACY_CACHE ?= $(HOME)/.cache/lacy
 export TORCH_EXTENSIONS_DIR ?= $(LACY_CACHE)/torch_extensions
 
-.PHONY: setup browser run test lint bench clean
+.PHONY: setup llama-server browser run test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) llama-server
 
 # torch first and pinned, so nothing pulls the CUDA build; DeepSpeed as pure Python.
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
@@ -31,6 +31,25 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`), the big model's real server in
+# tests/test_openai_big.py: llama-cpp-python is a source package, built once (≈7.5 min on 2 cores) into a wheel
+# cached under $(LACY_CACHE)/wheels, so a second setup (or a fresh venv) installs it in seconds. Portable
+# (GGML_NATIVE=OFF): a native build can trap with an invalid opcode on another CPU of the pool.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS := $(LACY_CACHE)/wheels
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
+
+llama-server: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	@mkdir -p $(WHEELS)
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source (once; ≈7.5 min on 2 cores)"; \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip wheel -q --no-deps -w $(WHEELS) \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(PY) -m pip install -q --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	touch $@
 
 run: setup
 	$(PY) -m jobs.experiment --config $(CONFIG) --publish docs/results

