@@ -55,7 +55,7 @@ class CascadeActor:
     def __init__(self, config: dict, models: dict[str, str]) -> None:
         cfg = from_dict(LacyConfig, config)
         storage.pull(cfg, *models.values())  # an actor on another node than the run's driver
-        compute_thread().set_threads(cfg.serve.torch_threads or max(1, int(cfg.eval.actor_cpus)))
+        compute_thread().set_threads(max(1, round(cfg.eval.actor_cpus)))  # a fraction still computes on one
         self.generator = LocalGenerator(cfg, models, build_big(cfg, retrieval=True))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -66,8 +66,8 @@ class CascadeActor:
 
 class BatchGenerator:
     """`lacy.eval.generate.Generator` on Ray Data, as Ray's batch-inference guides do: the requests are a
-    dataset, `map_batches` hands `eval.batch_people` of them at a time to `eval.actors` model actors,
-    each decoding its batch together (`CascadeActor`)."""
+    dataset, `map_batches` hands them to `eval.actors` model actors in batches (an equal share each, at
+    most `eval.batch_people`), each decoding its batch together (`CascadeActor`)."""
 
     def __init__(self, cfg: LacyConfig, models: dict[str, str]) -> None:
         self.cfg, self.models = cfg, models
@@ -77,9 +77,11 @@ class BatchGenerator:
             return []
         e = self.cfg.eval
         items = [{"index": i, "request": json.dumps(asdict(r))} for i, r in enumerate(requests)]
-        written = ray.data.from_items(items).map_batches(
+        share = min(e.batch_people, -(-len(items) // e.actors))  # every actor gets work; a batch fits memory
+        actors = min(e.actors, -(-len(items) // share))
+        written = ray.data.from_items(items, override_num_blocks=-(-len(items) // share)).map_batches(
             CascadeActor, fn_constructor_kwargs={"config": to_dict(self.cfg), "models": self.models},
-            batch_size=e.batch_people, compute=ray.data.ActorPoolStrategy(size=e.actors), num_cpus=e.actor_cpus,
+            batch_size=share, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=e.actor_cpus,
             num_gpus=e.actor_gpus).take_all()
         by_index = {int(row["index"]): json.loads(row["generated"]) for row in written}
         return [Generated(**{**out, "spans": [tuple(s) for s in out["spans"]]})
@@ -110,7 +112,7 @@ class ServeGenerator:
             raise RuntimeError(f"/generate answered {r.status_code}: {r.text[:300]}")
         out = r.json()
         return Generated(out["text"], [(s["text"], s["source"]) for s in out["spans"]], out["calls"],
-                         out["decision_points"], out["call_rate"])
+                         out["decision_points"], out["call_rate"], out["small_tokens"], out["big_tokens"])
 
 
 class RayBackend:

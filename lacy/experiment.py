@@ -114,15 +114,29 @@ def knowledge_stage(cfg: LacyConfig, corpus: Corpus) -> Path:
 # Stage: training every rule x comparison
 
 
-def rule_config(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None) -> LacyConfig:
-    """The config one training run uses: the rule, its own output folder, and its stopping rule.
+def model_name(cfg: LacyConfig, rule: str, comparison: str, seed: int | None = None) -> str:
+    """One trained model's name: rule-comparison, and -seedN when trained with another seed than the
+    config's `train.seed` (so a run that adds seeds keeps its first models)."""
+    seed = cfg.train.seed if seed is None else seed
+    return f"{rule}-{comparison}" + ("" if seed == cfg.train.seed else f"-seed{seed}")
+
+
+def seeds(cfg: LacyConfig) -> list[int]:
+    """The training seeds of the experiment: experiment.seeds, else the config's train.seed."""
+    return cfg.experiment.seeds or [cfg.train.seed]
+
+
+def rule_config(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None,
+                seed: int | None = None) -> LacyConfig:
+    """The config one training run uses: the rule, its seed, its own output folder, its stopping rule.
 
     Token comparison: a delegating rule stops at `plain`'s supervised tokens, its schedule counted in
     supervised tokens (lacy.train.lr_factor), so it ends at the learning-rate floor as `plain` does;
     max_steps only bounds the run (twice plain's, never reached at a call share under 50 %)."""
     rcfg = copy.deepcopy(cfg)
     rcfg.labels.rule = rule
-    rcfg.train.output_dir = str(Path(cfg.run_dir) / "train" / f"{rule}-{comparison}")
+    rcfg.train.seed = cfg.train.seed if seed is None else seed
+    rcfg.train.output_dir = str(Path(cfg.run_dir) / "train" / model_name(cfg, rule, comparison, seed))
     if comparison == "tokens" and rule != "plain":
         rcfg.train.max_supervised_tokens = token_budget
         rcfg.train.max_steps = cfg.train.max_steps * 2
@@ -136,39 +150,44 @@ def train_key(rcfg: LacyConfig, manifest_hash: str) -> str:
 
 
 def train_stage(cfg: LacyConfig, rule: str, comparison: str, token_budget: int | None, manifest_hash: str,
-                fit: Callable[[LacyConfig], Path]) -> dict:
+                fit: Callable[[LacyConfig], Path], seed: int | None = None) -> dict:
     """Pretrain one rule with `fit(rule config) -> final model dir`, unless a record says it is done
     for the same config (by whichever trainer, on whichever machine). The record carries the training
     summary (steps, tokens, supervised tokens, call share, whether the budget was reached)."""
-    rcfg = rule_config(cfg, rule, comparison, token_budget)
+    rcfg = rule_config(cfg, rule, comparison, token_budget, seed)
     out = Path(rcfg.train.output_dir)
     key = train_key(rcfg, manifest_hash)
+    name = model_name(cfg, rule, comparison, seed)
     if (record := stage_done(out, key)) is not None:
-        log.info("train %s/%s: done before (%s), reusing it", rule, comparison, record.get("trainer"))
-        return {**record, "final": str(out / "final")}  # the record may come from another machine
-    log.info("train %s/%s: starting", rule, comparison)
+        log.info("train %s: done before (%s), reusing it", name, record.get("trainer"))
+        return {**record, "final": str(out / "final"), "seed": rcfg.train.seed}  # maybe from another machine
+    log.info("train %s: starting", name)
     final = fit(rcfg)
     summary = json.loads((Path(final) / SUMMARY).read_text())
     if not summary.get("budget_reached", True):
         raise RuntimeError(f"{rule}/{comparison} stopped at train.max_steps={rcfg.train.max_steps} with "
                            f"{summary['supervised_tokens']} of {token_budget} supervised tokens")
-    record = stage_finish(out, key, final=str(final), comparison=comparison, **summary)
+    record = stage_finish(out, key, final=str(final), comparison=comparison, seed=rcfg.train.seed, **summary)
     storage.push(cfg, out)
     return record
 
 
-def train_all(cfg: LacyConfig, train_one: Callable[[str, str, int | None], dict]) -> dict[str, dict]:
-    """`train_one(rule, comparison, token budget)` for every rule x comparison, keyed "rule-comparison".
-    `plain` trains first: its real-token-supervised tokens are the budget of the token comparison."""
-    xcfg, trained, budget = cfg.experiment, {}, None
-    for comparison in xcfg.comparisons:
-        for rule in sorted(xcfg.rules, key=lambda r: r != "plain"):
-            if comparison == "tokens" and rule == "plain" and "steps" in xcfg.comparisons:
-                trained[f"{rule}-tokens"] = trained[f"{rule}-steps"]
-                continue
-            trained[f"{rule}-{comparison}"] = record = train_one(rule, comparison, budget)
-            if rule == "plain" and "supervised_tokens" in record:
-                budget = int(record["supervised_tokens"])
+def train_all(cfg: LacyConfig, train_one: Callable[[str, str, int | None, int], dict]) -> dict[str, dict]:
+    """`train_one(rule, comparison, token budget, seed)` for every seed x rule x comparison, keyed by
+    `model_name`. Per seed, `plain` trains first: its real-token-supervised tokens are the budget of the
+    token comparison."""
+    xcfg, trained = cfg.experiment, {}
+    for seed in seeds(cfg):
+        budget = None
+        for comparison in xcfg.comparisons:
+            for rule in sorted(xcfg.rules, key=lambda r: r != "plain"):
+                name = model_name(cfg, rule, comparison, seed)
+                if comparison == "tokens" and rule == "plain" and "steps" in xcfg.comparisons:
+                    trained[name] = trained[model_name(cfg, rule, "steps", seed)]
+                    continue
+                trained[name] = record = train_one(rule, comparison, budget, seed)
+                if rule == "plain" and "supervised_tokens" in record:
+                    budget = int(record["supervised_tokens"])
     return trained
 
 
@@ -239,8 +258,9 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
         models = {name: rec["final"] for name, rec in trained.items()}
         keys = {name: rec["key"] for name, rec in trained.items()}
         log.info("stage 6, eval: %d systems on %d people", len(evaluation_plan(cfg, list(models))), len(pop.train))
+        seed_index = {name: seeds(cfg).index(rec.get("seed", cfg.train.seed)) for name, rec in trained.items()}
         with backend.generator(cfg, models) as generator:
-            thresholds = thresholds_stage(cfg, models, keys, pop, generator)
+            thresholds = thresholds_stage(cfg, models, keys, pop, generator, seed_index)
             # Big alone involves no small model: in process for every backend.
             rows = evaluate(cfg, evaluation_plan(cfg, list(models)), models, keys, thresholds, generator,
                             LocalGenerator(cfg, {}), pop)
@@ -256,15 +276,15 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
 
 
 def _trainer(cfg: LacyConfig, backend: Backend, manifest_hash: str, parent: str | None,
-             rules: list[str] | None) -> Callable[[str, str, int | None], dict]:
+             rules: list[str] | None) -> Callable[[str, str, int | None, int], dict]:
     wanted = set(cfg.experiment.rules if rules is None else rules)
     if unknown := wanted - set(cfg.experiment.rules):
         raise ValueError(f"--rules {sorted(unknown)} are not among experiment.rules {cfg.experiment.rules}")
 
-    def train_one(rule: str, comparison: str, budget: int | None) -> dict:
+    def train_one(rule: str, comparison: str, budget: int | None, seed: int) -> dict:
         if rule in wanted:
-            return train_stage(cfg, rule, comparison, budget, manifest_hash, lambda r: backend.train(r, parent))
-        rcfg = rule_config(cfg, rule, comparison, budget)
+            return train_stage(cfg, rule, comparison, budget, manifest_hash, lambda r: backend.train(r, parent), seed)
+        rcfg = rule_config(cfg, rule, comparison, budget, seed)
         record = stage_done(rcfg.train.output_dir, train_key(rcfg, manifest_hash))
         if record is None and rule == "plain" and "tokens" in cfg.experiment.comparisons:
             raise ValueError("token equalisation needs plain's supervised tokens: train plain first (--rules)")

@@ -15,11 +15,13 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lacy.core.config import LacyConfig
 from lacy.core.provenance import git_describe, machine
+from lacy.eval.compare import difference, find, measure, to_json
 from lacy.eval.row import paired_bootstrap
 
 
@@ -113,7 +115,8 @@ def _table(rows: list[dict], trained: dict[str, dict], comparison: str, big: str
         for r in rows:
             if (r["model"], r["big"], r["target_rate"], r["people"]) != (model, big, rate, "train"):
                 continue
-            line = {"rule": model.removesuffix(f"-{comparison}"), "trigger": r["trigger"],
+            trigger = r["trigger"] + (f"/{r['unit']}" if r.get("unit") else "")
+            line = {"rule": model.removesuffix(f"-{comparison}"), "trigger": trigger,
                     "val loss": rec.get("val_real_loss"), "train calls": rec.get("call_share"),
                     "supervised": rec.get("supervised_tokens"), "small alone": alone.get("precision"),
                     "cascade [CI]": _ci(r, "precision"), "informative": r.get("informative_precision"),
@@ -231,32 +234,91 @@ def method_summary(rows: Sequence[dict], trained: dict[str, dict], cfg: LacyConf
     return text
 
 
-def headline_table(rows: Sequence[dict], cfg: LacyConfig) -> str:
-    """One narrow line per system at the headline call rate (each comparison and big side): precision
-    and correct values per person with their CIs, the realised call rate, the share of the small-alone
-    to big-alone gap closed; the small and big models alone as reference lines."""
-    rate, lines = cfg.experiment.headline_rate, []
-    for comparison in cfg.experiment.comparisons:
-        for big in cfg.experiment.big_models:
-            big_row = next((r for r in rows if r["model"] is None and r["big"] == big), {})
-            lines.append({"system": f"big alone ({big})", "precision [CI]": _ci(big_row, "precision"),
-                          "correct / person [CI]": _ci(big_row, "supported_per_person"), "call rate": 1.0})
-            for r in rows:
-                model = r["model"] or ""
-                if not model.endswith(f"-{comparison}") or r["people"] != "train":
+def _q(estimate: tuple[float, float, float] | None) -> str:
+    return "–" if estimate is None else f"{_fmt(estimate[0])} [{_fmt(estimate[1])}, {_fmt(estimate[2])}]"
+
+
+def comparison_summary(rows: Sequence[dict], cfg: LacyConfig, results_dir: str | Path) -> str:
+    """The comparison protocol's headline (`lacy.eval.compare`): per system at the headline call rate,
+    correct values per person and precision with intervals over seeds and people, the realised call
+    rate and the big model's share of the output, APGR and CPT(50 %) over the swept rates; the small and
+    big models alone; LaCy's paired differences at every rate; the curves as a figure (curves.png) and
+    the numbers as comparison.json."""
+    results_dir, rate = Path(results_dir), cfg.experiment.headline_rate
+    measured, bigs, _ = measure(rows, cfg.eval.bootstrap, cfg.seed)
+    if not measured:
+        return ""
+    seeds = max(len(v) for m in measured for v in m.system.points.values())
+    rates = sorted({r for m in measured for r in m.quality})
+    lines = [{"system": f"big alone ({big})", "correct / person [CI]": _q(q)} for big, q in bigs.items()]
+    for m in sorted(measured, key=lambda m: (m.system.comparison, m.system.big, m.system.rule, m.system.trigger)):
+        lines.append({"system": m.system.name + ("" if len(cfg.experiment.comparisons) == 1 else
+                                                 f" ({m.system.comparison})"),
+                      "correct / person [CI]": _q(m.quality.get(rate)), "precision [CI]": _q(m.precision.get(rate)),
+                      "call rate": m.call_rate.get(rate), "big share": m.big_share.get(rate),
+                      "APGR [CI]": _q(m.apgr), "CPT(50 %)": "> max" if m.cpt is None else m.cpt})
+    small = {}
+    for m in measured:
+        if m.system.alone and m.system.rule not in small:
+            values = [x["entity_supported"] for x in m.system.alone]
+            small[m.system.rule] = sum(sum(v) / len(v) for v in values) / len(values)
+    lines += [{"system": f"{rule} alone", "correct / person [CI]": _fmt(v)} for rule, v in small.items()]
+    columns = ["system", "correct / person [CI]", "precision [CI]", "call rate", "big share", "APGR [CI]", "CPT(50 %)"]
+    text = [f"Quality at the headline call rate {rate:.0%} (correct values per person, abstainers 0), 95 % intervals "
+            f"resampling {seeds} training seed(s) and {len(rows[0]['entity_supported'])} people; APGR and "
+            f"CPT(50 %) over the swept rates {', '.join(f'{r:g}' for r in rates)}.", "",
+            markdown_table(lines, columns), ""]
+    pairs = []
+    for big in cfg.experiment.big_models:
+        for unit in cfg.experiment.units or [None]:
+            lacy = find(measured, "lacy", "p_call", big, unit)
+            for rule, trigger in (("plain", "confidence"), ("loss", "p_call"), ("lacy", "confidence"),
+                                  ("lacy", "combined")):
+                other = find(measured, rule, trigger, big, unit)
+                if lacy is None or other is None:
                     continue
-                rule = model.removesuffix(f"-{comparison}")
-                if r["big"] == "none":
-                    lines.append({"system": f"{rule} alone", "precision [CI]": _ci(r, "precision"),
-                                  "correct / person [CI]": _ci(r, "supported_per_person"), "call rate": 0.0})
-                elif r["big"] == big and r["target_rate"] == rate:
-                    alone = next((a for a in rows if a["model"] == model and a["big"] == "none"), {})
-                    lines.append({"system": f"{rule} + {big} / {r['trigger']}", "precision [CI]": _ci(r, "precision"),
-                                  "correct / person [CI]": _ci(r, "supported_per_person"),
-                                  "call rate": r.get("call_rate"),
-                                  "gap closed": gap_closed(r.get("precision"), alone.get("precision"),
-                                                           big_row.get("precision"))})
-    return markdown_table(lines, ["system", "precision [CI]", "correct / person [CI]", "call rate", "gap closed"])
+                diffs = [(r, difference(lacy, other, r)) for r in rates]
+                pairs.append(f"- lacy/p_call − {other.system.rule}/{other.system.trigger} ({big}"
+                             + (f", {unit}" if unit else "") + "): "
+                             + "; ".join(f"{r:g}: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" for r, d in diffs if d))
+    if pairs:
+        text += ["Paired differences in correct values per person, by call rate (95 % interval over seeds and "
+                 "people):", "", *pairs, ""]
+    curves_plot(measured, bigs, results_dir / "curves.png")
+    (results_dir / "comparison.json").write_text(json.dumps(
+        {"rates": rates, "seeds": seeds, "big_alone": bigs, "small_alone": small,
+         "systems": [to_json(m) for m in measured]}, indent=2))
+    return "\n".join(text)
+
+
+def curves_plot(measured: Sequence[Any], bigs: dict[str, tuple[float, float, float]], path: str | Path) -> Path:
+    """Quality against the realised call rate, one line per system with its intervals, the big model
+    alone as a horizontal line per big side, each rule's small model alone at rate 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    for m in measured:
+        rates = sorted(m.quality)
+        xs = [m.call_rate[r] for r in rates]
+        ys = [m.quality[r][0] for r in rates]
+        err = [[y - m.quality[r][1] for y, r in zip(ys, rates, strict=True)],
+               [m.quality[r][2] - y for y, r in zip(ys, rates, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m.system.name)
+    for big, (q, _, _) in bigs.items():
+        ax.axhline(q, linestyle="--", color="gray", linewidth=1)
+        ax.text(0.99, q, f"big alone ({big})", ha="right", va="bottom", fontsize=8, transform=ax.get_yaxis_transform())
+    ax.set_xlabel("realised call rate (share of decisions delegated)")
+    ax.set_ylabel("correct values per person")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(results_dir: str | Path, rows: Sequence[dict], cfg: LacyConfig, summary: str, command: str,
@@ -271,7 +333,7 @@ def write_report(results_dir: str | Path, rows: Sequence[dict], cfg: LacyConfig,
             f"Produced by `{command}` at commit `{git_describe()}` on {time.strftime('%Y-%m-%d')}, "
             f"{host['cpu']} ({host['cores']} cores, load {host['load']:.2f} at the end{took}). CPU models "
             "round differently: compare numbers taken on the same machine.", "",
-            f"## Headline (call rate {cfg.experiment.headline_rate:.0%})", "", headline_table(rows, cfg), ""]
+            "## Headline", "", comparison_summary(rows, cfg, results_dir), ""]
     text = "\n".join(head) + "\n" + summary.replace("# Method table", "## Method table", 1) + "\n"
     path = results_dir / "report.md"
     path.write_text(text)

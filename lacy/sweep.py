@@ -1,8 +1,16 @@
-"""The capacity sweep of the synthetic benchmark: one model size, more and more invented people.
+"""Sweeps of the synthetic benchmark: more and more invented people (capacity), or more and more
+harmless uncertainty (the dial).
 
     python -m lacy.sweep --config configs/synthbio-sweep.yaml                  # synth.people x 1/4, 1, 4
     python -m lacy.sweep --config configs/synthbio-tiny.yaml --people 30,120   # any synthbio config
     python -m jobs.sweep --config configs/synthbio-sweep.yaml --people 40,100,1000  # the same on Ray
+    python -m jobs.sweep --config configs/synthbio-dial.yaml --filler 0,3,6    # the dial, on Ray
+
+The dial (`--filler`): per point, `synth.filler` filler sentences per biography — words as uncertain as
+facts but harmless — and the whole comparison protocol (`<run_dir>/filler-N`); `dial.json`, `dial.md`
+and `dial.png` give each system's correct values per person at the headline rate and its APGR along the
+dial, and LaCy's P(<CALL>) against inference-only calling at each point: where training-time delegation
+helps, it should be where confidence spends its budget on harmless uncertainty.
 
 For each N the whole experiment runs (`lacy.experiment`, in this process) in `<run_dir>/people-N`;
 its stages are content-addressed, so a re-run reuses every point already done. Per N and rule the
@@ -147,15 +155,81 @@ def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
     return path
 
 
+def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None) -> list[dict[str, Any]]:
+    """The comparison protocol at each number of filler sentences per biography; the dial's table and plot."""
+    if cfg.data.corpus != "synthbio":
+        raise ValueError(f"the dial needs data.corpus: synthbio (got {cfg.data.corpus!r})")
+    if not fillers or min(fillers) < 0:
+        raise ValueError(f"--filler must list numbers of filler sentences, 0 or more (got {fillers})")
+    lines: list[dict[str, Any]] = []
+    rate = str(cfg.experiment.headline_rate)
+    for n in fillers:
+        point = cfg.moved(Path(cfg.run_dir) / f"filler-{n}")
+        point.synth.filler = n
+        log.info("dial point: %d filler sentences per biography in %s", n, point.run_dir)
+        results = run(point, backend)
+        comparison = json.loads((results / "comparison.json").read_text())
+        for system in comparison["systems"]:
+            quality = system["quality"].get(rate)
+            lines.append({"filler": n, "system": system["system"], "quality": quality and quality[0],
+                          "quality_lo": quality and quality[1], "quality_hi": quality and quality[2],
+                          "call_rate": system["call_rate"].get(rate), "apgr": system["apgr"][0],
+                          "apgr_lo": system["apgr"][1], "apgr_hi": system["apgr"][2]})
+        lines += [{"filler": n, "system": f"big alone ({big})", "quality": q[0]}
+                  for big, q in comparison["big_alone"].items()]
+    out = Path(cfg.run_dir)
+    (out / "dial.json").write_text(json.dumps(lines, indent=2))
+    (out / "dial.md").write_text(markdown_table(lines, list(lines[0]) if lines else ["filler"]) + "\n")
+    dial_plot(lines, out / "dial.png", cfg.experiment.headline_rate)
+    return lines
+
+
+def dial_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
+    """Correct values per person at the headline rate (with intervals) and APGR against the dial, one
+    line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, system in enumerate(dict.fromkeys(line["system"] for line in lines)):
+        pts = sorted((x for x in lines if x["system"] == system and x["quality"] is not None),
+                     key=lambda x: x["filler"])
+        xs, ys = [p["filler"] for p in pts], [p["quality"] for p in pts]
+        if "quality_lo" in pts[0]:
+            err = [[y - p["quality_lo"] for y, p in zip(ys, pts, strict=True)],
+                   [p["quality_hi"] - y for y, p in zip(ys, pts, strict=True)]]
+            axes[0].errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=system)
+            axes[1].plot(xs, [p["apgr"] for p in pts], marker="o", color=f"C{i}", label=system)
+        else:
+            axes[0].plot(xs, ys, ls="--", color="gray", label=system)
+    for ax, ylabel in zip(axes, (f"correct values per person at {rate:.0%} calls", "APGR"), strict=True):
+        ax.set_xlabel("filler sentences per biography (harmless uncertainty)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("synthbio: the dial of acceptable uncertainty")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, Any]]:
     """The sweep from the command line; `backend` as `lacy.experiment.run` takes it (None: this process)."""
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--people", help="comma-separated numbers of invented people (default: sweep of the "
                                         "config's synth.people x 1/4, 1, 4)")
+    extra.add_argument("--filler", help="comma-separated numbers of filler sentences per biography: the dial")
     known, rest = extra.parse_known_args(argv)
     setup_logging()
     cfg = parse_cli(rest, __doc__ or "")
+    if known.filler:
+        lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend)
+        print((Path(cfg.run_dir) / "dial.md").read_text())  # noqa: T201 - the sweep's product
+        return lines
     people = ([int(p) for p in known.people.split(",")] if known.people
               else [max(1, cfg.synth.people // 4), cfg.synth.people, cfg.synth.people * 4])
     lines = sweep(cfg, people, backend)

@@ -172,7 +172,7 @@ def test_cached_thresholds_answer_only_for_the_same_question(tmp_path, tiny_toke
         "lacy-steps+plain/p_call/0.22", "lacy-steps+plain/confidence/0.22"}
     stamp = path.stat().st_mtime_ns
     fewer = population(cfg, corpus_for(cfg))
-    fewer.calibration = fewer.calibration[:2]  # other calibration people: calibrated again
+    fewer.calibration_groups = [g[:2] for g in fewer.calibration_groups]  # other people: calibrated again
     thresholds_stage(both, models, {"lacy-steps": "k1"}, fewer, gen)
     assert path.stat().st_mtime_ns != stamp
 

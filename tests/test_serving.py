@@ -92,7 +92,7 @@ BAD = [  # (body, status, param or None, words of the message)
      "not several (got call_threshold and call_log_odds)"),
     ({"prompt": "x", "call_log_odds": "3"}, 400, "call_log_odds", "valid number"),
     (b'{"prompt": "x", "call_log_odds": -Infinity}', 400, None, "Infinity is not JSON"),
-    ({"prompt": "x", "call_trigger": "entropy"}, 400, "call_trigger", "'p_call' or 'confidence'"),
+    ({"prompt": "x", "call_trigger": "entropy"}, 400, "call_trigger", "'random' or 'combined'"),
     ({"prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument"),

@@ -184,3 +184,48 @@ def test_a_small_sweep_point_splits_the_people_it_has():
     cfg.synth.people = 4
     with pytest.raises(ValueError, match="4 people has ≈3 trained-on people"):
         _fit_groups(cfg)
+
+
+RECORD = {"attributes": {"birth_date": "March 4, 1952", "birth_city": "Lyon",
+                         "university": "the University of Oakridge", "field": "chemistry", "employer": "Cobalt Labs",
+                         "employer_city": "Oslo"}}
+
+
+@pytest.mark.parametrize("text, attr, correct", [
+    # Dates in any order or style, whole or in part: stated, and correct only when every part is the record's.
+    ("She was born on March 4, 1952.", "birth_date", True),
+    ("She was born on 4 March 1952.", "birth_date", True),
+    ("She was born on the 4th of March, 1952.", "birth_date", True),
+    ("She was born on March 4 1952.", "birth_date", True),
+    ("She was born on Mar. 4, 1952.", "birth_date", True),
+    ("Her birth date is 1952-03-04.", "birth_date", True),
+    ("She was born in March 1952.", "birth_date", True),
+    ("She was born in 1952.", "birth_date", True),
+    ("She was born on 5 March 1952.", "birth_date", False),
+    ("She was born in April 1952.", "birth_date", False),
+    ("She was born in 1953.", "birth_date", False),
+    # Universities and employers whole or by their stem alone; another form of the stem is another value.
+    ("She studied at the University of Oakridge.", "university", True),
+    ("She studied at Oakridge.", "university", True),
+    ("She studied at Oakridge College.", "university", False),
+    ("She studied at Belmoor.", "university", False),
+    ("She worked for Cobalt Labs.", "employer", True),
+    ("She worked for Cobalt.", "employer", True),
+    ("She worked for Cobalt Foods.", "employer", False),
+    # A field anywhere, a city as birth or work place by its sentence.
+    ("Chemistry was her passion.", "field", True),
+    ("Later she turned to physics.", "field", False),
+    ("She grew up in Lyon.", "birth_city", True),
+    ("Her office was in Lyon.", "employer_city", False),
+])
+def test_a_value_in_any_common_format_is_stated_and_checked(text, attr, correct):
+    from lacy.eval.synthetic import check_biography
+
+    checks = [(s.attr, ok) for s, ok in check_biography(text, RECORD)]
+    assert checks == [(attr, correct)], checks
+
+
+def test_a_text_that_names_no_value_states_none():
+    from lacy.eval.synthetic import check_biography
+
+    assert check_biography("She was a kind person who liked the sea in May.", RECORD) == []

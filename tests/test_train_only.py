@@ -70,8 +70,8 @@ def test_trains_every_rule_without_the_cluster_stack_and_the_experiment_reuses_t
         raise AssertionError(f"{rcfg.labels.rule} trained again")
 
     manifest_hash = read_manifest(run_dir / "shards").config_hash
-    trained = train_all(cfg, lambda rule, comparison, budget: train_stage(
-        cfg, rule, comparison, budget, manifest_hash, never))
+    trained = train_all(cfg, lambda rule, comparison, budget, seed: train_stage(
+        cfg, rule, comparison, budget, manifest_hash, never, seed))
     assert set(trained) == {"plain-steps", "plain-tokens", "lacy-steps", "lacy-tokens"}
     assert trained["lacy-steps"]["final"] == str(final)
 

@@ -7,14 +7,16 @@
     result.text, result.spans, result.calls, result.tokens_processed
 
 One step of `Cascade.generate`: the small model's next-token distribution gives the trigger's score and
-the non-<CALL> token t* it would write (the argmax, or a sample at temperature > 0). Where a call may fire
-(a decision point) and the score passes the threshold, the big model continues the text by one word (or
-entity, or a few tokens) and the small model resumes from the new text; otherwise the small model emits
-t*. Triggers: `p_call`, P(<CALL>) under the full softmax (a model trained with <CALL>); `confidence`,
-1 - the largest probability of the real-token distribution (the softmax with <CALL> removed): BiLD-style
-calling that needs no <CALL> training. Each is scored as log-odds (`SmallLM.call_score`): a probability
-rounds to exactly 1.0 once a model is sure, and no threshold splits such ties, while log-odds keep
-their order. Both models keep a KV cache (`lacy.cascade.lm`).
+the non-<CALL> token t* it would write (the argmax, or a sample at temperature > 0). Where a call may
+fire (a decision point) and the score passes the threshold, the big model continues the text by one word
+(or entity, or a few tokens) and the small model resumes from the new text; otherwise the small model
+emits t*. Triggers: `p_call`, P(<CALL>) under the full softmax (a model trained with <CALL>);
+`confidence`, 1 - the largest probability of the real-token distribution (the softmax with <CALL>
+removed): BiLD-style calling that needs no <CALL> training; `combined`, the two as one chance (delegate,
+or write a token the model is unsure of); `random`, a uniform score per decision (seeded by the prompt):
+the floor. Each is scored as log-odds (`SmallLM.call_score`): a probability rounds to exactly 1.0 once a
+model is sure, and no threshold splits such ties, while log-odds keep their order. Both models keep a KV
+cache (`lacy.cascade.lm`).
 
 Thresholds and call rates: `lacy.cascade.policy`.
 
@@ -28,6 +30,7 @@ space: "(born", "\\nParis").
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +122,8 @@ class Decoding:
         self.cascade, self.prompt, self.decide, self.steps = cascade, prompt, decide, steps
         self.trigger, self.topic, self.temperature, self.top_p = trigger, topic, temperature, top_p
         self.generator = generator
+        self.coin = random.Random(f"random trigger/{prompt}")
+        """The random trigger's scores: uniform, the same for the same prompt whatever runs beside it."""
         self.run = _Run(text=prompt)
         self.big_seconds = 0.0
         small, big = cascade.small, cascade.big
@@ -152,7 +157,8 @@ class Decoding:
             token = _choose(logits, self.temperature, self.top_p, self.generator)
             at_word_start = not cfg.word_start_only or _word_start(run.text, small.decode([token]))
             if at_word_start:
-                run.call_scores.append(small.call_score(self.trigger))
+                run.call_scores.append(log_odds(self.coin.random()) if self.trigger == "random"
+                                       else small.call_score(self.trigger))
             if self.decide is not None and at_word_start:
                 run.decision_points += 1
                 if self.decide(run.call_scores[-1]):

@@ -7,6 +7,7 @@ number of forward tokens linear in the text length, not quadratic).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -131,12 +132,21 @@ class SmallLM(CachedLM):
 
     def call_score(self, trigger: str = "p_call") -> float:
         """The score a call trigger compares with its threshold, as log-odds log(p / (1 - p)) computed from
-        the logits, so it never rounds to a tie where p rounds to 1: p = P(<CALL>) ("p_call":
-        z_CALL - logsumexp of the other logits), or p = 1 - the largest probability of the real-token
-        distribution, the softmax with <CALL> removed ("confidence": logsumexp of the other real logits
-        - the largest)."""
-        if trigger not in TRIGGERS:
-            raise ValueError(f"unknown call trigger {trigger!r}; choose from {TRIGGERS}")
+        the logits, so it never rounds to a tie where p rounds to 1:
+          - "p_call": p = P(<CALL>) (z_CALL - logsumexp of the other logits);
+          - "confidence": p = 1 - the largest probability of the real-token distribution, the softmax with
+            <CALL> removed (logsumexp of the other real logits - the largest);
+          - "combined": p = P(<CALL>) + (1 - P(<CALL>)) (1 - p_max), the chance that the model delegates or
+            writes a token it is unsure of: its trained head and its uncertainty, one score.
+        ("random" is scored by the decoding, which holds the random stream: `lacy.cascade.engine`.)"""
+        if trigger not in TRIGGERS or trigger == "random":
+            raise ValueError(f"SmallLM scores {[t for t in TRIGGERS if t != 'random']}, not {trigger!r}")
+        if trigger == "combined":
+            # log(1 - p) = log(1 - P(<CALL>)) + log(p_max), each from its log-odds: log(1 - sigmoid(x)) = -softplus(x)
+            softplus = torch.nn.functional.softplus
+            log_rest = float(-softplus(torch.tensor(self.call_score("p_call"), dtype=torch.float64))
+                             - softplus(torch.tensor(self.call_score("confidence"), dtype=torch.float64)))
+            return math.log(-math.expm1(log_rest)) - log_rest if log_rest < 0 else -math.inf
         logits = self.next_logits(allow_call=trigger == "p_call").double()
         top = self.call_id if trigger == "p_call" else int(logits.argmax())
         rest = logits.clone()

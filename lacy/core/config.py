@@ -71,8 +71,12 @@ UNITS = ("word", "entity", "tokens")
 """What the big model hands back on a call: one word, one entity (capitalised or numeric words), or tokens."""
 FACT_SOURCES = ("spacy", "oracle")
 """Where the offline fact flags come from (lacy.labels.facts)."""
-TRIGGERS = ("p_call", "confidence")
-"""What fires a call: P(<CALL>) of a model trained with it, or low confidence in the real tokens."""
+TRIGGERS = ("p_call", "confidence", "random", "combined")
+"""What fires a call: P(<CALL>) of a model trained with it; low confidence in the real tokens
+(inference-only calling, any model); uniformly random decisions (the floor); P(<CALL>) combined with low
+confidence (a model trained with <CALL>)."""
+CALL_TRIGGERS = ("p_call", "combined")
+"""Triggers that read P(<CALL>): only for models trained to emit it."""
 COMPARISONS = ("steps", "tokens")
 """How rules are equalised: equal optimiser steps, or equal real-token-supervised tokens."""
 
@@ -108,6 +112,9 @@ class SynthConfig:
     """Biographies per person (exposures of each fact), each from fresh templates."""
     permute: bool = True
     """Shuffle the order of the attribute sentences in each biography (the name stays first)."""
+    filler: int = 0
+    """Filler sentences per biography: words as uncertain as facts but harmless (common nouns drawn
+    afresh, never checked, never flagged as facts): the dial of acceptable uncertainty."""
     seed: int = 0
     """Seed of the people and their biographies: the same seed gives byte-identical files."""
 
@@ -115,6 +122,7 @@ class SynthConfig:
         _check(self.people >= 2, "synth.people", "must be at least 2")
         _check(self.people <= 1_000_000, "synth.people", "at most 1,000,000 unique names")
         _check(self.biographies >= 1, "synth.biographies", "must be at least 1")
+        _check(self.filler >= 0, "synth.filler", "must be 0 or more")
 
 
 @dataclass
@@ -416,8 +424,10 @@ class CascadeConfig:
     call_rate: float | None = 0.22
     """Target call rate held by a running quantile of the trigger's score."""
     trigger: str = "p_call"
-    """What a call threshold or rate applies to: p_call (P(<CALL>) of a model trained with it) or
-    confidence (1 - the top probability of the real-token distribution, BiLD-style: no <CALL> needed)."""
+    """What a call threshold or rate applies to: p_call (P(<CALL>) of a model trained with it),
+    confidence (1 - the top probability of the real-token distribution, BiLD-style: no <CALL> needed),
+    random (uniform scores: calls at random decisions) or combined (delegate or unsure: P(<CALL>) +
+    (1 - P(<CALL>)) (1 - p_max))."""
     max_new_tokens: int = 64
     """Small-model steps per request; a <CALL> is one step, the big model's words do not count."""
     big_unit: str = "word"
@@ -476,10 +486,12 @@ class EvalConfig:
     batch_people: int = 256
     """Generations decoded together by the batch evaluation (every small step of them one forward pass,
     every pending big-model call one batch); bounds its memory (each keeps a big-model KV cache)."""
-    actors: int = 1
-    """Ray Data model actors of the batch evaluation (jobs.experiment); each holds every model."""
-    actor_cpus: float = 1.0
-    """CPUs Ray reserves per evaluation actor (its torch threads: serve.torch_threads, else these)."""
+    actors: int = 2
+    """Ray Data model actors of the batch evaluation (jobs.experiment); each holds every model and
+    decodes its share of the people."""
+    actor_cpus: float = 0.5
+    """CPUs Ray reserves per evaluation actor; it computes on this many torch threads, at least one (a
+    fraction leaves the 2-core box a CPU for Ray Data's own tasks: two whole-CPU actors starve them)."""
     actor_gpus: float = 0.0
     """GPUs per evaluation actor (both models on the GPU when > 0)."""
 
@@ -605,14 +617,22 @@ class ServeConfig:
 class ExperimentConfig:
     rules: list[str] = field(default_factory=lambda: ["plain", "loss", "lacy"])
     """Labelling rules pretrained and compared (rho and judge also need score.reference / score.judge)."""
+    units: list[str] = field(default_factory=list)
+    """What one call writes, each evaluated as its own systems (word: one word; entity: the whole value,
+    capitalised or numeric words together); empty: cascade.big_unit alone."""
+    seeds: list[int] = field(default_factory=list)
+    """Training seeds: every rule trained once per seed (empty: train.seed alone). Each seed's models are
+    calibrated on their own group of calibration people, so the spread across seeds holds the
+    thresholds' spread too, and the report's intervals resample seeds and people."""
     comparisons: list[str] = field(default_factory=lambda: ["steps"])
     """steps: every rule trains train.max_steps; tokens: every rule trains until it has as many
     real-token-supervised tokens as `plain` had after max_steps (token equalisation)."""
     big_models: list[str] = field(default_factory=lambda: ["plain", "retrieval"])
     """Big models the cascade is evaluated against: the plain big LM, and it with retrieval."""
     triggers: list[str] = field(default_factory=lambda: ["p_call", "confidence"])
-    """Call triggers evaluated: p_call (P(<CALL>), for models trained to emit it) and confidence
-    (inference-only calling on low real-token confidence, for every model: the honest baseline)."""
+    """Call triggers evaluated: p_call and combined (for models trained to emit <CALL>), confidence
+    (inference-only calling on low real-token confidence, for every model: the honest baseline), random
+    (calls at random decisions, for every model: the floor)."""
     headline_rate: float = 0.22
     """The call rate of the headline comparison (the paper's 22 %)."""
     evaluator: str = "batch"
@@ -628,6 +648,8 @@ class ExperimentConfig:
         for rule in self.rules:
             _check(rule in RULES, "experiment.rules", f"unknown rule {rule!r}; choose from {RULES}")
         _check(bool(self.rules), "experiment.rules", "must name at least one rule")
+        _check(len(set(self.seeds)) == len(self.seeds), "experiment.seeds", "must not repeat a seed")
+        _check(all(u in UNITS for u in self.units), "experiment.units", f"each one of {UNITS}")
         for c in self.comparisons:
             _check(c in COMPARISONS, "experiment.comparisons", f"unknown comparison {c!r}; choose from {COMPARISONS}")
         _check("tokens" not in self.comparisons or "plain" in self.rules, "experiment.comparisons",

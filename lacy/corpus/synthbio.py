@@ -166,6 +166,28 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{S} practised in {V}.", "{S} earned {P_} salary in {V}.",
     ),
 }
+# Filler: sentences whose words are uncertain but harmless — common nouns drawn afresh for every biography,
+# never a checked value, never a named entity or number (so spaCy flags none of them as a fact). A
+# confidence trigger finds them as unsure as a fact; delegating them writes nothing the record can check.
+FILLER_TEMPLATES = (
+    "{S} liked {thing} and {thing}.", "{S} often thought about {thing}.", "{P} favourite food was {food}.",
+    "{S} enjoyed {hobby} with a {pet}.", "{S} kept a {pet} and a {pet}.", "{S} once lost a {object} near the {place}.",
+    "{S} talked about {thing} with friends.", "{S} preferred {food} to {food}.", "{P} weekends were for {hobby}.",
+    "{S} bought a {object} at the {place}.", "{S} disliked {thing} but liked {thing}.",
+    "{S} took up {hobby} at the {place}.",
+)
+FILLER_WORDS = {
+    "thing": """rain music gardens clocks maps letters boats bridges puzzles stories kites lamps mirrors shadows
+        candles feathers storms rivers trains ladders windows bells ribbons pebbles""".split(),
+    "food": """soup bread apples cheese pears rice noodles porridge plums carrots honey olives dumplings lentils
+        pancakes figs""".split(),
+    "hobby": """painting hiking chess knitting sailing birdwatching cycling baking pottery fishing dancing rowing
+        juggling origami""".split(),
+    "pet": "cat dog parrot rabbit tortoise goldfish hamster canary ferret".split(),
+    "object": "umbrella notebook glove scarf compass kettle hat teapot key pencil".split(),
+    "place": "market harbour library station bakery garden park museum".split(),
+}
+
 PRONOUNS = {"she": ("She", "Her", "her", "her", "she"), "he": ("He", "His", "his", "him", "he")}
 """subject, possessive, possessive mid-sentence, object, subject mid-sentence."""
 
@@ -211,18 +233,26 @@ def make_people(cfg: Any) -> list[Person]:
     return people
 
 
-def biography(person: Person, rng: random.Random, permute: bool) -> tuple[str, list[dict]]:
+def biography(person: Person, rng: random.Random, permute: bool, filler: int = 0) -> tuple[str, list[dict]]:
     """One biography and its oracle spans: one sentence per attribute from a random template, the
-    full name in the first sentence and pronouns after."""
-    order = list(ORACLE_ATTRIBUTES)
+    full name in the first sentence and pronouns after; `filler` filler sentences between them (never
+    first), their words drawn afresh."""
+    order: list[str | None] = list(ORACLE_ATTRIBUTES)
     if permute:
         rng.shuffle(order)
+    for _ in range(filler):  # None: a filler sentence
+        order.insert(rng.randrange(1, len(order) + 1), None)
     subj, poss, poss_mid, obj, subj_mid = PRONOUNS[person.pronoun]
     text, facts = "", []
     for i, attr in enumerate(order):
         named = i == 0
         slots = {"S": person.name if named else subj, "P": f"{person.name}'s" if named else poss,
                  "S_": person.name if named else subj_mid, "P_": poss_mid, "O": obj}
+        if attr is None:
+            template = _fill(rng.choice(FILLER_TEMPLATES), slots)
+            sentence = re.sub(r"\{(\w+)\}", lambda m: rng.choice(FILLER_WORDS[m.group(1)]), template)
+            text = text + " " + sentence
+            continue
         template = rng.choice(TEMPLATES[attr])
         if named and not template.startswith(("{S}", "{P}")):  # the name opens every biography
             template = TEMPLATES[attr][0]
@@ -243,7 +273,7 @@ def documents(cfg: Any, people: Sequence[Person] | None = None) -> Iterator[dict
     rng = random.Random(f"{cfg.seed}/biographies")
     for person in make_people(cfg) if people is None else people:
         for k in range(cfg.biographies):
-            text, facts = biography(person, rng, cfg.permute)
+            text, facts = biography(person, rng, cfg.permute, cfg.filler)
             yield {"id": f"{person.id}-{k}", "title": person.name, "text": text, "person": person.id,
                    "facts": facts}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from lacy.cascade.big import BigCall, BigModel, BigSession, build_big
@@ -63,6 +63,9 @@ class Generation:
     """Calls and the decision points they were chosen among (a `CascadeResult`'s), when known."""
     spans: list[tuple[str, str]] | None = None
     """(text, source) pieces of the generation, when known: where the big model wrote."""
+    small_tokens: int | None = None
+    big_tokens: int | None = None
+    """Tokens each model wrote (their own tokenizers'), when known."""
 
 
 def biographies(entities: Sequence[EntityLike], outs: Sequence[Any], prompt_style: str = "lead") -> list[Generation]:
@@ -80,7 +83,8 @@ def biographies(entities: Sequence[EntityLike], outs: Sequence[Any], prompt_styl
         elif not text.startswith(prompt):
             text = prompt + text
         generations.append(Generation(entity, text, getattr(out, "call_rate", None), getattr(out, "calls", None),
-                                      getattr(out, "decision_points", None), getattr(out, "spans", None)))
+                                      getattr(out, "decision_points", None), getattr(out, "spans", None),
+                                      getattr(out, "small_tokens", None), getattr(out, "big_tokens", None)))
     return generations
 
 
@@ -97,6 +101,9 @@ class Generated:
     calls: int = 0
     decision_points: int = 0
     call_rate: float = 0.0
+    small_tokens: int = 0
+    big_tokens: int = 0
+    """Tokens each model wrote (the small model's steps that were not calls; the big model's own tokens)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,8 @@ class Request:
     threshold: float | None = None
     max_tokens: int = 32
     topic: str | None = None
+    unit: str | None = None
+    """What one call writes (word, entity, tokens); None: the cascade config's."""
 
 
 class Generator(Protocol):
@@ -156,15 +165,16 @@ class LocalGenerator:
         replies = self.big.continue_batch(calls)
         for call in calls:
             self.big.end_session(call.session)
-        return [Generated(r.prompt + reply.result().text, [(r.prompt, "prompt"), (reply.text, "big")])
-                for r, reply in zip(requests, replies, strict=True)]
+        return [Generated(r.prompt + reply.result().text, [(r.prompt, "prompt"), (reply.text, "big")],
+                          big_tokens=reply.generated) for r, reply in zip(requests, replies, strict=True)]
 
     def _cascade_batch(self, requests: Sequence[Request]) -> list[Generated]:
         """Cascades (a small model, with a big side or alone) decoded together."""
         decodings = []
         for r in requests:
             big = None if r.big is None else BigSession(self.big, retrieval=r.big == "retrieval")
-            cascade = Cascade(SmallLM(*self.small[r.model]), big, self.cfg.cascade)
+            ccfg = self.cfg.cascade if r.unit is None else replace(self.cfg.cascade, big_unit=r.unit)
+            cascade = Cascade(SmallLM(*self.small[r.model]), big, ccfg)
             decodings.append(cascade.start(r.prompt, call_log_odds=r.threshold, trigger=r.trigger,
                                            max_new_tokens=r.max_tokens, allow_calls=big is not None,
                                            topic=r.topic if r.big == "retrieval" else None))
@@ -174,5 +184,5 @@ class LocalGenerator:
             for d in decodings:
                 if d.cascade.big is not None:
                     d.cascade.big.close()
-        return [Generated(x.text, [(s.text, s.source) for s in x.spans], x.calls, x.decision_points, x.call_rate)
-                for x in results]
+        return [Generated(x.text, [(s.text, s.source) for s in x.spans], x.calls, x.decision_points, x.call_rate,
+                          x.small_tokens, x.big_tokens) for x in results]

@@ -24,7 +24,7 @@ from lacy.cascade.knowledge import SqlitePassageStore
 from lacy.cascade.lm import SmallLM
 from lacy.cascade.policy import ClosedLoop
 from lacy.core.compute import compute_thread
-from lacy.core.config import CALL_RULES, LacyConfig, to_dict
+from lacy.core.config import CALL_RULES, CALL_TRIGGERS, LacyConfig, to_dict
 from lacy.core.stages import cached_json, cached_value
 from lacy.corpus.corpora import Corpus
 from lacy.corpus.readers import doc_split
@@ -46,22 +46,26 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class System:
     """One evaluated system: a trained small model (None: big alone), a big side (None: small alone),
-    a call trigger and target call rate, on a group of people ("train": trained-on, "heldout")."""
+    a call trigger, target call rate and what one call writes (`unit`; None: cascade.big_unit), on a
+    group of people ("train": trained-on, "heldout"). `budget`: the big model alone cut to the mean length
+    of the cascades' output (a reference under the same output budget)."""
 
     small: str | None
     big: str | None
     trigger: str | None = None
     rate: float | None = None
     people: str = "train"
+    unit: str | None = None
+    budget: bool = False
 
     @property
     def name(self) -> str:
+        where = "" if self.people == "train" else f" ({self.people})"
         if self.small is None:
-            return f"big-{self.big}" + ("" if self.people == "train" else f" ({self.people})")
+            return f"big-{self.big}" + (" (budget)" if self.budget else "") + where
         if self.big is None:
-            return f"{self.small} alone" + ("" if self.people == "train" else f" ({self.people})")
-        name = f"{self.small}+{self.big}@{self.rate}/{self.trigger}"
-        return name if self.people == "train" else f"{name} ({self.people})"
+            return f"{self.small} alone{where}"
+        return f"{self.small}+{self.big}@{self.rate}/{self.trigger}" + (f"/{self.unit}" if self.unit else "") + where
 
 
 def evaluation_plan(cfg: LacyConfig, models: list[str]) -> list[System]:
@@ -77,15 +81,17 @@ def evaluation_plan(cfg: LacyConfig, models: list[str]) -> list[System]:
                 if rate == 0.0:
                     continue
                 for trigger in _triggers(cfg, model):
-                    plan.append(System(model, big, trigger, rate))
+                    for unit in xcfg.units or [None]:
+                        plan.append(System(model, big, trigger, rate, unit=unit))
                     if ecfg.heldout_entities and rate == xcfg.headline_rate:
                         plan.append(System(model, big, trigger, rate, people="heldout"))
-    return plan
+    # The big model alone under the cascades' output budget: evaluated last, from their lengths.
+    return plan + [System(None, big, budget=True) for big in xcfg.big_models if models]
 
 
 def _triggers(cfg: LacyConfig, model: str) -> list[str]:
-    rule = model.rsplit("-", 1)[0]
-    return [t for t in cfg.experiment.triggers if t == "confidence" or rule in CALL_RULES]
+    rule = model.split("-", 1)[0]
+    return [t for t in cfg.experiment.triggers if t not in CALL_TRIGGERS or rule in CALL_RULES]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +106,9 @@ class Population:
     train: list[Any]
     heldout: list[Any]
     calibration: list[Any]
+    """The first calibration group (the only one with one training seed)."""
+    calibration_groups: list[list[Any]]
+    """One disjoint group of calibration people per training seed (experiment.seeds)."""
     articles: dict[str, dict]
     """Person id -> what their facts are checked against (`Corpus.articles`: an article, or a record)."""
     train_docs: list[dict]
@@ -116,9 +125,14 @@ def population(cfg: LacyConfig, corpus: Corpus) -> Population:
     people = [e for e in corpus.people(docs) if e.doc_id in split]
     random.Random(cfg.seed).shuffle(people)
     trained = [e for e in people if split[e.doc_id] == "train"]
-    ecfg = cfg.eval
-    return Population(train=trained[:ecfg.entities],
-                      calibration=trained[ecfg.entities:ecfg.entities + ecfg.calibration_entities],
+    ecfg, groups = cfg.eval, len(cfg.experiment.seeds) or 1
+    need = ecfg.entities + groups * ecfg.calibration_entities
+    if len(trained) < need:
+        raise ValueError(f"{len(trained)} trained-on people, but eval.entities ({ecfg.entities}) + "
+                         f"{groups} seed(s) x eval.calibration_entities ({ecfg.calibration_entities}) need {need}")
+    calibration = [trained[ecfg.entities + k * ecfg.calibration_entities:][:ecfg.calibration_entities]
+                   for k in range(groups)]
+    return Population(train=trained[:ecfg.entities], calibration=calibration[0], calibration_groups=calibration,
                       heldout=[e for e in people if split[e.doc_id] == "val"][:ecfg.heldout_entities],
                       articles=corpus.articles(docs), exact=corpus.exact,
                       train_docs=[d for d in docs if doc_split(d, cfg.data.val_fraction) == "train"])
@@ -128,12 +142,12 @@ def population(cfg: LacyConfig, corpus: Corpus) -> Population:
 # Thresholds
 
 
-def threshold_key(small: str, big: str, trigger: str, rate: float) -> str:
-    return f"{small}+{big}/{trigger}/{rate}"
+def threshold_key(small: str, big: str, trigger: str, rate: float, unit: str | None = None) -> str:
+    return f"{small}+{big}/{trigger}/{rate}" + (f"/{unit}" if unit else "")
 
 
-def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[Any], generator: Generator,
-                         triggers: dict[str, list[str]] | None = None) -> dict[str, dict]:
+def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[Any] | dict[str, list[Any]],
+                         generator: Generator, triggers: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """{threshold_key: {"threshold", "realised_rate", "rounds", "open_loop_rate"}} for every cascade of
     the plan, on the calibration people (never the evaluation people).
 
@@ -142,41 +156,47 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
     (`lacy.cascade.policy.ClosedLoop`): rules are compared at the call rate they realise, and a model
     whose calls beget calls would otherwise realise several times the target. Every search steps at
     once, so each round is one batch over every model, trigger, big side and rate. Fixed thresholds make
-    every row independent of request order and concurrency. `triggers`: per model (default: every
-    trigger of experiment.triggers the model can use)."""
+    every row independent of request order and concurrency. `people`: one group, or a group per model
+    (each training seed's own); `triggers`: per model (default: every trigger of experiment.triggers the
+    model can use)."""
     ecfg = cfg.eval
-    prompts = [bio_prompt(e, ecfg.prompt_style) for e in people]
-    if not prompts:
+    group = people if isinstance(people, dict) else dict.fromkeys(models, people)
+    if not all(group.get(name) for name in models):
         raise ValueError("no calibration people: raise eval.calibration_entities or the corpus size")
-    searches: dict[tuple[str, str, str, float], ClosedLoop] = {}
-    for name, trigger, scores in _open_loop_scores(cfg, models, prompts, triggers):
+    searches: dict[tuple[str, str, str, float, str | None], ClosedLoop] = {}
+    for name, trigger, scores in _open_loop_scores(cfg, models, group, triggers):
         for big in cfg.experiment.big_models:
             for rate in (r for r in ecfg.call_rates if r > 0):
-                searches[name, big, trigger, rate] = ClosedLoop(scores, rate, ecfg.calibration_rounds,
-                                                                ecfg.calibration_tolerance)
+                for unit in cfg.experiment.units or [None]:
+                    searches[name, big, trigger, rate, unit] = ClosedLoop(scores, rate, ecfg.calibration_rounds,
+                                                                          ecfg.calibration_tolerance)
     while pending := [key for key, search in searches.items() if search.threshold is not None]:
-        requests = [Request(prompt, name, big, trigger, searches[name, big, trigger, rate].threshold,
-                            cfg.cascade.max_new_tokens, topic=e.name)
-                    for name, big, trigger, rate in pending for e, prompt in zip(people, prompts, strict=True)]
+        requests, spans = [], []
+        for key in pending:
+            name, big, trigger, _, unit = key
+            spans.append((len(requests), len(group[name])))
+            requests += [Request(bio_prompt(e, ecfg.prompt_style), name, big, trigger, searches[key].threshold,
+                                 cfg.cascade.max_new_tokens, topic=e.name, unit=unit) for e in group[name]]
         outs = generator.generate_many(requests)
-        for k, key in enumerate(pending):
-            mine = outs[k * len(people):(k + 1) * len(people)]
+        for key, (start, n) in zip(pending, spans, strict=True):
+            mine = outs[start:start + n]
             searches[key].observe(sum(o.calls for o in mine) / max(1, sum(o.decision_points for o in mine)))
     out = {}
-    for (name, big, trigger, rate), search in searches.items():
+    for (name, big, trigger, rate, unit), search in searches.items():
         result = search.result()
-        out[threshold_key(name, big, trigger, rate)] = asdict(result)
+        out[threshold_key(name, big, trigger, rate, unit)] = asdict(result)
         log.info("calibrated %s+%s/%s at %.2f: threshold %.4g, realised %s after %d rounds (open loop %s)", name,
                  big, trigger, rate, result.threshold, result.realised_rate, result.rounds, result.open_loop_rate)
     return out
 
 
-def _open_loop_scores(cfg: LacyConfig, models: dict[str, str], prompts: list[str],
+def _open_loop_scores(cfg: LacyConfig, models: dict[str, str], people: dict[str, list[Any]],
                       triggers: dict[str, list[str]] | None) -> list[tuple[str, str, Any]]:
     """(model, trigger, every decision point's score with calls off) for each model and its triggers,
     each model's prompts decoded as one batch in this process (the small models alone)."""
     compute, out = compute_thread(), []
     for name, path in models.items():
+        prompts = [bio_prompt(e, cfg.eval.prompt_style) for e in people[name]]
         model, tokenizer = compute.call(load_small_model, path)
         for trigger in (triggers or {}).get(name) or _triggers(cfg, name):
             decodings = [Cascade(SmallLM(model, tokenizer), None, cfg.cascade).start(p, allow_calls=False,
@@ -196,14 +216,16 @@ def _row_key(cfg: LacyConfig) -> dict:
             "knowledge": to_dict(cfg.knowledge), "seed": cfg.seed, "row_schema": SCHEMA}
 
 
-def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[str, str],
-                     pop: Population, generator: Generator) -> dict[str, dict]:
-    """`calibrate_thresholds`, cached in results/thresholds.json under everything that changes them: the
-    models, big sides, triggers, rates (eval, in the row key) and the calibration people."""
+def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[str, str], pop: Population,
+                     generator: Generator, seed_index: dict[str, int] | None = None) -> dict[str, dict]:
+    """`calibrate_thresholds`, each model on the calibration group of its training seed (`seed_index`:
+    model -> group; default the first), cached in results/thresholds.json under everything that changes
+    them: the models, big sides, triggers, rates (eval, in the row key) and the calibration people."""
     path = Path(cfg.run_dir) / "results" / "thresholds.json"
+    people = {name: pop.calibration_groups[(seed_index or {}).get(name, 0)] for name in models}
     key = {**_row_key(cfg), "models": stage_keys, "bigs": cfg.experiment.big_models,
-           "triggers": cfg.experiment.triggers, "people": [e.doc_id for e in pop.calibration]}
-    value = cached_json(path, key, lambda: calibrate_thresholds(cfg, models, pop.calibration, generator))
+           "triggers": cfg.experiment.triggers, "people": {n: [e.doc_id for e in g] for n, g in people.items()}}
+    value = cached_json(path, key, lambda: calibrate_thresholds(cfg, models, people, generator))
     return {k: v for k, v in value.items() if k != "key"}
 
 
@@ -216,57 +238,93 @@ def evaluate(cfg: LacyConfig, plan: list[System], models: dict[str, str], stage_
              pop: Population) -> list[Row]:
     """Every system of the plan: its biographies, scored, plus leakage for each small model alone;
     rows cached under results/rows by what determines them. The biographies of every row not cached
-    yet are written in one `generate_many` (the big model alone by `big_generator`, in this process)."""
-    ecfg = cfg.eval
-    results = Path(cfg.run_dir) / "results"
-    store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
-    nlp = None if pop.exact else load_nlp(cfg.facts.spacy_model)
-    base_key = _row_key(cfg)
-    probes = _leak_probes(cfg, pop, nlp, models)
-    todo: dict[System, dict] = {}
-    for system in plan:
-        people = pop.train if system.people == "train" else pop.heldout
-        calibration = thresholds.get(threshold_key(system.small, system.big, system.trigger, system.rate), {})
-        key = {**base_key, "system": system.name, "model": stage_keys.get(system.small or ""),
-               "threshold": calibration.get("threshold"), "people": [e.doc_id for e in people]}
-        todo[system] = {"people": people, "calibration": calibration, "key": key,
-                        "path": results / "rows" / f"{system.name}.json"}
-    missing = [s for s, job in todo.items() if cached_value(job["path"], job["key"]) is None]
-    written = _write(cfg, missing, todo, probes, generator, big_generator)
-    rows = []
-    for system, job in todo.items():
-        def compute(system: System = system, job: dict = job) -> dict:
-            bios = biographies(job["people"], written[system, "bios"], ecfg.prompt_style)
-            if pop.exact:
-                row = score_records(system.name, bios, pop.articles, gamma=ecfg.gamma, bootstrap=ecfg.bootstrap,
-                                    seed=cfg.seed)
-            else:
-                row = score_claims(system.name, bios, pop.articles, store, k=cfg.knowledge.top_k, gamma=ecfg.gamma,
-                                   bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=nlp)
-            if (system, "leaks") in written:
-                _add_leakage(row, probes, written[system, "leaks"])
-            return row.to_dict()
+    yet are written in one `generate_many` (the big model alone by `big_generator`, in this process);
+    then the big model alone under the cascades' output budget: its texts cut to the mean length the
+    cascades wrote at the headline rate."""
+    scoring = _Scoring(cfg, pop, models)
+    rows = scoring.rows([s for s in plan if not s.budget], thresholds, stage_keys, generator, big_generator)
+    cascades = [r for r in rows if r.model and r.big != "none" and r.people == "train"
+                and r.target_rate == cfg.experiment.headline_rate]
+    budget = round(sum(r.output_chars for r in cascades) / len(cascades)) if cascades else None
+    return rows + scoring.rows([s for s in plan if s.budget], thresholds, stage_keys, generator, big_generator,
+                               budget)
 
-        row = Row.from_dict(cached_json(job["path"], job["key"], compute))
-        row.model, row.big, row.trigger = system.small, system.big or "none", system.trigger
-        row.target_rate, row.people = system.rate, system.people
-        row.threshold, row.calibration_rate = job["key"]["threshold"], job["calibration"].get("realised_rate")
-        rows.append(row)
-        log.info("eval %s: precision %s, call rate %s", system.name, row.precision, row.call_rate)
-    return rows
+
+class _Scoring:
+    """What scoring every row shares: the people, the passage store, spaCy, the leakage probes."""
+
+    def __init__(self, cfg: LacyConfig, pop: Population, models: dict[str, str]) -> None:
+        self.cfg, self.pop = cfg, pop
+        self.store = SqlitePassageStore(cfg.knowledge.db_path, common_share=cfg.knowledge.common_share)
+        self.nlp = None if pop.exact else load_nlp(cfg.facts.spacy_model)
+        self.probes = _leak_probes(cfg, pop, self.nlp, models)
+        self.results = Path(cfg.run_dir) / "results"
+
+    def rows(self, systems: list[System], thresholds: dict[str, dict], stage_keys: dict[str, str],
+             generator: Generator, big_generator: LocalGenerator, budget: int | None = None) -> list[Row]:
+        cfg, ecfg, todo = self.cfg, self.cfg.eval, {}
+        for system in systems:
+            people = self.pop.train if system.people == "train" else self.pop.heldout
+            calibration = thresholds.get(threshold_key(system.small, system.big, system.trigger, system.rate,
+                                                       system.unit), {})
+            key = {**_row_key(cfg), "system": system.name, "model": stage_keys.get(system.small or ""),
+                   "threshold": calibration.get("threshold"), "people": [e.doc_id for e in people],
+                   "budget": budget if system.budget else None}
+            todo[system] = {"people": people, "calibration": calibration, "key": key,
+                            "path": self.results / "rows" / f"{system.name}.json"}
+        missing = [s for s, job in todo.items() if cached_value(job["path"], job["key"]) is None]
+        written = _write(cfg, missing, todo, self.probes, generator, big_generator)
+        rows = []
+        for system, job in todo.items():
+            def compute(system: System = system, job: dict = job) -> dict:
+                outs = written[system, "bios"]
+                if system.budget and budget is not None:
+                    outs = [_cut(out, bio_prompt(e, ecfg.prompt_style), budget) for e, out in zip(job["people"], outs,
+                                                                                                   strict=True)]
+                bios = biographies(job["people"], outs, ecfg.prompt_style)
+                if self.pop.exact:
+                    row = score_records(system.name, bios, self.pop.articles, gamma=ecfg.gamma,
+                                        bootstrap=ecfg.bootstrap, seed=cfg.seed)
+                else:
+                    row = score_claims(system.name, bios, self.pop.articles, self.store, k=cfg.knowledge.top_k,
+                                       gamma=ecfg.gamma, bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=self.nlp)
+                prompts = [bio_prompt(e, ecfg.prompt_style) for e in job["people"]]
+                row.output_chars = sum(len(g.text) - len(p) for g, p in zip(bios, prompts, strict=True)) / len(bios)
+                if (system, "leaks") in written:
+                    _add_leakage(row, self.probes, written[system, "leaks"])
+                return row.to_dict()
+
+            row = Row.from_dict(cached_json(job["path"], job["key"], compute))
+            row.model, row.big, row.trigger = system.small, system.big or "none", system.trigger
+            row.target_rate, row.people, row.unit = system.rate, system.people, system.unit
+            row.threshold, row.calibration_rate = job["key"]["threshold"], job["calibration"].get("realised_rate")
+            row.budget = system.budget
+            rows.append(row)
+            log.info("eval %s: precision %s, call rate %s", system.name, row.precision, row.call_rate)
+        return rows
+
+
+def _cut(out: Generated, prompt: str, chars: int) -> Generated:
+    """A big-alone text cut to `chars` characters after its prompt, at a word border."""
+    text = out.text[len(prompt):] if out.text.startswith(prompt) else out.text
+    if len(text) > chars:
+        text = text[:chars].rsplit(" ", 1)[0] if " " in text[:chars] else text[:chars]
+    return replace(out, text=prompt + text, spans=[(prompt, "prompt"), (text, "big")])
 
 
 def _write(cfg: LacyConfig, systems: list[System], todo: dict[System, dict], probes: list[Any],
            generator: Generator, big_generator: LocalGenerator) -> dict[tuple[System, str], list[Generated]]:
     """The texts of `systems` as one batch: each system's biographies and, for a small model alone, its
-    continuations of the leakage probes; {(system, "bios" | "leaks"): outputs}."""
+    continuations of the leakage probes; {(system, "bios" | "leaks"): outputs}. The budget-matched big
+    model alone writes twice the cascades' step budget, to be cut to their length."""
     requests: list[Request] = []
     spans: dict[tuple[System, str], tuple[int, int]] = {}
     alone: list[Request] = []
     for system in systems:
         job = todo[system]
+        steps = cfg.cascade.max_new_tokens * (2 if system.budget else 1)
         asks = [Request(bio_prompt(e, cfg.eval.prompt_style), system.small, system.big, system.trigger or "p_call",
-                        job["key"]["threshold"], cfg.cascade.max_new_tokens, topic=e.name) for e in job["people"]]
+                        job["key"]["threshold"], steps, topic=e.name, unit=system.unit) for e in job["people"]]
         if system.small is None:  # the big model alone: in this process, in its own batches
             spans[system, "bios"] = (-len(alone) - 1, len(asks))
             alone += asks

@@ -63,6 +63,8 @@ class Row:
     """All calls over all decision points (None: no cascade)."""
     call_rate_mean: float | None = None
     """The mean of the per-biography rates (short biographies that call at every step pull it up)."""
+    big_share: float | None = None
+    """Share of the output tokens the big model wrote (its tokens over both models' own tokens)."""
     precision: float | None = None
     precision_lo: float | None = None
     precision_hi: float | None = None
@@ -95,11 +97,15 @@ class Row:
     """attribute -> (correct, stated) over all people."""
     calls_on_facts: float | None = None
     """Share of big-model spans that overlap a stated value (exact scorers; None elsewhere)."""
+    output_chars: float = 0.0
+    """Mean characters written after the prompt."""
     entity_scores: list[float | None] = field(default_factory=list)
     """Per-person headline precision (None: abstained), in people order, for paired bootstraps."""
     entity_scores_lenient: list[float | None] = field(default_factory=list)
     entity_scores_strict: list[float | None] | None = None
     entity_factscore: list[float] = field(default_factory=list)
+    entity_supported: list[float] = field(default_factory=list)
+    """Per-person correct (supported) values, abstainers 0: the headline quality, for paired bootstraps."""
     # What the evaluation plan adds:
     leakage: float | None = None
     """Share of leakage probes (training facts) the small model alone reproduces (small-alone rows)."""
@@ -111,6 +117,9 @@ class Row:
     big: str = "none"
     trigger: str | None = None
     target_rate: float | None = None
+    unit: str | None = None
+    budget: bool = False
+    """The big model alone cut to the cascades' output length."""
     people: str = "train"
     threshold: float | None = None
     calibration_rate: float | None = None
@@ -167,14 +176,20 @@ def mean_ci(values: Sequence[float], bootstrap: int, seed: int) -> tuple[float |
 
 def call_rates(generations: Sequence[Any]) -> dict[str, float | None]:
     """`call_rate`: all calls over all decision points (what a running quantile holds), when every
-    generation says both, else the mean of the per-generation rates; `call_rate_mean`: that mean."""
+    generation says both, else the mean of the per-generation rates; `call_rate_mean`: that mean;
+    `big_share`: the big model's share of the tokens written, when every generation counts them."""
     rates = [g.call_rate for g in generations if g.call_rate is not None]
     mean = float(np.mean(rates)) if rates else None
     if generations and all(g.calls is not None and g.decision_points is not None for g in generations):
         decisions = sum(g.decision_points for g in generations)
         pooled = sum(g.calls for g in generations) / decisions if decisions else 0.0
-        return {"call_rate": pooled, "call_rate_mean": mean}
-    return {"call_rate": mean, "call_rate_mean": mean}
+        rates = {"call_rate": pooled, "call_rate_mean": mean}
+    else:
+        rates = {"call_rate": mean, "call_rate_mean": mean}
+    if generations and all(getattr(g, "big_tokens", None) is not None for g in generations):
+        written = sum(g.big_tokens + (g.small_tokens or 0) for g in generations)
+        rates["big_share"] = sum(g.big_tokens for g in generations) / written if written else 0.0
+    return rates
 
 
 def build_row(system: str, generations: Sequence[Any], scores: Sequence[PersonScore], *, attributes: Sequence[str],
@@ -207,6 +222,7 @@ def build_row(system: str, generations: Sequence[Any], scores: Sequence[PersonSc
         setattr(row, f"{name}_hi", hi)
     row.informative_responses = len(informative)
     row.entity_factscore = [s.factscore for s in scores]
+    row.entity_supported = [float(s.supported) for s in scores]
     counts = {attr: [0, 0] for attr in attributes}
     for s in scores:
         for attr, ok in s.attributes:

@@ -22,7 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from lacy.corpus.synthbio import MONTHS, ORACLE_ATTRIBUTES, value_space
+from lacy.corpus.synthbio import (
+    CITIES,
+    EMPLOYER_STEMS,
+    EMPLOYER_SUFFIXES,
+    FIELDS,
+    MONTHS,
+    ORACLE_ATTRIBUTES,
+    UNIVERSITY_FORMS,
+    UNIVERSITY_STEMS,
+    value_space,
+)
 from lacy.corpus.tokenizer import call_id
 from lacy.eval.claims import length_penalty_factor
 from lacy.eval.leakage import LeakProbe
@@ -35,52 +45,109 @@ from lacy.shards.format import load_shard_tokenizer, read_batches, read_manifest
 
 @dataclass(frozen=True)
 class Stated:
+    """A value a text states: its attribute, its text and where, and its canonical form (what it is
+    compared as: a date's (year, month, day) with None for a part not stated; an institution's (stem,
+    form) with form None when only the stem is named)."""
+
     attr: str
     value: str
     start: int
     end: int
+    canonical: tuple
 
 
-def _matcher() -> tuple[re.Pattern, dict[str, list[str]]]:
-    by_value: dict[str, list[str]] = {}
-    for attr in ORACLE_ATTRIBUTES:
-        if attr != "birth_date":
-            for v in value_space(attr):
-                by_value.setdefault(v.lower().removeprefix("the "), []).append(attr)
-    words = sorted(by_value, key=len, reverse=True)  # longest first: "Oakridge College" before "Oakridge"
-    months = "|".join(MONTHS)
-    date = rf"(?:{months}) (?:[1-9]|[12][0-9]|3[01]), (?:1[0-9]{{3}}|20[0-9]{{2}})"
-    pattern = re.compile(rf"(?P<date>{date})|\b(?P<value>{'|'.join(map(re.escape, words))})\b", re.IGNORECASE)
-    return pattern, by_value
+MONTH_NUMBER = {name.lower(): i for i, m in enumerate(MONTHS, start=1) for name in (m, m[:3])}
+"""Month names and their three-letter abbreviations -> the month's number."""
+_MONTH = r"(?P<{g}>" + "|".join(sorted(MONTH_NUMBER, key=len, reverse=True)) + r")\.?"
+_DAY = r"(?P<{g}>[12][0-9]|3[01]|0?[1-9])(?:st|nd|rd|th)?"
+_YEAR = r"(?P<{g}>1[0-9]{{3}}|20[0-9]{{2}})"
+_DATES = [  # every common way of writing a date, the most complete first
+    rf"{_MONTH.format(g='m1')}\s+{_DAY.format(g='d1')},?\s+{_YEAR.format(g='y1')}",             # March 3, 1952
+    rf"(?:the\s+)?{_DAY.format(g='d2')}\s+(?:of\s+)?{_MONTH.format(g='m2')},?\s+{_YEAR.format(g='y2')}",  # 3 March 1952
+    rf"{_YEAR.format(g='y3')}-(?P<m3>0[1-9]|1[0-2])-(?P<d3>0[1-9]|[12][0-9]|3[01])",               # 1952-03-03
+    rf"{_MONTH.format(g='m4')},?\s+(?:of\s+)?{_YEAR.format(g='y4')}",                              # March 1952
+    rf"(?<=\bborn\s)(?:in\s+|on\s+)?{_YEAR.format(g='y5')}",                                     # born in 1952
+]
+_DATE = re.compile(r"\b(?:" + "|".join(f"(?:{d})" for d in _DATES) + r")\b", re.IGNORECASE)
 
 
-_MATCHER: tuple[re.Pattern, dict[str, list[str]]] | None = None
+def _institutions() -> tuple[re.Pattern, dict[str, tuple[str, str, str | None]]]:
+    """Universities and employers named whole ("Oakridge College", "Cobalt Labs") or by their stem
+    alone ("Oakridge", "Cobalt"): text (lower case) -> (attribute, stem, form or None)."""
+    names: dict[str, tuple[str, str, str | None]] = {}
+    for stem in UNIVERSITY_STEMS:
+        for form in UNIVERSITY_FORMS:
+            names[form.format(stem).lower().removeprefix("the ")] = ("university", stem, form)
+        names[stem.lower()] = ("university", stem, None)
+    for stem in EMPLOYER_STEMS:
+        for suffix in EMPLOYER_SUFFIXES:
+            names[f"{stem} {suffix}".lower()] = ("employer", stem, suffix)
+        names[stem.lower()] = ("employer", stem, None)
+    words = sorted(names, key=len, reverse=True)  # longest first: "Oakridge College" before "Oakridge"
+    return re.compile(rf"\b(?:{'|'.join(map(re.escape, words))})\b", re.IGNORECASE), names
+
+
+_INSTITUTIONS = _institutions()
+_OTHERS = re.compile(rf"\b(?:{'|'.join(map(re.escape, sorted(set(CITIES) | set(FIELDS), key=len, reverse=True)))})\b",
+                     re.IGNORECASE)
 _CITY_CONTEXT = re.compile(r"\b(work|worked|working|job|office|career|company|posted|stationed|based|relocated|"
                            r"commuted|salary|practised|living|moved|settled|workplace)\b[^.]*$", re.IGNORECASE)
+_FIELDS = {f.lower() for f in FIELDS}
+
+
+def _date(m: re.Match) -> tuple[int | None, int | None, int | None]:
+    """(year, month, day) of a date match, None for what it does not state."""
+    g = {k: v for k, v in m.groupdict().items() if v}
+    year = next((int(g[k]) for k in ("y1", "y2", "y3", "y4", "y5") if k in g), None)
+    month = next((MONTH_NUMBER[g[k].lower()] for k in ("m1", "m2", "m4") if k in g), None)
+    month = int(g["m3"]) if "m3" in g else month
+    day = next((int(g[k]) for k in ("d1", "d2", "d3") if k in g), None)
+    return year, month, day
 
 
 def stated_values(text: str) -> list[Stated]:
-    """Attribute values a text states, in order, non-overlapping. A city is the employer city when its
-    sentence talks about work before it, else the birth city (the templates keep the two apart)."""
-    global _MATCHER
-    if _MATCHER is None:
-        _MATCHER = _matcher()
-    pattern, by_value = _MATCHER
-    out = []
+    """Every attribute value a text states, in any common format, in order, non-overlapping: dates
+    whole or in part in any order and style ("March 3, 1952", "3 March 1952", "1952-03-03", "March
+    1952", "born in 1952"), universities and employers whole or by their stem alone ("Oakridge"), cities
+    (the employer city when their sentence talks about work before them, else the birth city) and
+    fields anywhere."""
+    found: list[Stated] = []
+    for m in _DATE.finditer(text):
+        found.append(Stated("birth_date", m.group(), m.start(), m.end(), _date(m)))
+    pattern, names = _INSTITUTIONS
     for m in pattern.finditer(text):
-        if m.group("date"):
-            out.append(Stated("birth_date", m.group("date"), m.start(), m.end()))
+        attr, stem, form = names[m.group().lower().removeprefix("the ")]
+        found.append(Stated(attr, m.group(), m.start(), m.end(), (stem, form)))
+    for m in _OTHERS.finditer(text):
+        word = m.group()
+        if word.lower() in _FIELDS:
+            found.append(Stated("field", word, m.start(), m.end(), (word.lower(),)))
             continue
-        attrs = by_value[m.group("value").lower()]
-        if attrs == ["birth_city", "employer_city"]:
-            sentence = text[text.rfind(".", 0, m.start()) + 1:m.start()]
-            attrs = ["employer_city" if _CITY_CONTEXT.search(sentence) else "birth_city"]
-        out.append(Stated(attrs[0], m.group("value"), m.start(), m.end()))
+        sentence = text[text.rfind(".", 0, m.start()) + 1:m.start()]
+        attr = "employer_city" if _CITY_CONTEXT.search(sentence) else "birth_city"
+        found.append(Stated(attr, word, m.start(), m.end(), (word.lower(),)))
+    out, end = [], -1
+    for s in sorted(found, key=lambda s: (s.start, -s.end)):  # the first and longest of overlapping matches
+        if s.start >= end:
+            out.append(s)
+            end = s.end
     return out
 
 
-def _canonical(attr: str, value: str) -> str:
-    return value.lower().removeprefix("the ")
+def record_value(attr: str, value: str) -> tuple:
+    """A record's value in the canonical form a stated one is compared with."""
+    if attr == "birth_date":
+        m = _DATE.fullmatch(value)
+        assert m is not None, value
+        return _date(m)
+    if attr in ("university", "employer"):
+        return _INSTITUTIONS[1][value.lower().removeprefix("the ")][1:]
+    return (value.lower(),)
+
+
+def _correct(stated: Stated, truth: tuple) -> bool:
+    """Every part the text states matches the record (a stem alone: the record's stem)."""
+    return all(part is None or part == true for part, true in zip(stated.canonical, truth, strict=True))
 
 
 def check_biography(text: str, record: Mapping[str, Any]) -> list[tuple[Stated, bool]]:
@@ -88,10 +155,9 @@ def check_biography(text: str, record: Mapping[str, Any]) -> list[tuple[Stated, 
     truth = record["attributes"]
     seen, out = set(), []
     for s in stated_values(text):
-        key = (s.attr, _canonical(s.attr, s.value))
-        if key not in seen:
-            seen.add(key)
-            out.append((s, key[1] == _canonical(s.attr, truth[s.attr])))
+        if (s.attr, s.canonical) not in seen:
+            seen.add((s.attr, s.canonical))
+            out.append((s, _correct(s, record_value(s.attr, truth[s.attr]))))
     return out
 
 
@@ -123,7 +189,7 @@ def record_scores(generations: Sequence[Any], people: Mapping[str, Mapping[str, 
         other = people[generations[(i + shift) % n].entity.doc_id]["attributes"] if shift else {}
         correct = sum(ok for _, ok in checks)
         precision = correct / len(checks) if checks else None
-        kept = [ok for s, ok in checks if _canonical(s.attr, s.value) != _canonical(s.attr, other.get(s.attr, ""))]
+        kept = [ok for s, ok in checks if not (other and _correct(s, record_value(s.attr, other[s.attr])))]
         on_values, spans = _on_facts(gen.text, getattr(gen, "spans", None), [s for s, _ in checks])
         scores.append(PersonScore(
             precision=precision, claims=len(checks), supported=correct,

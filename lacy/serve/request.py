@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lacy.cascade.policy import CALL_POLICIES, several_policies
-from lacy.core.config import CascadeConfig, ServeConfig
+from lacy.core.config import TRIGGERS, CascadeConfig, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class CompletionRequest(BaseModel):
     call_threshold: float | None = Field(None, ge=0.0, le=1.0)
     call_log_odds: float | None = None
     call_rate: float | None = Field(None, ge=0.0, le=1.0)
-    call_trigger: Literal["p_call", "confidence"] | None = None
+    call_trigger: Literal[TRIGGERS] | None = None  # type: ignore[valid-type]
     allow_calls: bool = True
     retrieval: bool | None = None
     topic: str | None = None
