@@ -631,3 +631,33 @@ def test_smollm2_big_model_fills_in_calls():
     # Its cache holds the text it saw; the logits equal a fresh forward pass over it.
     big = session_lm(session)
     assert torch.allclose(big.logits, full_forward_logits(model, big.ids), atol=1e-3)
+
+
+def test_combined_trigger_is_the_chance_to_delegate_or_to_err():
+    """combined = P(<CALL>) + (1 - P(<CALL>)) (1 - p_max), as log-odds: a step where the model delegates
+    or is unsure scores high; it is computed from the logits, not from rounded probabilities."""
+    logits = {5: 3.0, 9: 12.0}  # P(<CALL>) high before " 2", moderate before " Paris"
+    small = SmallLM(story_model(STORY, logits), TOK)
+    small.sync_text("The capital of France is")
+    full = torch.softmax(small.logits.double(), dim=-1)
+    p_call = float(full[CALL])
+    real = torch.softmax(small.next_logits(allow_call=False).double(), dim=-1)
+    expected = p_call + (1 - p_call) * (1 - float(real.max()))
+    assert small.call_score("combined") == pytest.approx(log_odds(expected), rel=1e-9)
+    assert small.call_score("combined") > max(small.call_score("p_call"), small.call_score("confidence"))
+    with pytest.raises(ValueError, match="not 'random'"):
+        small.call_score("random")
+
+
+def test_random_trigger_calls_at_the_target_rate_the_same_way_for_the_same_prompt():
+    cascade = cascade_of(story_model(STORY), story_model(STORY), max_new_tokens=12)
+    words = STORY.split()
+    prompts = [" ".join(words[:k]) for k in range(1, len(words))]
+    scores = [s for p in prompts for s in cascade.generate(p, allow_calls=False, trigger="random").call_scores]
+    assert all(math.isfinite(s) for s in scores) and len(set(scores)) == len(scores) > 20
+    threshold = calibrate(cascade, prompts, 0.3, trigger="random")
+    calls = [cascade.generate(p, trigger="random", call_log_odds=threshold) for p in prompts[:5]]
+    again = [cascade.generate(p, trigger="random", call_log_odds=threshold) for p in prompts[:5]]
+    assert [c.spans for c in calls] == [c.spans for c in again]  # seeded by the prompt
+    fired = sum(s > threshold for s in scores) / len(scores)
+    assert abs(fired - 0.3) < 0.05 and sum(c.calls for c in calls) > 0

@@ -10,6 +10,31 @@ from lacy.corpus.readers import split_of
 from lacy.eval.plan import System, evaluation_plan, population
 
 
+def test_the_plan_has_every_trigger_unit_and_seed_and_the_budget_matched_big_model_last():
+    cfg = load_config("configs/synthbio.yaml", ["--experiment.units", "[word, entity]"])
+    models = ["plain-steps", "lacy-steps", "lacy-steps-seed1"]
+    plan = evaluation_plan(cfg, models)
+    assert System("plain-steps", "retrieval", "random", 0.6, unit="entity") in plan
+    assert System("plain-steps", "retrieval", "combined", 0.22, unit="word") not in plan  # needs <CALL>
+    assert System("lacy-steps-seed1", "retrieval", "combined", 0.1, unit="word") in plan
+    cascades = [s for s in plan if s.small and s.big]
+    assert len(cascades) == (2 + 4 + 4) * 4 * 2  # (plain's 2 + lacy's 4 triggers per seed) x 4 rates x 2 units
+    assert plan[-1] == System(None, "retrieval", budget=True) and plan[-1].name == "big-retrieval (budget)"
+    assert System("lacy-steps", "retrieval", "p_call", 0.22, unit="entity").name == \
+        "lacy-steps+retrieval@0.22/p_call/entity"
+
+
+def test_the_budget_matched_big_model_is_cut_at_a_word_border():
+    from lacy.eval.generate import Generated
+    from lacy.eval.plan import _cut
+
+    out = Generated("Anna was born on May 3, 1952 in Oslo.", [("Anna", "prompt"), (" was born on May 3, 1952 in Oslo.",
+                                                                                  "big")])
+    cut = _cut(out, "Anna", 18)
+    assert cut.text == "Anna was born on May" and cut.spans == [("Anna", "prompt"), (" was born on May", "big")]
+    assert _cut(out, "Anna", 500).text == out.text
+
+
 def test_plan_pairs_each_model_with_the_triggers_it_can_use():
     cfg = load_config("configs/tiny.yaml", ["--eval.call_rates", "[0.1, 0.22]", "--eval.heldout_entities", "3"])
     plan = evaluation_plan(cfg, ["plain-steps", "lacy-steps", "ignore_facts-steps"])

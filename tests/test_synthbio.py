@@ -229,3 +229,27 @@ def test_a_text_that_names_no_value_states_none():
     from lacy.eval.synthetic import check_biography
 
     assert check_biography("She was a kind person who liked the sea in May.", RECORD) == []
+
+
+def test_filler_sentences_add_harmless_uncertainty_and_keep_the_facts_exact(tmp_path):
+    """synth.filler: sentences of common nouns drawn afresh per biography, never a checked value and
+    never flagged as a fact by spaCy; the oracle's spans still hold their values; filler 0 writes the
+    corpus it always wrote."""
+    from lacy.corpus.synthbio import FILLER_WORDS
+    from lacy.labels.facts import load_spacy
+
+    plain = synthbio.ensure_corpus(SynthConfig(people=20, seed=5), tmp_path / "a").read_text()
+    assert synthbio.ensure_corpus(SynthConfig(people=20, seed=5, filler=0), tmp_path / "b").read_text() == plain
+    cfg = SynthConfig(people=20, biographies=2, seed=5, filler=3)
+    docs = list(synthbio.documents(cfg))
+    words = {w for ws in FILLER_WORDS.values() for w in ws}
+    nlp = load_spacy("en_core_web_sm")
+    for doc in docs:
+        spans = oracle_spans(doc)  # raises if a span does not hold its value
+        assert len(spans) == len(ORACLE_ATTRIBUTES) and doc["text"].startswith(doc["title"])
+        assert len(doc["text"].split(". ")) >= 6 + 3  # six attribute sentences, three filler ones
+        filled = [t for t in nlp(doc["text"]) if t.text in words]
+        assert filled and not any(t.ent_type_ or t.pos_ in ("PROPN", "NUM") for t in filled)
+        record = {"attributes": {f["attr"]: f["value"] for f in doc["facts"]}}
+        assert len(synthetic.check_biography(doc["text"], record)) == len(ORACLE_ATTRIBUTES)  # filler states none
+    assert len({d["text"] for d in docs}) == len(docs)
