@@ -102,7 +102,7 @@ def test_rerun_reuses_every_stage(ray_run, caplog):
     table = (results / "table.md").read_text()
     with caplog.at_level(logging.INFO, logger="lacy"):
         again = run(cfg)
-    assert "train plain/steps: done before" in caplog.text and "train lacy/steps: done before" in caplog.text
+    assert "train plain-steps: done before" in caplog.text and "train lacy-steps: done before" in caplog.text
     assert (again / "table.md").read_text() == table
 
 
