@@ -562,3 +562,51 @@ def test_small_and_big_models_on_the_gpu_answer_as_on_the_cpu(dirs):
         finally:
             eng.close()
     assert answers["0"] == answers["1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The HTTP routes in process (lacy.serve.app: the app a Serve replica serves)
+
+NESTED = {  # bodies the parser cannot take, each far under serve.max_request_bytes
+    "arrays 100,000 deep": b'{"prompt": "x", "topic": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "objects 50,000 deep": b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+    "unclosed 200,000 deep": b"[" * 200_000,
+    "an integer of 5,000 digits": b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
+}
+
+
+@pytest.fixture(scope="module")
+def http(engine):
+    from fastapi.testclient import TestClient
+
+    from lacy.serve.app import build_api
+
+    with TestClient(build_api(engine), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/generate"])
+@pytest.mark.parametrize("case", sorted(NESTED))
+def test_unparseable_json_is_400_with_one_log_line_and_no_traceback(http, caplog, route, case):
+    caplog.set_level("INFO")
+    r = http.post(route, content=NESTED[case], headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_json"
+    assert "Traceback" not in r.text and "sys." not in error["message"]
+    ours = [rec for rec in caplog.records if rec.name.startswith("lacy.")]
+    assert [rec.getMessage() for rec in ours] == ["answered 400 invalid_json (param None)"]
+    assert not any(rec.exc_info for rec in caplog.records), "a client's bad input logged a traceback"
+
+
+def test_bodies_over_the_limits_are_413_over_http(engine, http, caplog):
+    caplog.set_level("INFO")
+    limit = engine.cfg.serve.max_request_bytes
+    r = http.post("/v1/completions", content=b'{"prompt": "' + b"x" * limit + b'"}',
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = http.post("/generate", json={"prompt": "x" * 5000})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "prompt"
+    assert [rec.getMessage() for rec in caplog.records if rec.name.startswith("lacy.")] == [
+        "answered 413 request_too_large (param None)", "answered 413 request_too_large (param 'prompt')"]
+    assert http.get("/healthz").status_code == 200
