@@ -33,7 +33,7 @@ from lacy.cascade.policy import Quantiles
 from lacy.core.compute import compute_thread
 from lacy.core.config import LacyConfig, from_dict, load_config, parse_cli, to_dict
 from lacy.serve.app import build_api
-from lacy.serve.engine import CascadeEngine
+from lacy.serve.engine import BigHealth, CascadeEngine
 from lacy.serve.remote import BatchQueue, HandleBig
 from services.runtime import RAY_ENV_DEFAULTS, init_ray
 
@@ -83,10 +83,12 @@ class ClusterQuantiles:
 class SmallModel:
     def __init__(self, big: DeploymentHandle | None, config: dict) -> None:
         cfg = from_dict(LacyConfig, config)
-        remote = HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,)) if big else None
+        health = BigHealth()  # a failed call marks the big model down at once, not only the next probe
+        remote = HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,),
+                           on_unavailable=health.down) if big else None
         quantiles = (ClusterQuantiles(serve.get_replica_context().app_name, cfg.serve.max_call_rates)
                      if cfg.serve.quantile_scope == "cluster" else None)
-        self.engine = CascadeEngine(cfg, remote, quantiles)
+        self.engine = CascadeEngine(cfg, remote, quantiles, health)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The replica's routes (`lacy.serve.app`): the same app that tests drive in process."""

@@ -18,7 +18,7 @@ from lacy.cascade.hf_big import HFBig
 from lacy.cascade.policy import Quantiles
 from lacy.core.config import ModelConfig, load_config
 from lacy.model import build_model
-from lacy.serve.engine import CascadeEngine
+from lacy.serve.engine import BigHealth, CascadeEngine
 from lacy.serve.remote import HandleBig
 from lacy.serve.request import APIError, decode_json
 
@@ -358,6 +358,65 @@ def test_big_model_down_503_or_flagged_at_once_then_recovery(dirs):
         eng.close()
 
 
+class SlowProbeBig(CountingBig):
+    """A big model that answers calls at once but its first health probe only after `probe_s`."""
+
+    def __init__(self, inner, probe_s: float) -> None:
+        super().__init__(inner)
+        self.probe_s = probe_s
+
+    def health(self, timeout_s):
+        time.sleep(self.probe_s)
+        self.probe_s = 0.0
+        return self.inner.health(timeout_s)
+
+
+def test_a_new_engine_serves_before_its_first_probe_answers(dirs):
+    # It answered 503 "not probed yet" until the watcher's first probe came back.
+    cfg = make_cfg(dirs)
+    big = SlowProbeBig(build_big(cfg), probe_s=3.0)
+    eng = CascadeEngine(cfg, big)
+    try:
+        out = run(eng.complete(eng.parse({"prompt": "The river", "max_tokens": 3, "call_threshold": 0.0},
+                                         "completions")))
+        assert out["choices"][0]["lacy"]["delegated"] and big.calls > 0 and big.probe_s == 3.0
+    finally:
+        eng.close()
+
+
+def test_a_failed_call_ends_the_waits_of_requests_that_take_a_small_only_answer(dirs):
+    """The big replica dies under load: its other calls may wait for a successor (Serve queues them) up
+    to big_timeout_s. The first failed call marks the big model down, and every request that allows an
+    undelegated answer stops waiting at once (one poll) and finishes small-only; strict ones wait on."""
+    cfg = make_cfg(dirs, "--serve.big_timeout_s", "30")
+    hung = FakeResponse(BigReply(" never", 1, 1), after_s=60)  # queued behind a replica that will not come
+    health = BigHealth()
+    big = HandleBig(FakeHandle(hung), cfg.serve.big_timeout_s, poll_s=0.05, on_unavailable=health.down)
+    eng = CascadeEngine(cfg, big, health=health)
+    body = {"prompt": "The river", "max_tokens": 4, "call_threshold": 0.0}
+    try:
+        async def both() -> list:
+            lenient = asyncio.ensure_future(eng.complete(eng.parse({**body, "allow_undelegated": True},
+                                                                   "completions")))
+            strict = asyncio.ensure_future(eng.complete(eng.parse(body, "completions")))
+            await asyncio.sleep(0.5)  # both wait on their first call
+            start = time.perf_counter()
+            health.down("a call failed (ActorDiedError)")  # what another request's failed call reports
+            out = await lenient
+            waited = time.perf_counter() - start
+            assert not strict.done()  # a strict request still waits for the big model
+            strict.cancel()
+            return [out, waited]
+
+        out, waited = run(both())
+        lacy = out["choices"][0]["lacy"]
+        assert not lacy["delegated"] and lacy["undelegated_reason"] == "a call failed (ActorDiedError)"
+        assert waited < 1.0, f"the small-only answer took {waited:.2f} s after the big model went down"
+        assert out["choices"][0]["finish_reason"] == "length"
+    finally:
+        eng.close()
+
+
 def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dirs):
     cfg = make_cfg(dirs)
     big = DownBig(build_big(cfg))
@@ -370,7 +429,8 @@ def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dir
              "allow_undelegated": True}, "completions")))))
         last = events[-2]["choices"][0]
         assert last["finish_reason"] == "length" and not last["lacy"]["delegated"]
-        assert "did not answer" in last["lacy"]["undelegated_reason"]
+        reason = last["lacy"]["undelegated_reason"]  # the failed call's, or the failed probe's that ended its wait
+        assert "did not answer" in reason or "health probe" in reason, reason
         assert {c["choices"][0].get("source") for c in events[:-2] if c["choices"][0]["text"]} == {"small"}
     finally:
         eng.close()
@@ -487,7 +547,7 @@ def test_handle_big_waits_bounded_and_classifies_failures():
     cancel = threading.Event()
     threading.Timer(0.3, cancel.set).start()
     slow = FakeResponse(ok.answer, after_s=60)
-    with pytest.raises(BigModelError, match="client left"):
+    with pytest.raises(BigModelError, match="stopped waiting"):
         BigSession(HandleBig(FakeHandle(slow), timeout_s=30, poll_s=0.1), cancel=cancel).continue_text("x")
     assert slow.cancelled
     with pytest.raises(BigModelError, match="overloaded") as caught:
@@ -516,8 +576,10 @@ def test_handle_big_sends_a_call_once_more_when_its_replica_died():
 
     died = FakeResponse(error=RuntimeError("ActorDiedError: the replica's actor died"))
     handle = Handle([died, FakeResponse(BigReply(" Paris", 3, 1))])
-    assert BigSession(HandleBig(handle, 5)).continue_text("x") == " Paris"
+    heard: list[str] = []
+    assert BigSession(HandleBig(handle, 5, on_unavailable=heard.append)).continue_text("x") == " Paris"
     assert handle.sent == 2
+    assert heard == ["a call failed (RuntimeError)"]  # the engine marks the big model down before the retry
     twice = Handle([died, died, FakeResponse(BigReply(" never", 1, 1))])
     with pytest.raises(BigUnavailable, match="did not answer"):
         BigSession(HandleBig(twice, 5)).continue_text("x")
