@@ -129,26 +129,27 @@ def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
     # joins their spans (the same shards as tagging it whole). Not with a reference or judge model,
     # which need the whole document in one row.
     split = not needs_model and cfg.facts.source == "spacy"
-    items = []
+    whole, pieces_rows = [], []
     for u, docs in units.items():
         for i, d in enumerate(docs):
             pieces = split_long(d["text"], cfg.facts.max_chars) if split else [(0, d["text"])]
-            items += [{"index": i, "unit": u, "id": str(d["id"]), "title": str(d.get("title", "")), "text": text,
-                       "facts": json.dumps(d["facts"]) if "facts" in d else "", "person": str(d.get("person") or ""),
-                       "start": start, "pieces": len(pieces)} for start, text in pieces]
+            (whole if len(pieces) == 1 else pieces_rows).extend(
+                {"index": i, "unit": u, "id": str(d["id"]), "title": str(d.get("title", "")), "text": text,
+                 "facts": json.dumps(d["facts"]) if "facts" in d else "", "person": str(d.get("person") or ""),
+                 "start": start, "pieces": len(pieces)} for start, text in pieces)
+    items = _spread(whole, pieces_rows)
     if not items:
         return
-    split_pieces = sum(item["pieces"] > 1 for item in items)
-    if split_pieces:
+    if pieces_rows:
         log.info("%d documents over facts.max_chars (%d) tagged as %d pieces across the actors",
-                 len({(it["unit"], it["index"]) for it in items if it["pieces"] > 1}), cfg.facts.max_chars,
-                 split_pieces)
+                 len({(it["unit"], it["index"]) for it in pieces_rows}), cfg.facts.max_chars, len(pieces_rows))
     _check_gpus(ray, sc.model_actor_gpus * sc.model_actors if needs_model else 0, "score.model_actor_gpus")
-    # About one block per actor batch, so every actor of the pool gets work from the start, and a block
-    # per piece of a split document, so its pieces spread over the actors as they free up.
-    blocks = max(sc.spacy_actors, -(-len(items) // cfg.facts.batch_size), split_pieces)
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        TagActor, batch_size=cfg.facts.batch_size, batch_format="pyarrow",
+    # A batch is what one actor tags at a time (Ray Data joins blocks up to batch_size rows): at least
+    # four per actor, so the actors take turns to the end and a huge document's pieces (spread through
+    # the rows) land in several batches instead of one actor's single batch while the other idles.
+    batch = max(1, min(cfg.facts.batch_size, -(-len(items) // (4 * sc.spacy_actors))))
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch)).map_batches(
+        TagActor, batch_size=batch, batch_format="pyarrow",
         fn_constructor_kwargs={"cfg": config, "tokenizer_dir": str(tokenizer_dir), "keep_text": needs_model},
         compute=ray.data.ActorPoolStrategy(size=sc.spacy_actors), num_cpus=sc.spacy_actor_cpus,
         resources=sc.actor_resources or None)
@@ -161,10 +162,10 @@ def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
             num_gpus=sc.model_actor_gpus, resources=sc.model_actor_resources or None)
     arrived: dict[int, list[tuple[int, Result]]] = {u: [] for u in units}
     parts: dict[tuple[int, int], list[np.ndarray | str]] = {}
-    tokenizer = load_tokenizer(tokenizer_dir) if split_pieces else None
+    tokenizer = load_tokenizer(tokenizer_dir) if pieces_rows else None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         pieces = batch.column("pieces").to_pylist() if "pieces" in batch.column_names else [1] * batch.num_rows
-        spans = list_values(batch, "spans", 2) if split_pieces else []
+        spans = list_values(batch, "spans", 2) if pieces_rows else []
         for row, (index, unit, result) in enumerate(results_from_table(batch, cfg.labels.judge_top_k)):
             if pieces[row] > 1:  # a piece: the document is done when all its pieces are back
                 got = parts.setdefault((unit, index), [])
@@ -176,6 +177,13 @@ def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
             arrived[unit].append((index, result))
             if len(arrived[unit]) == len(units[unit]):  # complete: restore corpus order
                 yield unit, [r for _, r in sorted(arrived.pop(unit), key=lambda x: x[0])]
+
+
+def _spread(rows: list[dict], pieces: list[dict]) -> list[dict]:
+    """`rows` with `pieces` spread evenly among them (each placed by its share of its own list)."""
+    keyed = [((i + 0.5) / len(rows), 0, i) for i in range(len(rows))] + \
+        [((k + 0.5) / len(pieces), 1, k) for k in range(len(pieces))]
+    return [(rows, pieces)[kind][i] for _, kind, i in sorted(keyed)]
 
 
 def _check_gpus(ray: Any, wanted: float, field: str) -> None:
