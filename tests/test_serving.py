@@ -417,6 +417,27 @@ def test_a_failed_call_ends_the_waits_of_requests_that_take_a_small_only_answer(
         eng.close()
 
 
+def test_a_request_that_takes_a_small_only_answer_waits_at_most_undelegated_wait_s(dirs):
+    """Serve holds a call whose replica died for the successor instead of failing it, so no call fails
+    and no probe has timed out yet: the request's own bound (serve.undelegated_wait_s) ends the wait,
+    without marking the big model down (it may only be busy)."""
+    cfg = make_cfg(dirs, "--serve.undelegated_wait_s", "0.5", "--serve.big_timeout_s", "30")
+    hung = FakeResponse(BigReply(" never", 1, 1), after_s=60)
+    health = BigHealth()
+    eng = CascadeEngine(cfg, HandleBig(FakeHandle(hung), 30, poll_s=0.05, on_unavailable=health.down), health=health)
+    try:
+        start = time.perf_counter()
+        out = run(eng.complete(eng.parse({"prompt": "The river", "max_tokens": 4, "call_threshold": 0.0,
+                                          "allow_undelegated": True}, "completions")))
+        waited = time.perf_counter() - start
+        lacy = out["choices"][0]["lacy"]
+        assert not lacy["delegated"] and "undelegated_wait_s (0.5 s)" in lacy["undelegated_reason"]
+        assert waited < 1.5 and hung.cancelled and out["choices"][0]["finish_reason"] == "length"
+        assert health.reason is None  # slow is not down
+    finally:
+        eng.close()
+
+
 def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dirs):
     cfg = make_cfg(dirs)
     big = DownBig(build_big(cfg))
@@ -672,3 +693,45 @@ def test_bodies_over_the_limits_are_413_over_http(engine, http, caplog):
     assert [rec.getMessage() for rec in caplog.records if rec.name.startswith("lacy.")] == [
         "answered 413 request_too_large (param None)", "answered 413 request_too_large (param 'prompt')"]
     assert http.get("/healthz").status_code == 200
+
+
+def asgi_exchange(app) -> list[dict]:
+    """The messages an ASGI app sends for one POST, as a server would take them."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    run(app({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    return sent
+
+
+def test_responses_a_dead_replica_left_unfinished_end_in_openai_shape():
+    """Serve's proxy, when the replica of a request dies, sends nothing (a bare 500 follows) or leaves a
+    started stream unfinished: FinishResponses (around the proxy) answers 503 + Retry-After or ends the
+    stream with an error event; what was finished passes untouched."""
+    from lacy.serve.proxy import FinishResponses
+
+    async def died_before(scope, receive, send):
+        raise RuntimeError("ActorDiedError")
+
+    async def died_streaming(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+
+    async def finished(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    start, body = asgi_exchange(FinishResponses(died_before, retry_after_s=2))
+    assert start["status"] == 503 and (b"retry-after", b"2") in start["headers"]
+    assert json.loads(body["body"])["error"]["code"] == "replica_unavailable" and not body["more_body"]
+    *_, end = asgi_exchange(FinishResponses(died_streaming))
+    assert end["body"].startswith(b'data: {"error": ') and not end["more_body"]
+    error = json.loads(end["body"][6:])["error"]
+    assert error["type"] == "service_unavailable_error" and "retry" in error["message"]
+    assert asgi_exchange(FinishResponses(finished))[-1]["body"] == b"data: [DONE]\n\n"
+    assert len(asgi_exchange(FinishResponses(finished))) == 2

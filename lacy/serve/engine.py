@@ -35,7 +35,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from lacy.cascade.batching import FeedBatcher
-from lacy.cascade.big import BigModel, BigModelError, BigRequestError, BigSession, BigUnavailable
+from lacy.cascade.big import BigModel, BigModelError, BigRequestError, BigSession, BigSlow, BigUnavailable
 from lacy.cascade.engine import Cascade, CascadeResult, Span
 from lacy.cascade.lm import SmallLM
 from lacy.cascade.policy import Quantiles
@@ -364,7 +364,8 @@ class CascadeEngine:
                 wait_ends = threading.Event()
                 cancel.link(wait_ends)
                 waits.enter_context(self.health.abandon_when_down(wait_ends))
-            big = BigSession(self.big, retrieval=job.retrieval, cancel=wait_ends, waiting=self.batcher.paused)
+            big = BigSession(self.big, retrieval=job.retrieval, cancel=wait_ends, waiting=self.batcher.paused,
+                             wait_s=self.cfg.serve.undelegated_wait_s if req.allow_undelegated else None)
         policy = {"call_threshold": req.call_threshold, "call_log_odds": req.call_log_odds,
                   "call_rate": req.call_rate, "trigger": job.trigger,
                   "topic": req.topic if job.retrieval else None, "temperature": req.temperature or 0.0,
@@ -426,6 +427,8 @@ class CascadeEngine:
     def _big_failed(self, err: BigModelError) -> str:
         if isinstance(err, BigRequestError):
             raise APIError(400, str(err), param="retrieval") from None
+        if isinstance(err, BigSlow):  # this request's wait ended; the model may only be busy
+            return str(err)
         if isinstance(err, BigUnavailable):
             self.health.down(str(err))
             return str(err)

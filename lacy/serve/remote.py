@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
 
-from lacy.cascade.big import BigCall, BigModelError, BigReply, BigUnavailable
+from lacy.cascade.big import BigCall, BigModelError, BigReply, BigSlow, BigUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 class HandleBig:
     """A `BigModel` over a handle to the BigModel deployment: `handle.continue_call.remote(call)` ->
     BigReply, `.end_session.remote(id)`, `.health.remote()`, each answering something with
-    `result(timeout_s=)` and `cancel()`. A call waits at most `timeout_s`, in short polls, so a caller
+    `result(timeout_s=)` and `cancel()`. A call waits at most `timeout_s` (or its caller's shorter
+    `BigCall.wait_s`, then `BigSlow`), in short polls, so a caller
     that stops waiting (`cancel`: its client left, or it takes a small-only answer and the big model
     went down) ends it at once. Exceptions in `overloaded` mean busy (the model is not marked down);
     any other means its replica did not answer: `on_unavailable` hears it at once (the engine marks
@@ -43,13 +44,18 @@ class HandleBig:
             sent, responses, strict=True)]
 
     def _wait(self, call: BigCall, response: Any, cancel: threading.Event) -> BigReply:
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        slow = call.wait_s is not None and call.wait_s < self.timeout_s  # the caller's wait ends first
+        deadline = start + (call.wait_s if slow else self.timeout_s)
         retried = False
-        while True:  # bounded: the deadline, or the client leaving
+        while True:  # bounded: the deadline, or the caller stopping
             if cancel.is_set() or time.monotonic() > deadline:
                 response.cancel()
                 if cancel.is_set():
                     return BigReply.failure(BigModelError("abandoned: the caller stopped waiting"))
+                if slow:
+                    return BigReply.failure(BigSlow(f"no big-model answer within serve.undelegated_wait_s "
+                                                    f"({call.wait_s:g} s)"))
                 return BigReply.failure(BigUnavailable(f"no answer within serve.big_timeout_s ({self.timeout_s:g} s)"))
             try:
                 return response.result(timeout_s=self.poll_s)
