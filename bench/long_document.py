@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     actors = sorted((round(c[-1] - c[0], 1) for c in cpu.values()), reverse=True)
     tokens = sum(c["tokens"] for c in manifest.counts.values())
     result = {"mb": round(len(corpus[args.docs // 2]["text"]) / 1e6, 2), "docs": len(corpus),
-              "seconds": round(seconds, 1), "actor_cpu_s": actors, "tokens": tokens, "rejects": manifest.rejects["total"],
+              "seconds": round(seconds, 1), "actor_cpu_s": actors, "tokens": tokens,
+              "rejects": manifest.rejects["total"],
               "spacy_actors": cfg.score.spacy_actors, "max_chars": cfg.facts.max_chars}
     print(f"{result['mb']} MB document + {args.docs} leads: {seconds:.1f} s; spaCy actors' CPU seconds {actors}; "
           f"{tokens} tokens, {result['rejects']} rejects")
