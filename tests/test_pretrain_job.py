@@ -201,20 +201,6 @@ def test_killed_worker_resumes_with_every_sequence_exactly_once(shards_dir, tmp_
     assert [s for s, _ in metrics["real_loss"]] == [7, 8]
 
 
-def _listening_sockets(config: dict) -> None:
-    """A Ray Train worker's loop: write the TCP sockets its process listens on, once the process group is up."""
-    import json
-    import os
-
-    import psutil
-    import ray.train
-
-    rank = ray.train.get_context().get_world_rank()
-    found = sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("inet")
-                   if c.status == psutil.CONN_LISTEN)
-    Path(config["out"], f"rank-{rank}.json").write_text(json.dumps({"pid": os.getpid(), "listening": found}))
-
-
 @pytest.mark.slow
 def test_train_workers_listen_on_loopback_but_torch_s_rendezvous(ray_session, tmp_path):
     """What a local Ray Train run (gloo, as jobs.pretrain on CPUs) listens on: gloo's connections on the
@@ -225,10 +211,23 @@ def test_train_workers_listen_on_loopback_but_torch_s_rendezvous(ray_session, tm
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    TorchTrainer(_listening_sockets, train_loop_config={"out": str(tmp_path)}, torch_config=TorchConfig(backend="gloo"),
+    def listening_sockets(config: dict) -> None:  # each worker's loop (defined here: pickled by value)
+        import json
+        import os
+
+        import psutil
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        found = sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("inet")
+                       if c.status == psutil.CONN_LISTEN)
+        Path(config["out"], f"rank-{rank}.json").write_text(json.dumps({"pid": os.getpid(), "listening": found}))
+
+    TorchTrainer(listening_sockets, train_loop_config={"out": str(tmp_path)}, torch_config=TorchConfig(backend="gloo"),
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    print(ranks)
     for rank in ranks:
         assert rank["listening"], rank
         exposed = [a for a in rank["listening"] if not a.startswith(("127.", "::ffff:127.", "::1:"))]
