@@ -363,3 +363,17 @@ def test_a_long_document_is_tagged_in_pieces_with_the_shards_of_one_process(corp
     assert manifest.counts["train"]["docs"] + manifest.counts["val"]["docs"] == 21
     for rel in [*manifest.shards["train"], *manifest.shards["val"], "docs.parquet"]:
         assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "ray" / rel).read_bytes(), rel
+
+
+def test_a_long_documents_pieces_are_spread_through_the_rows():
+    """Ray Data joins consecutive rows into one actor's batch: a huge document's pieces, kept together,
+    all went to one actor. Spread, every batch of rows holds about as many pieces as any other."""
+    from jobs.score import _spread
+
+    rows, pieces = [{"row": i} for i in range(100)], [{"piece": k} for k in range(10)]
+    out = _spread(rows, pieces)
+    at = [i for i, item in enumerate(out) if "piece" in item]
+    assert [out[i]["piece"] for i in at] == list(range(10))
+    assert [r["row"] for r in out if "row" in r] == list(range(100))
+    assert max(b - a for a, b in zip([-1, *at], [*at, len(out)], strict=True)) <= 12  # one piece in every 11 rows
+    assert _spread(rows, []) == rows and _spread([], pieces) == pieces
