@@ -14,8 +14,8 @@ Retry-After; none hung (over the client timeout) and none lost (sent = answered)
 bounded (its last minute's peak within 1.5x its first minute's). A stream already under way on a
 SmallModel replica that is killed cannot be finished: it ends with OpenAI's error event
 (`lacy.serve.app.FinishResponses` around Serve's proxy), counted apart (`streams_ended_by_error_event`).
-Results: bench/results/soak.json (load average at start and end, marked `under_load` on a busy
-machine, as every bench here).
+Results: bench/results/soak.json (summary, kills, statuses per 10 s, RSS curves; load average at start
+and end, marked `under_load` on a busy machine, as every bench here).
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def soak(url: str, app: str, seconds: float, clients: int, kill_every_s: float, 
             kills.append({"t": time.monotonic() - start, "deployment": deployment,
                           "replica": kill_replica(app, deployment)})
             turn += 1
+        time.sleep(max(0.0, deadline - time.monotonic()))  # the load goes on to the end after the last kill
         stop.set()
         requests = [r for f in futures for r in f.result(timeout=timeout_s + 30)]
     for r in requests:
@@ -143,9 +144,18 @@ def cut_by_kill(r: dict, kills: list[dict]) -> bool:
     """A stream that its SmallModel replica's death cut: Ray's proxy ends the chunked body unfinished
     (the client sees an incomplete message, never a silent truncation); one that had not started is
     routed to a live replica by Serve instead."""
-    broken = r["status"] is None or not r.get("complete", True)
+    broken = r["status"] is None or not (r.get("complete", True) or r.get("error_event"))
     return r["streamed"] and broken and any(k["deployment"] == "SmallModel" and k["replica"]
                                             and r["t"] <= k["t"] <= r["t"] + r["seconds"] for k in kills)
+
+
+def timeline(requests: list[dict], every_s: float = 10.0) -> list[dict]:
+    """Per `every_s` window (by start time): the requests' statuses and their longest latency."""
+    windows: dict[int, list[dict]] = {}
+    for r in requests:
+        windows.setdefault(int(r["t"] // every_s), []).append(r)
+    return [{"t": w * every_s, "statuses": dict(Counter(str(r["status"]) for r in rs)),
+             "max_s": round(max(r["seconds"] for r in rs), 3)} for w, rs in sorted(windows.items())]
 
 
 def summarize(requests: list[dict], kills: list[dict], seconds: float, timeout_s: float) -> dict:
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name}: RSS {rss['first']:.0f} -> max {rss['max']:.0f} -> {rss['last']:.0f} MiB over "
               f"{rss['seconds']:.0f} s (bounded: {s['rss_bounded'][name]})")
     # The soak loads both cores itself (replicas and clients): the end load less ~2 busy threads.
-    record(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, **result}, load, own_threads=2,
+    compact = {"summary": s, "kills": result["kills"], "timeline": timeline(result["requests"]), "rss": result["rss"]}
+    record(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, **compact}, load, own_threads=2,
            force=args.force)
     return result
 
