@@ -24,13 +24,12 @@ log = logging.getLogger(__name__)
 class HandleBig:
     """A `BigModel` over a handle to the BigModel deployment: `handle.continue_call.remote(call)` ->
     BigReply, `.end_session.remote(id)`, `.health.remote()`, each answering something with
-    `result(timeout_s=)` and `cancel()`. A call waits at most `timeout_s` (or its caller's shorter
-    `BigCall.wait_s`, then `BigSlow`), in short polls, so a caller
-    that stops waiting (`cancel`: its client left, or it takes a small-only answer and the big model
-    went down) ends it at once. Exceptions in `overloaded` mean busy (the model is not marked down);
-    any other means its replica did not answer: `on_unavailable` hears it at once (the engine marks
-    the big model down, which ends other requests' waits), then the call is sent once more (503 if
-    that fails too)."""
+    `result(timeout_s=)` and `cancel()`. A call waits at most `timeout_s` (503), or its caller's
+    shorter `BigCall.wait_s` (`BigSlow`), in short polls, so a caller that stops waiting (`cancel`: its
+    client left, or it takes a small-only answer and the big model went down) ends it at once.
+    Exceptions in `overloaded` mean busy (the model is not marked down); any other means its replica
+    did not answer: `on_unavailable` hears it at once (the engine marks the big model down, which ends
+    other requests' waits), then the call is sent once more (503 if that fails too)."""
 
     def __init__(self, handle: Any, timeout_s: float, overloaded: tuple[type[BaseException], ...] = (),
                  poll_s: float = 0.2, on_unavailable: Callable[[str], None] | None = None) -> None:
