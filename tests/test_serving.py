@@ -688,10 +688,14 @@ def test_bodies_over_the_limits_are_413_over_http(engine, http, caplog):
     r = http.post("/v1/completions", content=b'{"prompt": "' + b"x" * limit + b'"}',
                   headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunks = iter([b'{"prompt": "', *[b"x" * 65536] * (limit // 65536 + 1), b'"}'])  # no content-length
+    r = http.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
     r = http.post("/generate", json={"prompt": "x" * 5000})
     assert r.status_code == 413 and r.json()["error"]["param"] == "prompt"
     assert [rec.getMessage() for rec in caplog.records if rec.name.startswith("lacy.")] == [
-        "answered 413 request_too_large (param None)", "answered 413 request_too_large (param 'prompt')"]
+        "answered 413 request_too_large (param None)", "answered 413 request_too_large (param None)",
+        "answered 413 request_too_large (param 'prompt')"]
     assert http.get("/healthz").status_code == 200
 
 
