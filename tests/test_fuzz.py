@@ -4,7 +4,7 @@ against the real engine with tiny models in process (real HTTP semantics over th
 
 Each case must get no 5xx; every error must be OpenAI's shape (429/503 with Retry-After); a stream must
 be server-sent events ending in [DONE] or an error event. Afterwards the service is healthy and answers
-a fixed request as before. Size: LACY_FUZZ_EXAMPLES cases per test (default 30: ≈330 cases, ≈1 min);
+a fixed request as before. Size: LACY_FUZZ_EXAMPLES cases per test (default 30: ≈330 cases, 15–60 s);
 `LACY_FUZZ_EXAMPLES=300 pytest tests/test_fuzz.py -s` runs ≈3,300 and prints what they got.
 """
 
