@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     requests = [Request(bio_prompt(e, cfg.eval.prompt_style), args.model, "retrieval", "p_call", threshold,
                         cfg.cascade.max_new_tokens, topic=e.name) for e in people]
     models = {args.model: str(model_dir)}
-    compute_thread().set_threads(cfg.serve.torch_threads or 2)
+    # Every core, as Serve's replicas and Ray Data's actors together have (serve.torch_threads is per replica).
+    compute_thread().set_threads(os.cpu_count() or 1)
     print(f"# {len(people)} people, {args.model} + retrieval at threshold {threshold:.3f}, "
           f"torch threads {compute_thread().call(torch.get_num_threads)}", flush=True)
 

@@ -202,6 +202,47 @@ def test_cached_thresholds_answer_only_for_the_same_question(tmp_path, tiny_toke
     assert path.stat().st_mtime_ns != stamp
 
 
+def test_a_run_that_adds_a_model_calibrates_only_that_model(tmp_path, tiny_tokenizer):
+    """Adding seeds to a run keeps its first models and their thresholds: only the new model's
+    calibration people are decoded (it once recalibrated every model of the run)."""
+    import torch
+
+    from lacy.core.config import ModelConfig
+    from lacy.eval.generate import LocalGenerator
+    from lacy.eval.plan import thresholds_stage
+    from lacy.model import build_model
+
+    for name, seed in (("lacy-steps", 0), ("lacy-steps-seed1", 2), ("big", 1)):
+        torch.manual_seed(seed)
+        build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    cfg = load_config("configs/synthbio-tiny.yaml", [
+        "--run_dir", str(tmp_path / "run"), "--big.path", str(tmp_path / "big"), "--experiment.big_models", "[plain]",
+        "--cascade.max_new_tokens", "8", "--eval.calibration_rounds", "1", "--experiment.seeds", "[0, 1]"])
+    pop = population(cfg, corpus_for(cfg))
+    models = {name: str(tmp_path / name) for name in ("lacy-steps", "lacy-steps-seed1")}
+    keys = {"lacy-steps": "k1", "lacy-steps-seed1": "k2"}
+
+    class Counted(LocalGenerator):
+        asked: list[str]
+
+        def generate_many(self, requests):
+            self.asked += [r.model for r in requests]
+            return super().generate_many(requests)
+
+    gen = Counted(cfg, models)
+    gen.asked = []
+    first = thresholds_stage(cfg, {"lacy-steps": models["lacy-steps"]}, keys, pop, gen, {"lacy-steps": 0})
+    gen.asked.clear()
+    both = thresholds_stage(cfg, models, keys, pop, gen, {"lacy-steps": 0, "lacy-steps-seed1": 1})
+    assert set(gen.asked) == {"lacy-steps-seed1"}
+    assert {k: v for k, v in both.items() if k.startswith("lacy-steps+")} == first
+    assert set(both) == {"lacy-steps+plain/p_call/0.22", "lacy-steps-seed1+plain/p_call/0.22"}
+    gen.asked.clear()
+    assert thresholds_stage(cfg, models, keys, pop, gen, {"lacy-steps": 0, "lacy-steps-seed1": 1}) == both
+    assert gen.asked == []
+
+
 def test_an_experiment_that_cannot_be_evaluated_stops_before_anything_trains(tmp_path, embedded_docs):
     """A corpus of files names no people: the experiment refuses at once, not after every model trained."""
     import json
@@ -256,3 +297,15 @@ def test_the_batch_path_writes_what_each_request_alone_writes(tmp_path, tiny_tok
         assert (out.calls, out.decision_points) == (alone.calls, alone.decision_points)
     assert sum(out.calls for out in batched) > 20  # the big model wrote in many of them
     assert len({out.text for out in batched}) > 20
+
+
+def test_cached_results_do_not_depend_on_where_the_run_folder_is(tmp_path):
+    """A run folder copied or pulled to another path keeps its thresholds and rows: their keys hold no
+    path under run_dir (the knowledge store's path once made every row of a copied run recompute)."""
+    from lacy.eval.plan import _row_key
+
+    here, there = (load_config("configs/synthbio-quick.yaml", ["--run_dir", str(tmp_path / name)])
+                   for name in ("here", "there"))
+    assert here.knowledge.db_path != there.knowledge.db_path
+    assert _row_key(here) == _row_key(there)
+    assert str(tmp_path) not in repr(_row_key(here))

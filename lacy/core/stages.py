@@ -53,8 +53,14 @@ def cached_json(path: str | Path, key_payload: Any, compute: Callable[[], dict])
     if (value := cached_value(path, key_payload)) is not None:
         return value
     value = {**compute(), "key": key}
+    write_json(path, value)
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """`value` as JSON at `path`, atomically (a crash leaves the old file or the new one)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value))
     os.replace(tmp, path)
-    return value

@@ -11,6 +11,7 @@ knows its facts) and caches each row under everything that determines it.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import asdict, dataclass, replace
@@ -24,8 +25,8 @@ from lacy.cascade.knowledge import SqlitePassageStore
 from lacy.cascade.lm import SmallLM
 from lacy.cascade.policy import ClosedLoop
 from lacy.core.compute import compute_thread
-from lacy.core.config import CALL_RULES, CALL_TRIGGERS, LacyConfig, to_dict
-from lacy.core.stages import cached_json, cached_value
+from lacy.core.config import CALL_RULES, CALL_TRIGGERS, LacyConfig, config_hash, to_dict
+from lacy.core.stages import cached_json, cached_value, write_json
 from lacy.corpus.corpora import Corpus
 from lacy.corpus.readers import doc_split
 from lacy.eval.claims import load_nlp, score_claims
@@ -211,22 +212,34 @@ def _open_loop_scores(cfg: LacyConfig, models: dict[str, str], people: dict[str,
 
 
 def _row_key(cfg: LacyConfig) -> dict:
-    """What every cached evaluation result depends on besides its system."""
+    """What every cached evaluation result depends on besides its system. Nothing under run_dir: a run
+    folder copied or pulled to another path keeps its results (the store's content follows the corpus)."""
+    knowledge = {k: v for k, v in to_dict(cfg.knowledge).items() if k != "db_path"}
     return {"eval": to_dict(cfg.eval), "cascade": to_dict(cfg.cascade), "big": to_dict(cfg.big),
-            "knowledge": to_dict(cfg.knowledge), "seed": cfg.seed, "row_schema": SCHEMA}
+            "knowledge": knowledge, "seed": cfg.seed, "row_schema": SCHEMA}
 
 
 def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[str, str], pop: Population,
                      generator: Generator, seed_index: dict[str, int] | None = None) -> dict[str, dict]:
     """`calibrate_thresholds`, each model on the calibration group of its training seed (`seed_index`:
-    model -> group; default the first), cached in results/thresholds.json under everything that changes
-    them: the models, big sides, triggers, rates (eval, in the row key) and the calibration people."""
+    model -> group; default the first), cached in results/thresholds.json per model under everything that
+    changes its thresholds: the model, big sides, triggers, rates (eval, in the row key) and its
+    calibration people. A run that adds seeds or rules calibrates only the models it adds."""
     path = Path(cfg.run_dir) / "results" / "thresholds.json"
     people = {name: pop.calibration_groups[(seed_index or {}).get(name, 0)] for name in models}
-    key = {**_row_key(cfg), "models": stage_keys, "bigs": cfg.experiment.big_models,
-           "triggers": cfg.experiment.triggers, "people": {n: [e.doc_id for e in g] for n, g in people.items()}}
-    value = cached_json(path, key, lambda: calibrate_thresholds(cfg, models, people, generator))
-    return {k: v for k, v in value.items() if k != "key"}
+    question = {**_row_key(cfg), "bigs": cfg.experiment.big_models, "triggers": cfg.experiment.triggers}
+    keys = {name: config_hash({**question, "model": stage_keys[name], "people": [e.doc_id for e in people[name]]})
+            for name in models}
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored_keys = stored.get("key") if isinstance(stored.get("key"), dict) else {}  # a str: the old whole-run key
+    kept = {name for name in models if stored_keys.get(name) == keys[name]}
+    out = {k: v for k, v in stored.items() if k != "key" and k.partition("+")[0] in kept}
+    if missing := {name: model_dir for name, model_dir in models.items() if name not in kept}:
+        if kept:
+            log.info("thresholds of %s calibrated before, reusing them", ", ".join(sorted(kept)))
+        out |= calibrate_thresholds(cfg, missing, {name: people[name] for name in missing}, generator)
+        write_json(path, {**out, "key": keys})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
