@@ -319,9 +319,12 @@ def save_final(model: Any, tokenizer: Any, out: Path, cfg: LacyConfig, summary: 
 def model_card(cfg: LacyConfig, summary: dict, call: int) -> str:
     """What a person who finds the folder needs: what it is, how it was trained, how to serve it."""
     val = summary.get("val", {}).get("val_real_loss")
-    return f"""# lacy small model: rule `{cfg.labels.rule}`, preset `{cfg.model.preset}`
+    start = (f"`{cfg.model.init_from}`" if cfg.model.init_from else f"preset `{cfg.model.preset}`")
+    what = (f"The causal LM of `{cfg.model.init_from}` (context {cfg.model.seq_len} in training), further trained"
+            if cfg.model.init_from else f"A GPT-2 ({cfg.model.preset} preset, context {cfg.model.seq_len}) pretrained")
+    return f"""# lacy small model: rule `{cfg.labels.rule}`, {start}
 
-A GPT-2 ({cfg.model.preset} preset, context {cfg.model.seq_len}) pretrained with the LaCy labelling rule
+{what} with the LaCy labelling rule
 `{cfg.labels.rule}`: where the rule delegates, it learned to emit `<CALL>` (id {call}) so that a bigger
 model writes the next word. Trained by `{summary.get('trainer')}` for {summary.get('steps')} steps,
 {summary.get('tokens')} training tokens, {summary.get('supervised_tokens')} of them supervised with their

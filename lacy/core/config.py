@@ -146,11 +146,18 @@ class ModelConfig:
     """Training context in tokens (also the model's n_positions)."""
     dropout: float = 0.0
     """Dropout on residual, embedding and attention."""
+    init_from: str | None = None
+    """Start from an existing Hugging Face causal LM instead of a fresh GPT-2 of `preset`: `smollm2` or a local
+    directory with safetensors weights and a fast tokenizer (tokenizer.json). `<CALL>` (and `<pad>` when its
+    pad token is missing or is its eos) join its tokenizer, which the shards then use instead of a trained BPE;
+    its embedding (and a tied head) grows by rows at the mean of the others. `preset` and `dropout` are unused."""
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "model.preset",
                f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         _check(self.seq_len >= 8, "model.seq_len", "must be at least 8")
+        _check(self.init_from is None or bool(self.init_from.strip()), "model.init_from",
+               "must name smollm2 or a model directory (null: a fresh GPT-2 of model.preset)")
 
 
 @dataclass
@@ -721,6 +728,8 @@ class LacyConfig:
             value = getattr(stage, name)
             setattr(stage, name, str(Path(self.run_dir) / leaf if value is None else resolve_path(value)))
         self.serve.models = {name: str(resolve_path(p)) for name, p in self.serve.models.items()}
+        if self.model.init_from not in (None, "smollm2"):  # Ray workers build the model elsewhere
+            self.model.init_from = str(resolve_path(self.model.init_from))
         self._check_sections()
 
     def moved(self, run_dir: str | Path) -> LacyConfig:
@@ -748,6 +757,8 @@ class LacyConfig:
                 _check(getattr(getattr(self, section), name) is not None, f"{where}/{needed}",
                        f"rule {rule!r} trains on columns the scoring job writes only when {needed} names a "
                        f"model (e.g. `--{needed} smollm2`); set it or drop {rule!r}")
+        _check(self.model.init_from is None or self.tokenizer.path is None, "model.init_from/tokenizer.path",
+               "a model started from model.init_from uses its own tokenizer (with <CALL> added): unset tokenizer.path")
         _check(self.score.model_actor_gpus == 0 or bool(self.score.reference or self.score.judge),
                "score.model_actor_gpus/score.reference", "GPUs are reserved for reference/judge actors, but "
                "neither score.reference nor score.judge is set: nothing would use them")
