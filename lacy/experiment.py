@@ -40,6 +40,7 @@ from lacy.core.console import setup_logging
 from lacy.core.stages import cached_json, stage_done, stage_finish
 from lacy.core.tracking import log_artifacts, start_run
 from lacy.corpus.corpora import Corpus, corpus_for
+from lacy.corpus.people import file_digest
 from lacy.corpus.tokenizer import call_id
 from lacy.eval.generate import Generator, LocalGenerator
 from lacy.eval.plan import Population, evaluate, evaluation_plan, population, thresholds_stage, write_views
@@ -101,6 +102,7 @@ def knowledge_stage(cfg: LacyConfig, corpus: Corpus) -> Path:
     description; for a synthetic corpus, one record per person)."""
     db = Path(cfg.knowledge.db_path)
     key = config_hash({"corpus": corpus.name, "data": to_dict(cfg.data), "synth": to_dict(cfg.synth),
+                       "knowledge_file": file_digest(cfg.eval.knowledge_file),
                        "passage_words": cfg.knowledge.passage_words, "version": 3})
     if stage_done(db.parent / "knowledge", key) is None:
         report = build_store(corpus.knowledge_documents(corpus.documents()), db, cfg.knowledge.passage_words)

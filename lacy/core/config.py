@@ -501,9 +501,21 @@ class EvalConfig:
     fraction leaves the 2-core box a CPU for Ray Data's own tasks: two whole-CPU actors starve them)."""
     actor_gpus: float = 0.0
     """GPUs per evaluation actor (both models on the GPU when > 0)."""
+    people_file: str | None = None
+    """Evaluate on these people instead of the corpus's (any corpus, a corpus of files too): one name per line
+    (FActScore's prompt_entities.txt) or JSONL with a `topic` per line. In the file's order, the first
+    eval.entities are evaluated and the next calibrate the thresholds; each needs an article: the document
+    of eval.knowledge_file, else of the corpus, titled with the name."""
+    knowledge_file: str | None = None
+    """The people's articles, JSONL {title, text} (FActScore's knowledge source as documents): what their
+    claims are checked against and what the big model's passage store holds (needs eval.people_file)."""
 
     def __post_init__(self) -> None:
         _check(self.entities > 0, "eval.entities", "must be positive")
+        _check(self.knowledge_file is None or self.people_file is not None, "eval.knowledge_file",
+               "holds the articles of eval.people_file's people: set eval.people_file too")
+        _check(self.people_file is None or self.heldout_entities == 0, "eval.heldout_entities",
+               "held-out people are a corpus's validation split; with eval.people_file set it to 0")
         _check(self.calibration_entities > 0, "eval.calibration_entities", "must be positive")
         _check(self.heldout_entities >= 0, "eval.heldout_entities", "must be 0 or more")
         _check(self.calibration_rounds >= 0, "eval.calibration_rounds", "must be 0 or more")
@@ -671,6 +683,48 @@ class ExperimentConfig:
 
 
 @dataclass
+class LLMJudgeConfig:
+    base_url: str | None = None
+    """FActScore with an LLM judge as an evaluation option: every evaluated biography's atomic facts listed by
+    the LLM, each verified against the top knowledge.top_k passages of the person's article, through this
+    OpenAI-compatible completions API root (e.g. llama.cpp's http://127.0.0.1:8080/v1); the rows' *_judge
+    columns. None: off."""
+    model: str | None = None
+    """The model name sent with each request (None: the first model the server lists)."""
+    api_key_env: str | None = None
+    """The NAME of the environment variable holding the server's API key (never the key; None: no key)."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """More fields for every request body (llama.cpp's server: {repeat_penalty: 1.0} for plain greedy)."""
+    timeout_s: float = 120.0
+    """Seconds one completion may take (each try)."""
+    retries: int = 2
+    """Tries after the first on 429, 5xx, a refused connection or a timeout; then the evaluation fails."""
+    concurrency: int = 4
+    """Biographies judged at once (requests in flight to the server)."""
+    facts_max_tokens: int = 128
+    """Tokens of a sentence's list of atomic facts (FActScore's 128; small judges repeat lines to the limit)."""
+    cache_path: str | None = None
+    """SQLite cache of every completion, keyed by its request: a rerun asks nothing twice
+    (None: <run_dir>/llm_judge.sqlite)."""
+
+    def __post_init__(self) -> None:
+        _check(self.base_url is None or self.base_url.startswith(("http://", "https://")), "llm_judge.base_url",
+               f"must be an http:// or https:// URL (or null: no LLM judge), got {self.base_url!r}")
+        _check(self.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
+               "llm_judge.api_key_env", "must be the NAME of an environment variable, never the key itself")
+        _check(self.timeout_s > 0 and self.retries >= 0 and self.concurrency > 0,
+               "llm_judge.timeout_s/retries/concurrency", "timeout and concurrency positive, retries 0 or more")
+        _check(self.facts_max_tokens > 0, "llm_judge.facts_max_tokens", "must be positive")
+
+    def big_config(self) -> BigModelConfig:
+        """The judge's server as a big-model backend's settings (`lacy.cascade.openai_big.OpenAIBig`)."""
+        _check(self.base_url is not None, "llm_judge.base_url", "is not set: the LLM judge is off")
+        return BigModelConfig(backend="openai", base_url=str(self.base_url), model=self.model,
+                              api_key_env=self.api_key_env, extra_body=dict(self.extra_body),
+                              timeout_s=self.timeout_s, retries=self.retries, concurrency=self.concurrency)
+
+
+@dataclass
 class MLflowConfig:
     tracking_uri: str | None = None
     """Absolute tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite under run_dir."""
@@ -679,7 +733,8 @@ class MLflowConfig:
 
 
 DERIVED_PATHS = {"score.output_dir": "shards", "train.output_dir": "train",
-                 "knowledge.db_path": "knowledge.sqlite", "serve.small_path": "train/final"}
+                 "knowledge.db_path": "knowledge.sqlite", "serve.small_path": "train/final",
+                 "llm_judge.cache_path": "llm_judge.sqlite"}
 """Stage paths that, left unset, live under run_dir (leaf names)."""
 
 
@@ -708,6 +763,8 @@ class LacyConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    llm_judge: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
+    """FActScore's LLM judge as an evaluation option (off unless llm_judge.base_url is set)."""
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
     def __post_init__(self) -> None:
@@ -730,6 +787,9 @@ class LacyConfig:
         self.serve.models = {name: str(resolve_path(p)) for name, p in self.serve.models.items()}
         if self.model.init_from not in (None, "smollm2"):  # Ray workers build the model elsewhere
             self.model.init_from = str(resolve_path(self.model.init_from))
+        for name in ("people_file", "knowledge_file"):
+            if (value := getattr(self.eval, name)) is not None:
+                setattr(self.eval, name, str(resolve_path(value)))
         self._check_sections()
 
     def moved(self, run_dir: str | Path) -> LacyConfig:
