@@ -125,6 +125,7 @@ def test_the_experiment_on_a_list_exports_factscore_jsonl_and_judges_with_an_llm
     for system, row in rows.items():
         assert row["entities"] == "1" and row["respond_ratio_judge"] != "", system
         assert row["facts_per_response_judge"] != "" and row["precision_lenient"] != "", system
+    assert "LLM judge [CI]" in (results / "table.md").read_text()
     # The big model's store holds the knowledge file's articles (the corpus's documents are not in it).
     store = SqlitePassageStore(cfg.knowledge.db_path)
     assert store.counts()[0] == len(titles) + 1 and store.doc_ids(titles[0])
