@@ -267,7 +267,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> Path:
 
     setup_logging()
-    return run(parse_cli(argv, description=__doc__ or ""))
+    return run(parse_cli(argv, description=__doc__ or "", stage="train"))
 
 
 if __name__ == "__main__":

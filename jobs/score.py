@@ -156,7 +156,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
 def main(argv: list[str] | None = None) -> Manifest:
 
     setup_logging()
-    return run(parse_cli(argv, description=__doc__ or ""))
+    return run(parse_cli(argv, description=__doc__ or "", stage="score"))
 
 
 if __name__ == "__main__":

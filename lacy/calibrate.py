@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
-    cfg = parse_cli(rest, description=(__doc__ or "") + OPTIONS)
+    cfg = parse_cli(rest, description=(__doc__ or "") + OPTIONS, stage="calibrate")
     if not args.small:
         raise SystemExit("--small PATH is required (the small model's directory)")
     rate = cfg.cascade.call_rate if args.rate is None else args.rate

@@ -382,7 +382,7 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
 def main(argv: list[str] | None = None) -> dict:
 
     setup_logging()
-    return train_from_shards(parse_cli(argv, description=__doc__ or ""))
+    return train_from_shards(parse_cli(argv, description=__doc__ or "", stage="train"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -970,26 +971,40 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def help_text(cls: type = LacyConfig, prefix: str = "") -> str:
-    """Every overridable field with its default and documentation, for `--help`."""
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "score": ("data", "synth", "tokenizer", "model", "facts", "labels", "score", "mlflow"),
+    "train": ("tokenizer", "model", "labels", "score", "train", "mlflow"),
+    "serve": ("big", "knowledge", "cascade", "serve"),
+    "calibrate": ("data", "synth", "big", "knowledge", "cascade", "eval", "experiment", "serve", "mlflow"),
+}
+"""The config sections each stage reads, so its `--help` lists those alone (a stage not named here, the
+experiment and the sweep, reads them all); the top-level fields (run_dir, store, seed) are always listed."""
+
+
+def help_text(cls: type = LacyConfig, prefix: str = "", sections: Sequence[str] | None = None) -> str:
+    """Every overridable field with its default and documentation, for `--help`; with `sections`, only the
+    top-level fields and those of the named sections."""
     lines = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(help_text(hints[f.name], prefix=f"{name}."))
+            if sections is None or f.name in sections:
+                lines.append(help_text(hints[f.name], prefix=f"{name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  --{name} (default {default!r})  {docs.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "") -> LacyConfig:
-    """`--config FILE` plus dotted overrides; `--help` lists every field."""
+def parse_cli(argv: list[str] | None = None, description: str = "", stage: str | None = None) -> LacyConfig:
+    """`--config FILE` plus dotted overrides; `--help` lists the fields of `stage`'s sections
+    (`STAGE_SECTIONS`; every field when the stage reads them all)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(description.strip() + "\n\nOptions:\n  --config FILE  YAML config\n" + help_text())
+        fields = help_text(sections=STAGE_SECTIONS.get(stage or ""))
+        print(description.strip() + "\n\nOptions:\n  --config FILE  YAML config\n" + fields)
         raise SystemExit(0)
     path = None
     if "--config" in argv:

@@ -467,7 +467,7 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
 def main(argv: list[str] | None = None) -> Manifest:
 
     setup_logging()
-    return build_shards(parse_cli(argv, __doc__ or ""))[0]
+    return build_shards(parse_cli(argv, __doc__ or "", stage="score"))[0]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""MLflow helpers shared by every job: one absolute tracking URI, runs that carry their config.
+
+MLflow is imported where a run is logged, never at import: a lent GPU box trains without it.
+
+MLflow 3.17 refuses the file store and resolves relative URIs against the working directory, which
+differs on Ray workers, so every URI handed out here is an absolute `sqlite:////...` (or a server URL),
+and experiments get an absolute artifact location.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lacy.core.config import ConfigError, LacyConfig, to_dict
+from lacy.core.provenance import git_sha
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+_SQLITE = "sqlite:///"
+
+
+def _absolute(uri: str) -> str:
+    """Make a sqlite URI or a bare `.db` path absolute; servers (http, databricks) pass through."""
+    if uri.startswith(_SQLITE):
+        path = uri[len(_SQLITE):]  # "/abs/x.db" for sqlite:////abs/x.db, "x.db" when relative
+        return _SQLITE + str(Path(path).resolve())
+    if "://" in uri or uri.startswith("databricks"):
+        if uri.startswith("file:"):
+            raise ConfigError(f"mlflow.tracking_uri: {uri!r} is a file store, which MLflow 3 refuses; "
+                              "use sqlite:////abs/path/mlflow.db")
+        return uri
+    if uri.endswith(".db"):
+        return _SQLITE + str(Path(uri).resolve())
+    raise ConfigError(f"mlflow.tracking_uri: {uri!r} is neither a URI nor a .db path")
+
+
+def tracking_uri(cfg: LacyConfig) -> str:
+    """cfg.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite under run_dir; always absolute."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return _absolute(uri)
+    path = Path(cfg.run_dir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _SQLITE + str(path)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (absolute file URI); a tracking server chooses its own."""
+    if not uri.startswith(_SQLITE):
+        return None
+    return (Path(uri[len(_SQLITE):]).parent / "mlartifacts").as_uri()
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b": "value"} with values as strings (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=_artifact_location(uri))
+    except MlflowException:  # another process created it between our lookup and create
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextmanager
+def start_run(cfg: LacyConfig, run_name: str, nested: bool = False,
+              parent_run_id: str | None = None) -> Iterator[Any]:
+    """An MLflow run with the resolved config as flattened params and `config.yaml`, and the git sha.
+
+    `parent_run_id` attaches the run to a parent started in another process (a Ray worker, a job);
+    `nested` attaches it to the run active in this process.
+    """
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment_id(cfg.mlflow.experiment, uri)
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested,
+                          parent_run_id=parent_run_id) as run:
+        config = to_dict(cfg)
+        mlflow.log_params(flatten(config))
+        sha = git_sha()
+        if sha:
+            mlflow.set_tag("git_sha", sha)
+        mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run (values are cast to float)."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifacts(local_dir: str, artifact_path: str | None = None) -> None:
+    """Log a folder's files to the active run."""
+    import mlflow
+
+    mlflow.log_artifacts(local_dir, artifact_path=artifact_path)

@@ -1,0 +1,1 @@
+"""The cascade as an OpenAI-compatible service (no Ray: `services/` deploys it)."""

@@ -1,0 +1,1 @@
+"""Stage 3, shards: the corpus tokenised, fact-tagged and scored into Parquet training sequences."""

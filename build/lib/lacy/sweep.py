@@ -1,0 +1,241 @@
+"""Sweeps of the synthetic benchmark: more and more invented people (capacity), or more and more
+harmless uncertainty (the dial).
+
+    python -m lacy.sweep --config configs/synthbio-sweep.yaml                  # synth.people x 1/4, 1, 4
+    python -m lacy.sweep --config configs/synthbio-tiny.yaml --people 30,120   # any synthbio config
+    python -m jobs.sweep --config configs/synthbio-sweep.yaml --people 40,100,1000  # the same on Ray
+    python -m jobs.sweep --config configs/synthbio-dial.yaml --filler 0,3,6    # the dial, on Ray
+
+The dial (`--filler`): per point, `synth.filler` filler sentences per biography — words as uncertain as
+facts but harmless — and the whole comparison protocol (`<run_dir>/filler-N`); `dial.json`, `dial.md`
+and `dial.png` give each system's correct values per person at the headline rate and its APGR along the
+dial, and LaCy's P(<CALL>) against inference-only calling at each point: where training-time delegation
+helps, it should be where confidence spends its budget on harmless uncertainty.
+
+For each N the whole experiment runs (`lacy.experiment`, in this process) in `<run_dir>/people-N`;
+its stages are content-addressed, so a re-run reuses every point already done. Per N and rule the
+sweep collects what the capacity question needs — the bits of facts the small model stores, its
+loss on template tokens, the cascade's exact precision and realised call rate at the headline rate,
+the small model's precision alone — and writes `<run_dir>/sweep.json`, `sweep.md` and `sweep.png`
+(precision, call rate and stored bits against N, one line per rule). Where the facts fit in the
+model, delegation should matter less. A point with fewer trained-on people than eval.entities +
+eval.calibration_entities splits those it has in the same proportion (the table's `eval_people`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lacy.core.config import LacyConfig, parse_cli
+from lacy.core.console import setup_logging
+from lacy.experiment import rule_config, run
+from lacy.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
+    """One sweep point's lines, one per trained rule, from a finished experiment's files."""
+    run_dir = Path(cfg.run_dir)
+    with open(run_dir / "results" / "rows.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rate = cfg.experiment.headline_rate
+    lines = []
+
+    # The models this config trains, in their own folders, not whatever else lies under train/.
+    folders = sorted(Path(rule_config(cfg, rule, comparison, None).train.output_dir)
+                     for rule in cfg.experiment.rules for comparison in cfg.experiment.comparisons)
+    for folder in folders:
+        model = folder.name
+        bits = json.loads((folder / "stored_bits.json").read_text())
+        mine = [r for r in rows if r["model"] == model and r["people"] == "train"]
+        alone = next((r for r in mine if r["big"] == "none"), {})
+        cascade = next((r for r in mine if r["big"] != "none" and _float(r["target_rate"]) == rate), {})
+        lines.append({"people": people, "model": model, "eval_people": cfg.eval.entities,
+                      "stored_bits": bits["stored_bits"],
+                      "bits_per_param": bits["bits_per_param"], "template_loss": bits["template_loss"],
+                      "alone_precision": _float(alone.get("precision")),
+                      "cascade_precision": _float(cascade.get("precision")),
+                      "cascade_precision_lo": _float(cascade.get("precision_lo")),
+                      "cascade_precision_hi": _float(cascade.get("precision_hi")),
+                      "call_rate": _float(cascade.get("call_rate")),
+                      "calls_on_facts": _float(cascade.get("calls_on_facts"))})
+    return lines
+
+
+def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[str, Any]]:
+    """Run the experiment at each number of people and write the sweep's table and plot."""
+
+    if cfg.data.corpus != "synthbio":
+        raise ValueError(f"the capacity sweep needs data.corpus: synthbio (got {cfg.data.corpus!r})")
+    if not people or min(people) < 1:
+        raise ValueError(f"--people must list positive numbers of people (got {people})")
+    points = []
+    for n in people:  # every point's groups checked before the first one runs
+        point = cfg.moved(Path(cfg.run_dir) / f"people-{n}")
+        point.synth.people = n
+        _fit_groups(point)
+        points.append(point)
+    lines: list[dict[str, Any]] = []
+    for n, point in zip(people, points, strict=True):
+        log.info("sweep point: %d people in %s", n, point.run_dir)
+        run(point, backend)
+        lines += collect(point, n)
+    out = Path(cfg.run_dir)
+    (out / "sweep.json").write_text(json.dumps(lines, indent=2))
+    columns = list(lines[0]) if lines else ["people"]
+    (out / "sweep.md").write_text(markdown_table(lines, columns) + "\n")
+    sweep_plot(lines, out / "sweep.png", cfg.experiment.headline_rate)
+    return lines
+
+
+def _fit_groups(point: LacyConfig) -> None:
+    """Evaluation and calibration people of a small point: its trained-on people (≈ people x (1 -
+    val_fraction)) split in the config's proportion when they are fewer than both groups need."""
+    e = point.eval
+    trained = int(point.synth.people * (1 - point.data.val_fraction))
+    if trained < 5:
+        raise ValueError(f"a sweep point of {point.synth.people} people has ≈{trained} trained-on people: too "
+                         "few to split into evaluation and calibration people (--people needs larger numbers)")
+    if e.entities + e.calibration_entities > trained:
+        calibration = max(1, trained * e.calibration_entities // (e.entities + e.calibration_entities))
+        log.info("%d people: %d trained-on people for %d evaluation + %d calibration; using %d + %d",
+                 point.synth.people, trained, e.entities, e.calibration_entities, trained - calibration - 2,
+                 calibration)
+        # Two spare: the split is by a hash of the person, so "trained" is only about right.
+        e.entities, e.calibration_entities = trained - calibration - 2, calibration
+
+
+def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
+    """Three panels against the number of people, one line per rule: exact precision (the cascade at
+    the headline rate with its CI, solid; the small model alone, dashed), the cascade's realised call
+    rate, and the fact bits the small model stores (`plain` has no cascade, only the dashed line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for i, model in enumerate(dict.fromkeys(line["model"] for line in lines)):
+        pts = sorted((line for line in lines if line["model"] == model), key=lambda line: line["people"])
+        color, xs = f"C{i}", [p["people"] for p in pts]
+        cascade = [p for p in pts if p["cascade_precision"] is not None]
+        if cascade:
+            ys = [p["cascade_precision"] for p in cascade]
+            err = [[y - p["cascade_precision_lo"] for y, p in zip(ys, cascade, strict=True)],
+                   [p["cascade_precision_hi"] - y for y, p in zip(ys, cascade, strict=True)]]
+            axes[0].errorbar([p["people"] for p in cascade], ys, yerr=err, marker="o", capsize=3, color=color,
+                             label=f"{model} cascade")
+            axes[1].plot([p["people"] for p in cascade], [p["call_rate"] for p in cascade], marker="o", color=color,
+                         label=model)
+        axes[0].plot(xs, [p["alone_precision"] or 0.0 for p in pts], ls="--", marker=".", color=color,
+                     label=f"{model} alone")
+        axes[2].plot(xs, [p["stored_bits"] for p in pts], marker="o", color=color, label=model)
+    axes[1].axhline(rate, color="grey", lw=0.8, ls=":")
+    for ax, ylabel in zip(axes, ("exact precision", f"realised call rate (target {rate:.2f})",
+                                 "fact bits stored in the small model"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("invented people in the corpus")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("synthbio capacity sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None) -> list[dict[str, Any]]:
+    """The comparison protocol at each number of filler sentences per biography; the dial's table and plot."""
+    if cfg.data.corpus != "synthbio":
+        raise ValueError(f"the dial needs data.corpus: synthbio (got {cfg.data.corpus!r})")
+    if not fillers or min(fillers) < 0:
+        raise ValueError(f"--filler must list numbers of filler sentences, 0 or more (got {fillers})")
+    lines: list[dict[str, Any]] = []
+    rate = str(cfg.experiment.headline_rate)
+    for n in fillers:
+        point = cfg.moved(Path(cfg.run_dir) / f"filler-{n}")
+        point.synth.filler = n
+        log.info("dial point: %d filler sentences per biography in %s", n, point.run_dir)
+        results = run(point, backend)
+        comparison = json.loads((results / "comparison.json").read_text())
+        for system in comparison["systems"]:
+            quality = system["quality"].get(rate)
+            lines.append({"filler": n, "system": system["system"], "quality": quality and quality[0],
+                          "quality_lo": quality and quality[1], "quality_hi": quality and quality[2],
+                          "call_rate": system["call_rate"].get(rate), "apgr": system["apgr"][0],
+                          "apgr_lo": system["apgr"][1], "apgr_hi": system["apgr"][2]})
+        lines += [{"filler": n, "system": f"big alone ({big})", "quality": q[0]}
+                  for big, q in comparison["big_alone"].items()]
+    out = Path(cfg.run_dir)
+    (out / "dial.json").write_text(json.dumps(lines, indent=2))
+    (out / "dial.md").write_text(markdown_table(lines, list(lines[0]) if lines else ["filler"]) + "\n")
+    dial_plot(lines, out / "dial.png", cfg.experiment.headline_rate)
+    return lines
+
+
+def dial_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
+    """Correct values per person at the headline rate (with intervals) and APGR against the dial, one
+    line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, system in enumerate(dict.fromkeys(line["system"] for line in lines)):
+        pts = sorted((x for x in lines if x["system"] == system and x["quality"] is not None),
+                     key=lambda x: x["filler"])
+        xs, ys = [p["filler"] for p in pts], [p["quality"] for p in pts]
+        if "quality_lo" in pts[0]:
+            err = [[y - p["quality_lo"] for y, p in zip(ys, pts, strict=True)],
+                   [p["quality_hi"] - y for y, p in zip(ys, pts, strict=True)]]
+            axes[0].errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=system)
+            axes[1].plot(xs, [p["apgr"] for p in pts], marker="o", color=f"C{i}", label=system)
+        else:
+            axes[0].plot(xs, ys, ls="--", color="gray", label=system)
+    for ax, ylabel in zip(axes, (f"correct values per person at {rate:.0%} calls", "APGR"), strict=True):
+        ax.set_xlabel("filler sentences per biography (harmless uncertainty)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("synthbio: the dial of acceptable uncertainty")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, Any]]:
+    """The sweep from the command line; `backend` as `lacy.experiment.run` takes it (None: this process)."""
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--people", help="comma-separated numbers of invented people (default: sweep of the "
+                                        "config's synth.people x 1/4, 1, 4)")
+    extra.add_argument("--filler", help="comma-separated numbers of filler sentences per biography: the dial")
+    known, rest = extra.parse_known_args(argv)
+    setup_logging()
+    cfg = parse_cli(rest, __doc__ or "")
+    if known.filler:
+        lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend)
+        print((Path(cfg.run_dir) / "dial.md").read_text())  # noqa: T201 - the sweep's product
+        return lines
+    people = ([int(p) for p in known.people.split(",")] if known.people
+              else [max(1, cfg.synth.people // 4), cfg.synth.people, cfg.synth.people * 4])
+    lines = sweep(cfg, people, backend)
+    print((Path(cfg.run_dir) / "sweep.md").read_text())  # noqa: T201 - the sweep's product
+    return lines
+
+
+if __name__ == "__main__":
+    main()
