@@ -79,11 +79,13 @@ def test_the_console_script_installs_from_the_package_and_runs_on_ray(tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(ROOT)],
                    check=True, timeout=300, cwd=tmp_path)
     [wheel] = (tmp_path / "wheel").glob("lacy-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--prefix", str(tmp_path / "prefix"), str(wheel)],
+    # --target, not --prefix: pip then ignores what is installed, where --prefix uninstalls the environment's
+    # own (editable) lacy first.
+    site = tmp_path / "target"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
                    check=True, timeout=300)
-    script = tmp_path / "prefix" / "bin" / "lacy"
+    script = site / "bin" / "lacy"
     assert script.read_text().startswith(f"#!{sys.executable}")
-    [site] = (tmp_path / "prefix" / "lib").glob("python3*/site-packages")
     env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy, not this checkout
     common = ["--config", str(ROOT / "configs/tiny.yaml"), "--data.max_docs", "40", "--score.spacy_actors", "1",
               "--mlflow.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lacy.cascade.openai_big import OpenAIBig
 from lacy.core.config import LacyConfig
 from lacy.eval.claims import PassageSearch
 from lacy.eval.generate import Generation
@@ -114,6 +113,8 @@ class LLMJudge:
         jcfg = cfg.llm_judge
         if jcfg.base_url is None:
             return None
+        from lacy.cascade.openai_big import OpenAIBig  # httpx, here as for every big backend: a GPU box lacks it
+
         server = OpenAIBig.connect(jcfg.big_config(), "llm_judge")
         return cls(server.complete, jcfg.cache_path or Path(cfg.run_dir) / "llm_judge.sqlite",
                    f"{jcfg.base_url}|{server.model()}", jcfg.concurrency, jcfg.facts_max_tokens)

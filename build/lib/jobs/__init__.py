@@ -1,1 +1,0 @@
-"""Ray shells: each distributes one library stage (`python -m jobs.<name> --config FILE`)."""

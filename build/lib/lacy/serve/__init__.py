@@ -1,1 +1,0 @@
-"""The cascade as an OpenAI-compatible service (no Ray: `services/` deploys it)."""
