@@ -731,6 +731,20 @@ class MLflowConfig:
     """Absolute tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite under run_dir."""
     experiment: str = "lacy"
     """MLflow experiment every run of this config is logged under."""
+    system_metrics: bool = True
+    """Sample CPU, memory (and GPU) use into every stage's run (MLflow system metrics)."""
+    traces: int | None = 10
+    """How many of each evaluated system's biographies (its first people) are logged as MLflow traces under
+    its run (spans: the small model's stretches and the big model's calls); None: every one, 0: none. The
+    sqlite store takes ≈0.1 s a trace of a few spans on 2 cores (a commit per span): every one of `make run`'s
+    2,400 would add about 4 minutes, the default's 150 about 15 s. Every biography is in its system's
+    generations table either way."""
+    models: bool = True
+    """Log every trained model with MLflow's transformers flavour and register it as
+    `<experiment>.<model name>`, its calibrated thresholds in its metadata (seconds per small model)."""
+
+    def __post_init__(self) -> None:
+        _check(self.traces is None or self.traces >= 0, "mlflow.traces", "must be >= 0 (or null: every one)")
 
 
 DERIVED_PATHS = {"score.output_dir": "shards", "train.output_dir": "train",

@@ -34,6 +34,7 @@ import pyarrow as pa
 from lacy.core import storage
 from lacy.core.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
 from lacy.core.console import progress, setup_logging
+from lacy.core.tracking import active, log_dataset, log_metrics, start_run
 from lacy.corpus.corpora import corpus_for
 from lacy.corpus.readers import ReadReport, doc_split
 from lacy.corpus.tokenizer import SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
@@ -464,10 +465,25 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
     return manifest, metrics
 
 
-def main(argv: list[str] | None = None) -> Manifest:
+def log_inputs(cfg: LacyConfig, manifest: Manifest) -> None:
+    """The corpus and the shards as inputs of the active MLflow run (context "training"), each with the
+    digest that identifies its content (the corpus fingerprint; the shards' config hash); nothing without one."""
+    if active() is None:
+        return
+    log_dataset(f"corpus:{cfg.data.corpus if '/' not in cfg.data.corpus else Path(cfg.data.corpus).name}",
+                corpus_for(cfg).source(), manifest.corpus_fingerprint, "training")
+    log_dataset("shards", str(Path(cfg.score.output_dir).resolve()), manifest.config_hash, "training")
 
+
+def main(argv: list[str] | None = None) -> Manifest:
+    """The stage in this process, logged as MLflow run "score" (metrics, the corpus and shards as inputs)."""
     setup_logging()
-    return build_shards(parse_cli(argv, __doc__ or "", stage="score"))[0]
+    cfg = parse_cli(argv, __doc__ or "", stage="score")
+    with start_run(cfg, "score"):
+        manifest, metrics = build_shards(cfg)
+        log_metrics(metrics)
+        log_inputs(cfg, manifest)
+    return manifest
 
 
 if __name__ == "__main__":
