@@ -8,6 +8,8 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} MLFLOW_DISABLE_TELEMETRY=true HF_HU
 export TOKENIZERS_PARALLELISM=false
 # Serve's HTTP proxy gets 60 s, not 5, to pass its first readiness check on loaded cores (services.runtime.RAY_ENV_DEFAULTS).
 export RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=${RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S:-60}
+# A request whose Serve replica dies gets 503 + Retry-After or a stream's error event (lacy.serve.proxy).
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=${RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH:-lacy.serve.proxy:middlewares}
 export LACY_CACHE=${LACY_CACHE:-$HOME/.cache/lacy}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$LACY_CACHE/torch_extensions}
 export MLFLOW_PORT=${MLFLOW_PORT:-5000}

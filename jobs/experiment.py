@@ -81,8 +81,9 @@ class BatchGenerator:
         actors = min(e.actors, -(-len(items) // share))
         written = ray.data.from_items(items, override_num_blocks=-(-len(items) // share)).map_batches(
             CascadeActor, fn_constructor_kwargs={"config": to_dict(self.cfg), "models": self.models},
-            batch_size=share, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=e.actor_cpus,
-            num_gpus=e.actor_gpus).take_all()
+            batch_size=share, num_cpus=e.actor_cpus, num_gpus=e.actor_gpus,
+            # One block per actor at a time: else the first actor up queues every block and the rest idle.
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)).take_all()
         by_index = {int(row["index"]): json.loads(row["generated"]) for row in written}
         return [Generated(**{**out, "spans": [tuple(s) for s in out["spans"]]})
                 for out in (by_index[i] for i in range(len(requests)))]

@@ -32,15 +32,17 @@ from lacy.core.config import LacyConfig, from_dict, parse_cli, to_dict
 from lacy.core.console import setup_logging
 from lacy.core.tracking import log_metrics, start_run
 from lacy.corpus.tokenizer import load_tokenizer
-from lacy.labels.facts import FactTagger
+from lacy.labels.facts import FactTagger, split_long
 from lacy.shards.format import Manifest, TokenizedDoc
 from lacy.shards.scoring import (
     Result,
     build_shards,
+    join_pieces,
     list_array,
     list_values,
     load_scorers,
     log_inputs,
+    piece_spans,
     results_from_table,
     results_to_table,
     score_documents,
@@ -70,9 +72,25 @@ class TagActor:
         self.keep_text = keep_text  # the model actors downstream need texts and offsets
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results = tag_documents(_docs(batch), self.tokenizer, self.tagger,
-                                val_fraction=self.cfg.data.val_fraction, min_chars=self.cfg.data.min_chars)
+        docs, pieces = _docs(batch), batch.column("pieces").to_pylist()
+        whole = [i for i, n in enumerate(pieces) if n == 1]
+        results: list[Result] = [""] * len(docs)  # a piece's "result" is its spans column
+        spans = [np.zeros((0, 2), np.int64)] * len(docs)
+        for i, result in zip(whole, tag_documents([docs[i] for i in whole], self.tokenizer, self.tagger,
+                                                  val_fraction=self.cfg.data.val_fraction,
+                                                  min_chars=self.cfg.data.min_chars), strict=True):
+            results[i] = result
+        parts = [i for i, n in enumerate(pieces) if n > 1]
+        starts = batch.column("start").to_pylist()
+        for i, found in zip(parts, piece_spans(self.tagger, [(starts[i], docs[i]["text"]) for i in parts]),
+                            strict=True):
+            if isinstance(found, str):
+                results[i] = found
+            else:
+                spans[i] = found
         table = results_to_table(batch.select(_KEYS), results)
+        table = table.append_column("pieces", batch.column("pieces"))
+        table = table.append_column("spans", list_array(spans, pa.int64()))
         if self.keep_text:
             offsets = [r.offsets if isinstance(r, TokenizedDoc) else np.zeros((0, 2), np.int32) for r in results]
             table = table.append_column("text", batch.column("text"))
@@ -106,17 +124,33 @@ def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
     is yielded, in its documents' order, as soon as all of them are back."""
     ray = init_ray()
     sc, config = cfg.score, to_dict(cfg)
-    items = [{"index": i, "unit": u, "id": str(d["id"]), "title": str(d.get("title", "")), "text": d["text"],
-              "facts": json.dumps(d["facts"]) if "facts" in d else "", "person": str(d.get("person") or "")}
-             for u, docs in units.items() for i, d in enumerate(docs)]
+    needs_model = bool(sc.reference or sc.judge)
+    # A document longer than facts.max_chars goes to spaCy in pieces anyway (FactTagger.fact_spans):
+    # the pieces become rows of their own, so every actor tags some of a huge document, and the driver
+    # joins their spans (the same shards as tagging it whole). Not with a reference or judge model,
+    # which need the whole document in one row.
+    split = not needs_model and cfg.facts.source == "spacy"
+    whole, pieces_rows = [], []
+    for u, docs in units.items():
+        for i, d in enumerate(docs):
+            pieces = split_long(d["text"], cfg.facts.max_chars) if split else [(0, d["text"])]
+            (whole if len(pieces) == 1 else pieces_rows).extend(
+                {"index": i, "unit": u, "id": str(d["id"]), "title": str(d.get("title", "")), "text": text,
+                 "facts": json.dumps(d["facts"]) if "facts" in d else "", "person": str(d.get("person") or ""),
+                 "start": start, "pieces": len(pieces)} for start, text in pieces)
+    items = _spread(whole, pieces_rows)
     if not items:
         return
-    needs_model = bool(sc.reference or sc.judge)
+    if pieces_rows:
+        log.info("%d documents over facts.max_chars (%d) tagged as %d pieces across the actors",
+                 len({(it["unit"], it["index"]) for it in pieces_rows}), cfg.facts.max_chars, len(pieces_rows))
     _check_gpus(ray, sc.model_actor_gpus * sc.model_actors if needs_model else 0, "score.model_actor_gpus")
-    # About one block per actor batch, so every actor of the pool gets work from the start.
-    blocks = max(sc.spacy_actors, -(-len(items) // cfg.facts.batch_size))
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        TagActor, batch_size=cfg.facts.batch_size, batch_format="pyarrow",
+    # A batch is what one actor tags at a time (Ray Data joins blocks up to batch_size rows): at least
+    # four per actor, so the actors take turns to the end and a huge document's pieces (spread through
+    # the rows) land in several batches instead of one actor's single batch while the other idles.
+    batch = max(1, min(cfg.facts.batch_size, -(-len(items) // (4 * sc.spacy_actors))))
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch)).map_batches(
+        TagActor, batch_size=batch, batch_format="pyarrow",
         fn_constructor_kwargs={"cfg": config, "tokenizer_dir": str(tokenizer_dir), "keep_text": needs_model},
         compute=ray.data.ActorPoolStrategy(size=sc.spacy_actors), num_cpus=sc.spacy_actor_cpus,
         resources=sc.actor_resources or None)
@@ -128,11 +162,29 @@ def encode_on_ray(cfg: LacyConfig, tokenizer_dir: Path,
             compute=ray.data.ActorPoolStrategy(size=sc.model_actors), num_cpus=sc.model_actor_cpus,
             num_gpus=sc.model_actor_gpus, resources=sc.model_actor_resources or None)
     arrived: dict[int, list[tuple[int, Result]]] = {u: [] for u in units}
+    parts: dict[tuple[int, int], list[np.ndarray | str]] = {}
+    tokenizer = load_tokenizer(tokenizer_dir) if pieces_rows else None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for index, unit, result in results_from_table(batch, cfg.labels.judge_top_k):
+        pieces = batch.column("pieces").to_pylist() if "pieces" in batch.column_names else [1] * batch.num_rows
+        spans = list_values(batch, "spans", 2) if pieces_rows else []
+        for row, (index, unit, result) in enumerate(results_from_table(batch, cfg.labels.judge_top_k)):
+            if pieces[row] > 1:  # a piece: the document is done when all its pieces are back
+                got = parts.setdefault((unit, index), [])
+                got.append(result if isinstance(result, str) and result else spans[row])
+                if len(got) < pieces[row]:
+                    continue
+                result = join_pieces(units[unit][index], parts.pop((unit, index)), tokenizer,
+                                     val_fraction=cfg.data.val_fraction, min_chars=cfg.data.min_chars)
             arrived[unit].append((index, result))
             if len(arrived[unit]) == len(units[unit]):  # complete: restore corpus order
                 yield unit, [r for _, r in sorted(arrived.pop(unit), key=lambda x: x[0])]
+
+
+def _spread(rows: list[dict], pieces: list[dict]) -> list[dict]:
+    """`rows` with `pieces` spread evenly among them (each placed by its share of its own list)."""
+    keyed = [((i + 0.5) / len(rows), 0, i) for i in range(len(rows))] + \
+        [((k + 0.5) / len(pieces), 1, k) for k in range(len(pieces))]
+    return [(rows, pieces)[kind][i] for _, kind, i in sorted(keyed)]
 
 
 def _check_gpus(ray: Any, wanted: float, field: str) -> None:

@@ -1,11 +1,11 @@
 """Ray Serve: the cascade of `lacy.serve.engine` behind HTTP, as two composed deployments.
 
-`SmallModel` (the ingress: `lacy.serve.engine.CascadeEngine` and its routes) holds a `DeploymentHandle` to
-`BigModel` (`lacy.cascade.big.build_big`: the configured backend, reading the knowledge store when
-big.retrieval is on, its calls batched by `lacy.serve.remote.BatchQueue`). A big model that is a server
-of its own (`big.backend` in BIG_SERVERS, e.g. `openai`: any OpenAI-compatible completions endpoint) has
-no BigModel deployment: each SmallModel replica builds the backend itself and calls the server directly.
-This file is the Ray wiring and the routes only.
+`SmallModel` (the ingress: `lacy.serve.engine.CascadeEngine` and its routes, `lacy.serve.app.build_api`)
+holds a `DeploymentHandle` to `BigModel` (`lacy.cascade.big.build_big`: the configured backend, reading
+the knowledge store when big.retrieval is on, its calls batched by `lacy.serve.remote.BatchQueue`). A big
+model that is a server of its own (`big.backend` in BIG_SERVERS, e.g. `openai`: any OpenAI-compatible
+completions endpoint) has no BigModel deployment: each SmallModel replica builds the backend itself and
+calls the server directly. This file is the Ray wiring only.
 
     serve run services.cascade:app config=configs/tiny.yaml                # serve.host:serve.port
     serve run services.cascade:app config=configs/tiny.yaml overrides="--serve.port 8001 --big.retrieval true"
@@ -18,16 +18,13 @@ local instance) and starts Serve on serve.host/serve.port itself; `serve run`'s 
 starts: an already running Serve keeps its own, and `serve deploy` takes them from the YAML.
 """
 
-# No `from __future__ import annotations`: FastAPI must see the routes' `Request` annotations as types.
-import asyncio
 import contextlib
 import os
 import shlex
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
@@ -37,9 +34,9 @@ from lacy.cascade.big import BigCall, BigReply, build_big
 from lacy.cascade.policy import Quantiles
 from lacy.core.compute import compute_thread
 from lacy.core.config import BIG_SERVERS, LacyConfig, from_dict, load_config, parse_cli, to_dict
-from lacy.serve.engine import CascadeEngine, open_stream
+from lacy.serve.app import build_api
+from lacy.serve.engine import BigHealth, CascadeEngine
 from lacy.serve.remote import BatchQueue, HandleBig
-from lacy.serve.request import DEFAULT_MODEL, install_error_handlers
 from services.runtime import RAY_ENV_DEFAULTS, init_ray
 
 NAMESPACE = "lacy"  # of the cluster-wide quantile actors
@@ -83,55 +80,26 @@ class ClusterQuantiles:
         return ray.get(self.actor.observe.remote(rate, value, scope))
 
 
-api = FastAPI(title="lacy cascade", description="A small LM that delegates facts to a big LM with <CALL>.")
-install_error_handlers(api)
-
-
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress()
 class SmallModel:
     def __init__(self, big: DeploymentHandle | None, config: dict) -> None:
         cfg = from_dict(LacyConfig, config)
+        health = BigHealth()  # a failed call marks the big model down at once, not only the next probe
         if big is not None:
-            remote = HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,))
+            remote = HandleBig(big, cfg.serve.big_timeout_s, overloaded=(BackPressureError,),
+                               on_unavailable=health.down)
         elif cfg.serve.big_enabled and cfg.big.backend in BIG_SERVERS:
             remote = build_big(cfg)  # the model's own server, called from here: no BigModel replica between
         else:
             remote = None
         quantiles = (ClusterQuantiles(serve.get_replica_context().app_name, cfg.serve.max_call_rates)
                      if cfg.serve.quantile_scope == "cluster" else None)
-        self.engine = CascadeEngine(cfg, remote, quantiles)
+        self.engine = CascadeEngine(cfg, remote, quantiles, health)
 
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
-        job = await self.engine.parse_request(request, "completions")
-        return await open_stream(self.engine.stream(job)) if job.req.stream else await self.engine.complete(job)
-
-    @api.post("/generate")
-    async def generate(self, request: Request) -> dict:
-        return await self.engine.generate(await self.engine.parse_request(request, "generate"))
-
-    @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        if self.engine.big is not None:
-            await asyncio.to_thread(self.engine.probe)  # whether the big model answers now
-        status, body = self.engine.healthz()
-        return JSONResponse(body, status_code=status)
-
-    @api.get("/v1/models")
-    def list_models(self) -> dict:
-        return self.engine.list_models()
-
-    @api.get("/v1/models/{model}")
-    def retrieve_model(self, model: str) -> dict:
-        return self.engine.model_card(model)
-
-    @api.get("/view", response_class=HTMLResponse)
-    async def view(self, prompt: str = Query("", max_length=4000), max_tokens: int = 32,
-                   call_rate: float | None = None, call_threshold: float | None = None,
-                   topic: str | None = Query(None, max_length=200), model: str = DEFAULT_MODEL) -> str:
-        return await self.engine.view({"prompt": prompt, "max_tokens": max_tokens, "call_rate": call_rate,
-                                       "call_threshold": call_threshold, "topic": topic or None, "model": model})
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The replica's routes (`lacy.serve.app`): the same app that tests drive in process."""
+        return build_api(self.engine)
 
 
 def build_app(cfg: LacyConfig) -> Any:

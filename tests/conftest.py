@@ -19,6 +19,11 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "lacy-test")
 
 import pytest  # noqa: E402
 
+from services.runtime import RAY_ENV_DEFAULTS  # noqa: E402
+
+for _name, _value in RAY_ENV_DEFAULTS.items():  # what a Ray our entry points start gets (Serve's proxy)
+    os.environ.setdefault(_name, _value)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

@@ -20,7 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from lacy.cascade.big import BigModelError, BigSession
-from lacy.cascade.engine import Cascade, CascadeResult, Span, _word_start
+from lacy.cascade.engine import Cascade, CascadeResult, Span, _choose, _word_start
 from lacy.cascade.hf_big import BigLM, HFBig
 from lacy.cascade.lm import SmallLM
 from lacy.cascade.policy import Quantiles, RunningQuantile, calibrate, closed_loop_threshold, decision_scores, log_odds
@@ -661,3 +661,11 @@ def test_random_trigger_calls_at_the_target_rate_the_same_way_for_the_same_promp
     assert [c.spans for c in calls] == [c.spans for c in again]  # seeded by the prompt
     fired = sum(s > threshold for s in scores) / len(scores)
     assert abs(fired - 0.3) < 0.05 and sum(c.calls for c in calls) > 0
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
+def test_a_tiny_temperature_samples_the_argmax_not_nan(temperature):
+    # Found by tests/test_fuzz.py: logits / 1e-300 overflowed, inf - inf gave nan, torch.multinomial raised (500).
+    logits = torch.tensor([1.0, 3.0, float("-inf"), 2.0])
+    for top_p in (1.0, 0.5):
+        assert _choose(logits, temperature, top_p, torch.Generator().manual_seed(0)) == 1

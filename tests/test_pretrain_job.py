@@ -199,3 +199,38 @@ def test_killed_worker_resumes_with_every_sequence_exactly_once(shards_dir, tmp_
     assert sorted(r["row"] for r in resumed) == list(range(24, 32))
     metrics = run_metrics(mlflow_uri, cfg.mlflow.experiment, "pretrain-lacy")
     assert [s for s, _ in metrics["real_loss"]] == [7, 8]
+
+
+@pytest.mark.slow
+def test_train_workers_listen_on_loopback_but_torch_s_rendezvous(ray_session, tmp_path):
+    """What a local Ray Train run (gloo, as jobs.pretrain on CPUs) listens on: gloo's connections on the
+    node's address (127.0.0.1 here), and rank 0's rendezvous store (torch's TCPStore) on [::], all
+    interfaces: torch hard-codes that, README's security section says so with the mitigation."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def listening_sockets(config: dict) -> None:  # each worker's loop (defined here: pickled by value)
+        import json
+        import os
+
+        import psutil
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        found = sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("inet")
+                       if c.status == psutil.CONN_LISTEN)
+        Path(config["out"], f"rank-{rank}.json").write_text(json.dumps({"pid": os.getpid(), "listening": found}))
+
+    TorchTrainer(listening_sockets, train_loop_config={"out": str(tmp_path)}, torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    print(ranks)
+    for rank in ranks:
+        assert rank["listening"], rank
+        exposed = [a for a in rank["listening"] if not a.startswith(("127.", "::ffff:127.", "::1:"))]
+        assert all(a.startswith((":::", "0.0.0.0:")) for a in exposed), rank
+    assert len([a for a in ranks[0]["listening"] if a.startswith(":::")]) == 1  # the rendezvous store
+    assert not [a for a in ranks[1]["listening"] if a.startswith((":::", "0.0.0.0:"))]

@@ -335,3 +335,45 @@ def test_start_run_logs_config_sha_and_metrics(tmp_path, mlflow_uri):
     for run_id in (child.info.run_id, remote.info.run_id):
         assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
+def test_a_long_document_is_tagged_in_pieces_with_the_shards_of_one_process(corpus, ray_session, mlflow_uri,
+                                                                            tmp_path, caplog):
+    """A document longer than facts.max_chars is tagged as pieces spread over the spaCy actors (one
+    actor took a 2.4 MB document alone while the other idled) and joined again: the same bytes as
+    tagging it whole in one process."""
+    import logging
+
+    from jobs import score
+    from lacy.shards.scoring import build_shards
+
+    docs = good_docs(corpus)
+    long = {"id": "long", "title": "Long", "text": "\n".join(d["text"] for d in docs[:50])}
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in [*docs[:12], long, *docs[12:20]]))
+    small_pieces = ["--facts.max_chars", "2000"]
+    with caplog.at_level(logging.INFO, logger="jobs"):
+        manifest = score.run(load_config(CONFIG, [*overrides(path, tmp_path, tmp_path / "ray", mlflow_uri),
+                                                  *small_pieces]))
+    assert len(long["text"]) > 10 * 2000 and "1 documents over facts.max_chars (2000) tagged as" in caplog.text
+    local_manifest, _ = build_shards(load_config(CONFIG, [*overrides(path, tmp_path, tmp_path / "local", mlflow_uri),
+                                                          *small_pieces]))
+    assert local_manifest.counts == manifest.counts
+    assert manifest.counts["train"]["docs"] + manifest.counts["val"]["docs"] == 21
+    for rel in [*manifest.shards["train"], *manifest.shards["val"], "docs.parquet"]:
+        assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "ray" / rel).read_bytes(), rel
+
+
+def test_a_long_documents_pieces_are_spread_through_the_rows():
+    """Ray Data joins consecutive rows into one actor's batch: a huge document's pieces, kept together,
+    all went to one actor. Spread, every batch of rows holds about as many pieces as any other."""
+    from jobs.score import _spread
+
+    rows, pieces = [{"row": i} for i in range(100)], [{"piece": k} for k in range(10)]
+    out = _spread(rows, pieces)
+    at = [i for i, item in enumerate(out) if "piece" in item]
+    assert [out[i]["piece"] for i in at] == list(range(10))
+    assert [r["row"] for r in out if "row" in r] == list(range(100))
+    assert max(b - a for a, b in zip([-1, *at], [*at, len(out)], strict=True)) <= 12  # one piece in every 11 rows
+    assert _spread(rows, []) == rows and _spread([], pieces) == pieces

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import socket
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -25,6 +27,11 @@ from lacy.core.config import ModelConfig, load_config
 from lacy.model import build_model
 
 pytestmark = pytest.mark.slow
+UNDELEGATED_WAIT_S = 2.0
+"""serve.undelegated_wait_s of the tiny app."""
+FALLBACK_S = UNDELEGATED_WAIT_S + 2.0
+"""The most an allow_undelegated request may take past the big replica's death: its wait for one call,
+then the small model's rest of the answer (docs/serving.md)."""
 HOSTILE = [  # raw bodies, each refused with a 4xx and a message
     (b"{not json", 400), (b'{"prompt": "x", "call_threshold": NaN}', 400),
     (b'{"prompt": "x", "call_rate": Infinity}', 400), (b'{"prompt": "\\ud800 Ada"}', 400),
@@ -78,7 +85,8 @@ def urls(ray_session, tmp_path_factory, tiny_tokenizer, embedded_docs):
         name="nobig", route_prefix="/nobig")
     run(load_config(None, [*common, "--big.path", big, "--serve.small_replicas", "2", "--serve.small_cpus", "0.1",
                            "--serve.big_cpus", "0.1", "--serve.quantile_scope", "cluster", "--serve.torch_threads", "2",
-                           "--serve.health_interval_s", "1", "--serve.big_timeout_s", "10"]),
+                           "--serve.health_interval_s", "1", "--serve.big_timeout_s", "10",
+                           "--serve.undelegated_wait_s", str(UNDELEGATED_WAIT_S)]),
         name="tiny", route_prefix="/tiny")
     base = f"http://127.0.0.1:{port}"
     yield {"main": base, "nobig": f"{base}/nobig", "tiny": f"{base}/tiny"}
@@ -86,6 +94,25 @@ def urls(ray_session, tmp_path_factory, tiny_tokenizer, embedded_docs):
         delete(name)
     if running is None:  # the test started this Serve instance: leave the session's Ray as it was
         serve.shutdown()
+
+
+def replicas(app: str, deployment: str) -> list[dict]:
+    """The named actors of an app's deployment's replicas (what a test kills)."""
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}")]
+
+
+def kill(actor: dict) -> bool:
+    """Kill one replica's actor as a crash would (Serve starts a successor); False if it was gone."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        return True
+    except Exception:  # it died already
+        return False
 
 
 def client(url: str) -> openai.OpenAI:
@@ -227,20 +254,20 @@ def test_big_calls_that_arrive_during_a_batch_run_as_one_batch(urls):
     from lacy.cascade.big import BigCall
 
     big = serve.get_deployment_handle("BigModel", app_name="cascade")  # SmolLM2: a long call takes seconds
-    before = big.info.remote().result(timeout_s=30)["stats"]
+    before = big.health.remote().result(timeout_s=30)["stats"]
     start = time.monotonic()
-    long = big.continue_text.remote(BigCall("batching-long", "One, two, three,", "tokens", 40, sent=time.time()))
+    long = big.continue_call.remote(BigCall("batching-long", "One, two, three,", "tokens", 40, sent=time.time()))
     time.sleep(0.1)
     short = []
     for i in range(5):  # 20 ms apart: four times @serve.batch's wait
-        short.append(big.continue_text.remote(BigCall(f"batching-{i}", "The river", "tokens", 1, sent=time.time())))
+        short.append(big.continue_call.remote(BigCall(f"batching-{i}", "The river", "tokens", 1, sent=time.time())))
         time.sleep(0.02)
     sent_s = time.monotonic() - start
     out = long.result(timeout_s=60)
     long_s = time.monotonic() - start
     out = [out, *(r.result(timeout_s=60) for r in short)]
-    after = big.info.remote().result(timeout_s=30)["stats"]
-    assert all("text" in o for o in out), out
+    after = big.health.remote().result(timeout_s=30)["stats"]
+    assert all(o.error is None and o.text for o in out), out
     assert long_s > sent_s + 0.05, f"the long call ({long_s:.2f} s) must outlast the sends ({sent_s:.2f} s)"
     assert (after["calls"] - before["calls"], after["batches"] - before["batches"]) == (6, 2)
 
@@ -305,14 +332,158 @@ def test_delete_removes_only_its_app(urls):
     assert httpx.get(f"{urls['main']}/healthz", timeout=30).status_code == 200
 
 
+# ----------------------------------------------------------------------------------------------
+# What a local run listens on, and the README's examples against it
+
+LOOPBACK = ("127.", "::ffff:127.", "::1")
+RAY_HARD_CODED = "ray::ServeReplica"
+"""Ray 2.60 starts each Serve replica's internal gRPC server on [::] (all interfaces) and offers no
+option to bind it elsewhere: README's security section says so, with the mitigation."""
+
+
+def test_a_local_run_listens_on_loopback_only_but_where_ray_hard_codes_it(urls):
+    """Every TCP port this session's Ray (GCS, raylet, dashboard agent, workers, Serve's controller,
+    proxy and replicas) and this process listen on: loopback, except the replicas' gRPC servers."""
+    import os
+
+    import psutil
+
+    ours = [psutil.Process(os.getpid()), *psutil.Process(os.getpid()).children(recursive=True)]
+    listening: dict[str, set[str]] = {}
+    for proc in ours:
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
+            title = " ".join(proc.cmdline())
+            name = title.split()[0].rsplit("/", 1)[-1] if not title.startswith("ray::") else title.split()[0]
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.setdefault(name, set()).add(f"{conn.laddr.ip}:{conn.laddr.port}")
+    print("\n".join(f"{name}: {sorted(addrs)}" for name, addrs in sorted(listening.items())))
+    exposed = {name: sorted(a for a in addrs if not a.startswith(LOOPBACK)) for name, addrs in listening.items()}
+    exposed = {name: addrs for name, addrs in exposed.items() if addrs}
+    assert exposed and all(name.startswith(RAY_HARD_CODED) for name in exposed), exposed
+    assert all(a.startswith(("::", "0.0.0.0")) for addrs in exposed.values() for a in addrs), exposed
+    serve_port = int(urls["main"].rsplit(":", 1)[1])
+    assert any(a == f"127.0.0.1:{serve_port}" for addrs in listening.values() for a in addrs)  # the HTTP proxy
+
+
+def readme_blocks(path: str) -> list[tuple[str, str]]:
+    """(language, text) of every fenced block of a Markdown file."""
+    text = (Path(__file__).parent.parent / path).read_text()
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.M | re.S)]
+
+
+NOT_RUN = {  # commands of README.md's bash blocks that start long jobs or servers: not run by the tests
+    "make ": "make run / make test: the whole benchmark or suite", "serve ": "starts a blocking server on a trained "
+    "model (the same app is what `urls` deploys)", "python -m ": "a stage of the pipeline (minutes to hours)",
+    "source ": "sets the environment the tests already have",
+    "GGUF=": "finds the llama.cpp example's model file (tests/test_openai_big.py serves it with llama.cpp)",
+}
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of a bash block, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/serving.md"])
+def test_every_code_example_of_the_docs_runs(urls, doc, tmp_path, tiny_tokenizer, embedded_docs, capsys):
+    """Python blocks run as written (the served address rewritten to the test's); bash blocks' curl
+    commands run; other commands are long jobs, named in NOT_RUN; no example goes unchecked."""
+    ran = 0
+    for lang, block in readme_blocks(doc):
+        if lang == "python":
+            code = block.replace("http://127.0.0.1:8000", urls["main"])
+            if "tag_corpus" in code:  # the three lines over a corpus file and a tokenizer of the run
+                (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in embedded_docs[:3]))
+                tiny_tokenizer.save_pretrained(tmp_path / "runs" / "tiny" / "tokenizer")
+                code = code.replace('"corpus.jsonl"', repr(str(tmp_path / "corpus.jsonl"))).replace(
+                    '"runs/tiny/tokenizer"', repr(str(tmp_path / "runs/tiny/tokenizer")))
+            exec(compile(code, f"{doc} example", "exec"), {})
+            assert capsys.readouterr().out.strip(), f"{doc}: a Python example printed nothing"
+            ran += 1
+        elif lang == "bash":
+            for command in shell_commands(block):
+                if command.startswith("curl "):
+                    command = command.replace("127.0.0.1:8000", urls["main"].removeprefix("http://"))
+                    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+                    answer = json.loads(out.stdout) if out.returncode == 0 else {}
+                    text = answer["choices"][0]["text"] if "choices" in answer else answer.get("text")
+                    assert text, (command, out.stdout[:300])
+                    ran += 1
+                else:
+                    assert command.startswith(tuple(NOT_RUN)), f"{doc}: an example nobody runs: {command}"
+    assert ran >= 2, f"{doc}: {ran} examples ran"
+
+
+# ----------------------------------------------------------------------------------------------
+# Replicas killed
+
+
+
+def test_allow_undelegated_answers_small_only_within_seconds_of_a_kill(urls):
+    """The big replica dies while requests that take a small-only answer wait on its calls. Serve holds
+    their calls for a successor rather than failing them, so each request's wait ends at
+    serve.undelegated_wait_s (or at once, when a failed call or probe has marked the big model down) and
+    it finishes small-only: they waited for the successor, up to big_timeout_s, before."""
+    wait_healthy(urls["tiny"])
+    body = {"prompt": "The river", "max_tokens": 6, "call_threshold": 0.0, "allow_undelegated": True}
+    seen: list[tuple[float, float, int, bool | None]] = []
+    stop, deadline = threading.Event(), time.monotonic() + 120
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set() and time.monotonic() < deadline:  # bounded: the test's end, or time
+                start = time.monotonic()
+                r = http.post(f"{urls['tiny']}/generate", json=body)
+                seen.append((start, time.monotonic(), r.status_code, r.json().get("delegated")))
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(load) for _ in range(3)]
+        time.sleep(3.0)
+        (big,) = replicas("tiny", "BigModel")
+        killed_at = time.monotonic()
+        assert kill(big)
+        time.sleep(6.0)
+        stop.set()
+        for future in futures:
+            future.result(timeout=90)
+    after = [(max(start, killed_at), end, code, delegated) for start, end, code, delegated in seen if end > killed_at]
+    waits = [end - start for start, end, _, _ in after]
+    print(f"{len(after)} requests after the kill; longest {max(waits):.2f} s; "
+          f"undelegated {sum(d is False for *_, d in after)}")
+    assert {code for _, _, code, _ in after} == {200} and False in {d for *_, d in after}
+    assert max(waits) < FALLBACK_S, sorted(waits)[-5:]
+    deadline = time.monotonic() + 120  # leave the app as it was: a successor answering
+    while httpx.get(f"{urls['tiny']}/healthz", timeout=30).json()["big_model"] != "ok":
+        assert time.monotonic() < deadline, "no big replica came back"
+        time.sleep(0.5)
+
+
+def test_a_short_soak_with_replicas_killed_answers_every_request(urls):
+    """bench/soak.py's soak, short: steady load on the tiny app (two SmallModel replicas) while the
+    BigModel replica, then a SmallModel replica, then the BigModel again are killed."""
+    from bench.soak import soak
+
+    wait_healthy(urls["tiny"])
+    out = soak(urls["tiny"], "tiny", seconds=45, clients=3, kill_every_s=12, timeout_s=60)
+    s = out["summary"]
+    print({k: s[k] for k in ("requests", "statuses", "kills_by_deployment", "latency_s", "hung",
+                             "streams_ended_by_error_event", "streams_cut_by_small_kill", "examples_not_as_promised")})
+    assert s["kills"] == 3 and s["kills_by_deployment"] == {"BigModel": 2, "SmallModel": 1}, out["kills"]
+    assert s["hung"] == 0 and s["not_answered_as_promised"] == 0, s["examples_not_as_promised"]
+    assert s["streams_cut_by_small_kill"] == 0  # a stream under way on the killed replica ends with an error event
+    assert s["streams_ended_by_error_event"] <= 3, [r["error"] for r in out["requests"] if r.get("error_event")]
+    assert s["statuses"].get("200", 0) > s["requests"] // 2 and out["rss"], s
+    deadline = time.monotonic() + 120  # leave the app as it was: every successor up
+    while httpx.get(f"{urls['tiny']}/healthz", timeout=30).json()["big_model"] != "ok" or len(
+            replicas("tiny", "SmallModel")) != 2 or len(replicas("tiny", "BigModel")) != 1:
+        assert time.monotonic() < deadline, "the killed replicas did not come back"
+        time.sleep(0.5)
+
+
 def test_big_model_killed_under_load_then_back(urls):
-    import ray
-
-    def replicas() -> list[dict]:
-        return [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith("SERVE_REPLICA::tiny#BigModel")]
-
-    assert len(replicas()) == 1, replicas()
+    assert len(replicas("tiny", "BigModel")) == 1, replicas("tiny", "BigModel")
     body = {"prompt": "The river", "max_tokens": 6, "call_threshold": 0.0}
     stop, deadline = threading.Event(), time.monotonic() + 150
 
@@ -336,10 +507,7 @@ def test_big_model_killed_under_load_then_back(urls):
         # both) makes the outage certain.
         killed, outage_end = 0, time.monotonic() + 12
         while time.monotonic() < outage_end:
-            for actor in replicas():
-                with contextlib.suppress(Exception):  # it may be dead already
-                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-                    killed += 1
+            killed += sum(kill(actor) for actor in replicas("tiny", "BigModel"))
             time.sleep(0.2)
         back = time.monotonic() + 120  # Serve starts a new replica
         while time.monotonic() < back and not big_ok():

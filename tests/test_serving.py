@@ -18,7 +18,7 @@ from lacy.cascade.hf_big import HFBig
 from lacy.cascade.policy import Quantiles
 from lacy.core.config import ModelConfig, load_config
 from lacy.model import build_model
-from lacy.serve.engine import CascadeEngine
+from lacy.serve.engine import BigHealth, CascadeEngine
 from lacy.serve.remote import HandleBig
 from lacy.serve.request import APIError, decode_json
 
@@ -358,6 +358,86 @@ def test_big_model_down_503_or_flagged_at_once_then_recovery(dirs):
         eng.close()
 
 
+class SlowProbeBig(CountingBig):
+    """A big model that answers calls at once but its first health probe only after `probe_s`."""
+
+    def __init__(self, inner, probe_s: float) -> None:
+        super().__init__(inner)
+        self.probe_s = probe_s
+
+    def health(self, timeout_s):
+        time.sleep(self.probe_s)
+        self.probe_s = 0.0
+        return self.inner.health(timeout_s)
+
+
+def test_a_new_engine_serves_before_its_first_probe_answers(dirs):
+    # It answered 503 "not probed yet" until the watcher's first probe came back.
+    cfg = make_cfg(dirs)
+    big = SlowProbeBig(build_big(cfg), probe_s=3.0)
+    eng = CascadeEngine(cfg, big)
+    try:
+        out = run(eng.complete(eng.parse({"prompt": "The river", "max_tokens": 3, "call_threshold": 0.0},
+                                         "completions")))
+        assert out["choices"][0]["lacy"]["delegated"] and big.calls > 0 and big.probe_s == 3.0
+    finally:
+        eng.close()
+
+
+def test_a_failed_call_ends_the_waits_of_requests_that_take_a_small_only_answer(dirs):
+    """The big replica dies under load: its other calls may wait for a successor (Serve queues them) up
+    to big_timeout_s. The first failed call marks the big model down, and every request that allows an
+    undelegated answer stops waiting at once (one poll) and finishes small-only; strict ones wait on."""
+    cfg = make_cfg(dirs, "--serve.big_timeout_s", "30")
+    hung = FakeResponse(BigReply(" never", 1, 1), after_s=60)  # queued behind a replica that will not come
+    health = BigHealth()
+    big = HandleBig(FakeHandle(hung), cfg.serve.big_timeout_s, poll_s=0.05, on_unavailable=health.down)
+    eng = CascadeEngine(cfg, big, health=health)
+    body = {"prompt": "The river", "max_tokens": 4, "call_threshold": 0.0}
+    try:
+        async def both() -> list:
+            lenient = asyncio.ensure_future(eng.complete(eng.parse({**body, "allow_undelegated": True},
+                                                                   "completions")))
+            strict = asyncio.ensure_future(eng.complete(eng.parse(body, "completions")))
+            await asyncio.sleep(0.5)  # both wait on their first call
+            start = time.perf_counter()
+            health.down("a call failed (ActorDiedError)")  # what another request's failed call reports
+            out = await lenient
+            waited = time.perf_counter() - start
+            assert not strict.done()  # a strict request still waits for the big model
+            strict.cancel()
+            return [out, waited]
+
+        out, waited = run(both())
+        lacy = out["choices"][0]["lacy"]
+        assert not lacy["delegated"] and lacy["undelegated_reason"] == "a call failed (ActorDiedError)"
+        assert waited < 1.0, f"the small-only answer took {waited:.2f} s after the big model went down"
+        assert out["choices"][0]["finish_reason"] == "length"
+    finally:
+        eng.close()
+
+
+def test_a_request_that_takes_a_small_only_answer_waits_at_most_undelegated_wait_s(dirs):
+    """Serve holds a call whose replica died for the successor instead of failing it, so no call fails
+    and no probe has timed out yet: the request's own bound (serve.undelegated_wait_s) ends the wait,
+    without marking the big model down (it may only be busy)."""
+    cfg = make_cfg(dirs, "--serve.undelegated_wait_s", "0.5", "--serve.big_timeout_s", "30")
+    hung = FakeResponse(BigReply(" never", 1, 1), after_s=60)
+    health = BigHealth()
+    eng = CascadeEngine(cfg, HandleBig(FakeHandle(hung), 30, poll_s=0.05, on_unavailable=health.down), health=health)
+    try:
+        start = time.perf_counter()
+        out = run(eng.complete(eng.parse({"prompt": "The river", "max_tokens": 4, "call_threshold": 0.0,
+                                          "allow_undelegated": True}, "completions")))
+        waited = time.perf_counter() - start
+        lacy = out["choices"][0]["lacy"]
+        assert not lacy["delegated"] and "undelegated_wait_s (0.5 s)" in lacy["undelegated_reason"]
+        assert waited < 1.5 and hung.cancelled and out["choices"][0]["finish_reason"] == "length"
+        assert health.reason is None  # slow is not down
+    finally:
+        eng.close()
+
+
 def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dirs):
     cfg = make_cfg(dirs)
     big = DownBig(build_big(cfg))
@@ -370,7 +450,8 @@ def test_allow_undelegated_keeps_what_the_stream_sent_and_goes_on_small_only(dir
              "allow_undelegated": True}, "completions")))))
         last = events[-2]["choices"][0]
         assert last["finish_reason"] == "length" and not last["lacy"]["delegated"]
-        assert "did not answer" in last["lacy"]["undelegated_reason"]
+        reason = last["lacy"]["undelegated_reason"]  # the failed call's, or the failed probe's that ended its wait
+        assert "did not answer" in reason or "health probe" in reason, reason
         assert {c["choices"][0].get("source") for c in events[:-2] if c["choices"][0]["text"]} == {"small"}
     finally:
         eng.close()
@@ -488,7 +569,7 @@ def test_handle_big_waits_bounded_and_classifies_failures():
     cancel = threading.Event()
     threading.Timer(0.3, cancel.set).start()
     slow = FakeResponse(ok.answer, after_s=60)
-    with pytest.raises(BigModelError, match="client left"):
+    with pytest.raises(BigModelError, match="stopped waiting"):
         BigSession(HandleBig(FakeHandle(slow), timeout_s=30, poll_s=0.1), cancel=cancel).continue_text("x")
     assert slow.cancelled
     with pytest.raises(BigModelError, match="overloaded") as caught:
@@ -517,8 +598,10 @@ def test_handle_big_sends_a_call_once_more_when_its_replica_died():
 
     died = FakeResponse(error=RuntimeError("ActorDiedError: the replica's actor died"))
     handle = Handle([died, FakeResponse(BigReply(" Paris", 3, 1))])
-    assert BigSession(HandleBig(handle, 5)).continue_text("x") == " Paris"
+    heard: list[str] = []
+    assert BigSession(HandleBig(handle, 5, on_unavailable=heard.append)).continue_text("x") == " Paris"
     assert handle.sent == 2
+    assert heard == ["a call failed (RuntimeError)"]  # the engine marks the big model down before the retry
     twice = Handle([died, died, FakeResponse(BigReply(" never", 1, 1))])
     with pytest.raises(BigUnavailable, match="did not answer"):
         BigSession(HandleBig(twice, 5)).continue_text("x")
@@ -563,3 +646,97 @@ def test_small_and_big_models_on_the_gpu_answer_as_on_the_cpu(dirs):
         finally:
             eng.close()
     assert answers["0"] == answers["1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The HTTP routes in process (lacy.serve.app: the app a Serve replica serves)
+
+NESTED = {  # bodies the parser cannot take, each far under serve.max_request_bytes
+    "arrays 100,000 deep": b'{"prompt": "x", "topic": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "objects 50,000 deep": b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+    "unclosed 200,000 deep": b"[" * 200_000,
+    "an integer of 5,000 digits": b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
+}
+
+
+@pytest.fixture(scope="module")
+def http(engine):
+    from fastapi.testclient import TestClient
+
+    from lacy.serve.app import build_api
+
+    with TestClient(build_api(engine), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/generate"])
+@pytest.mark.parametrize("case", sorted(NESTED))
+def test_unparseable_json_is_400_with_one_log_line_and_no_traceback(http, caplog, route, case):
+    caplog.set_level("INFO")
+    r = http.post(route, content=NESTED[case], headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_json"
+    assert "Traceback" not in r.text and "sys." not in error["message"]
+    ours = [rec for rec in caplog.records if rec.name.startswith("lacy.")]
+    assert [rec.getMessage() for rec in ours] == ["answered 400 invalid_json (param None)"]
+    assert not any(rec.exc_info for rec in caplog.records), "a client's bad input logged a traceback"
+
+
+def test_bodies_over_the_limits_are_413_over_http(engine, http, caplog):
+    caplog.set_level("INFO")
+    limit = engine.cfg.serve.max_request_bytes
+    r = http.post("/v1/completions", content=b'{"prompt": "' + b"x" * limit + b'"}',
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunks = iter([b'{"prompt": "', *[b"x" * 65536] * (limit // 65536 + 1), b'"}'])  # no content-length
+    r = http.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+    r = http.post("/generate", json={"prompt": "x" * 5000})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "prompt"
+    assert [rec.getMessage() for rec in caplog.records if rec.name.startswith("lacy.")] == [
+        "answered 413 request_too_large (param None)", "answered 413 request_too_large (param None)",
+        "answered 413 request_too_large (param 'prompt')"]
+    assert http.get("/healthz").status_code == 200
+
+
+def asgi_exchange(app) -> list[dict]:
+    """The messages an ASGI app sends for one POST, as a server would take them."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    run(app({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    return sent
+
+
+def test_responses_a_dead_replica_left_unfinished_end_in_openai_shape():
+    """Serve's proxy, when the replica of a request dies, sends nothing (a bare 500 follows) or leaves a
+    started stream unfinished: FinishResponses (around the proxy) answers 503 + Retry-After or ends the
+    stream with an error event; what was finished passes untouched."""
+    from lacy.serve.proxy import FinishResponses
+
+    async def died_before(scope, receive, send):
+        raise RuntimeError("ActorDiedError")
+
+    async def died_streaming(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+
+    async def finished(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    start, body = asgi_exchange(FinishResponses(died_before, retry_after_s=2))
+    assert start["status"] == 503 and (b"retry-after", b"2") in start["headers"]
+    assert json.loads(body["body"])["error"]["code"] == "replica_unavailable" and not body["more_body"]
+    *_, end = asgi_exchange(FinishResponses(died_streaming))
+    assert end["body"].startswith(b'data: {"error": ') and not end["more_body"]
+    error = json.loads(end["body"][6:])["error"]
+    assert error["type"] == "service_unavailable_error" and "retry" in error["message"]
+    assert asgi_exchange(FinishResponses(finished))[-1]["body"] == b"data: [DONE]\n\n"
+    assert len(asgi_exchange(FinishResponses(finished))) == 2

@@ -56,6 +56,11 @@ class BigRequestError(BigModelError):
     """The big model refused a call for a reason of the request's own (a service answers 400)."""
 
 
+class BigSlow(BigModelError):
+    """No answer within the wait the call's caller allowed (`BigCall.wait_s`): the model may be up but
+    busy, so it is not marked down; the caller goes on without it (a small-only answer)."""
+
+
 @dataclass(frozen=True)
 class BigCall:
     """One continuation asked of the big model."""
@@ -76,6 +81,9 @@ class BigCall:
     """Text placed verbatim before `text` (what retrieval fills in)."""
     sent: float = 0.0
     """time.time() when the caller sent it (0: unknown): a backend's waiting-time statistics."""
+    wait_s: float | None = None
+    """The most its caller waits for the reply (None: the backend's own timeout). A backend that waits
+    on a remote model (`lacy.serve.remote.HandleBig`) answers `BigSlow` after that long."""
 
     def check(self) -> None:
         """BigRequestError unless the unit and token budget are ones a backend can honour."""
@@ -95,7 +103,8 @@ class BigReply:
     error: str | None = None
     """What went wrong (never an internal detail); None when `text` is the answer."""
     status: int = 200
-    """200; 400 (the call's own fault), 500 (the model failed), 503 (the model does not answer)."""
+    """200; 400 (the call's own fault), 500 (the model failed), 503 (the model does not answer), 504
+    (no answer within the caller's `wait_s`)."""
 
     @classmethod
     def failure(cls, err: BaseException) -> BigReply:
@@ -105,13 +114,15 @@ class BigReply:
             return cls(error=str(err), status=400)
         if isinstance(err, BigUnavailable):
             return cls(error=str(err), status=503)
+        if isinstance(err, BigSlow):
+            return cls(error=str(err), status=504)
         return cls(error=str(err) if isinstance(err, BigModelError) else "the big model failed on this call",
                    status=500)
 
     def result(self) -> BigReply:
         """This reply, or its failure raised as the BigModelError the cascade reports."""
         if self.error is not None:
-            raise {400: BigRequestError, 503: BigUnavailable}.get(self.status, BigModelError)(self.error)
+            raise {400: BigRequestError, 503: BigUnavailable, 504: BigSlow}.get(self.status, BigModelError)(self.error)
         return self
 
 
@@ -134,11 +145,14 @@ class BigModel(Protocol):
 class BigSession:
     """One request's view of a big model: what a `lacy.cascade.engine.Cascade` calls, one call at a time.
 
-    `waiting` is entered while a call runs (a server's small-model batcher pauses this request meanwhile)."""
+    `waiting` is entered while a call runs (a server's small-model batcher pauses this request meanwhile);
+    `wait_s` bounds how long each call is waited for (`BigCall.wait_s`)."""
 
     def __init__(self, big: BigModel, *, retrieval: bool = False, cancel: threading.Event | None = None,
-                 waiting: Callable[[], Any] = contextlib.nullcontext, session: str | None = None) -> None:
+                 waiting: Callable[[], Any] = contextlib.nullcontext, session: str | None = None,
+                 wait_s: float | None = None) -> None:
         self.big, self.retrieval, self.cancel, self.waiting = big, retrieval, cancel, waiting
+        self.wait_s = wait_s
         self.id = session or uuid.uuid4().hex
         self.tokens_processed = 0
         self.tokens_generated = 0
@@ -151,7 +165,7 @@ class BigSession:
 
     def call(self, text: str, unit: str = "word", max_tokens: int = 8, topic: str | None = None) -> BigCall:
         """This session's call to continue `text` (to send with other sessions' in one batch)."""
-        return BigCall(self.id, text, unit, max_tokens, self.retrieval, topic)
+        return BigCall(self.id, text, unit, max_tokens, self.retrieval, topic, wait_s=self.wait_s)
 
     def take(self, reply: BigReply) -> str:
         """The words of a reply to one of this session's calls, its tokens counted (BigModelError if none)."""

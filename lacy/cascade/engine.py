@@ -356,6 +356,8 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     if temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # so small a temperature that logits / it overflow: greedy
+        return int(torch.argmax(logits))
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p  # keeps at least the top one

@@ -609,6 +609,10 @@ class ServeConfig:
     """How often a SmallModel replica asks the BigModel whether it answers (every second while down)."""
     health_timeout_s: float = 5.0
     """A health probe without an answer this long marks the big model down."""
+    undelegated_wait_s: float = 3.0
+    """The most a request with allow_undelegated waits for one big-model call before it goes on
+    small-only (flagged): its fallback's bound when the big replica dies or stalls, since Serve may
+    hold a call for a successor instead of failing it. Other requests wait up to big_timeout_s."""
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "serve.port", "must be a TCP port")
@@ -631,6 +635,7 @@ class ServeConfig:
         _check(min(self.max_call_rates, self.max_choices, self.max_request_bytes) > 0,
                "serve.max_call_rates/max_choices/max_request_bytes", "must be positive")
         _check(self.health_interval_s > 0 and self.health_timeout_s > 0, "serve.health_*", "must be positive")
+        _check(self.undelegated_wait_s > 0, "serve.undelegated_wait_s", "must be positive")
 
 
 @dataclass

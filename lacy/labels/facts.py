@@ -234,17 +234,24 @@ class FactTagger:
                      for t in truth]  # type: ignore[union-attr]
         else:
             spans = self.fact_spans(texts)
-        # split_special_tokens: a literal "<CALL>" in a corpus is text, never the delegation token.
-        enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True,
-                        return_attention_mask=False, verbose=False)
-        tagged = []
-        for ids, offsets, text_spans, doc_truth in zip(enc["input_ids"], enc["offset_mapping"], spans, truth,
-                                                        strict=True):
-            offsets = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
-            oracle = None if doc_truth is None else oracle_codes(offsets, doc_truth)
-            tagged.append(TaggedText(np.asarray(ids, dtype=np.int32), align_flags(offsets, text_spans),
-                                     offsets, oracle))
-        return tagged
+        return tag_spans(texts, spans, tokenizer, docs)
+
+
+def tag_spans(texts: list[str], spans: Sequence[Sequence[Span] | np.ndarray], tokenizer: PreTrainedTokenizerFast,
+              docs: Sequence[dict] | None = None) -> list[TaggedText]:
+    """Tokenise `texts` (no special tokens) and flag the tokens that overlap their fact `spans` (per
+    text, sorted and disjoint: `FactTagger.fact_spans`, or its pieces' merged); oracle codes from `docs`."""
+    truth = [oracle_spans(d) for d in docs] if docs is not None else [None] * len(texts)
+    # split_special_tokens: a literal "<CALL>" in a corpus is text, never the delegation token.
+    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True,
+                    return_attention_mask=False, verbose=False)
+    tagged = []
+    for ids, offsets, text_spans, doc_truth in zip(enc["input_ids"], enc["offset_mapping"], spans, truth,
+                                                    strict=True):
+        offsets = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
+        oracle = None if doc_truth is None else oracle_codes(offsets, doc_truth)
+        tagged.append(TaggedText(np.asarray(ids, dtype=np.int32), align_flags(offsets, text_spans), offsets, oracle))
+    return tagged
 
 
 def tagger_info(cfg: FactsConfig) -> dict:

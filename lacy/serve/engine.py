@@ -21,11 +21,12 @@ replica or four (services.cascade passes it in as `quantiles`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +35,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from lacy.cascade.batching import FeedBatcher
-from lacy.cascade.big import BigModel, BigModelError, BigRequestError, BigSession, BigUnavailable
+from lacy.cascade.big import BigModel, BigModelError, BigRequestError, BigSession, BigSlow, BigUnavailable
 from lacy.cascade.engine import Cascade, CascadeResult, Span
 from lacy.cascade.lm import SmallLM
 from lacy.cascade.policy import Quantiles
@@ -149,13 +150,21 @@ class _Choice:
 
 
 class BigHealth:
-    """Whether the big model answers, as last seen by a call or a probe (thread-safe)."""
+    """Whether the big model answers, as last seen by a call or a probe (thread-safe).
+
+    A new one counts as up: the replica's watcher probes at once and the first failed call marks it
+    down at once, so optimism costs at most one failed call, where "not probed yet" answered 503 to
+    requests that would have been served (Serve deploys the BigModel before the app answers).
+    Going down sets every event registered with `abandon_when_down` (the big-model waits of requests
+    that take a small-only answer end at once) and `wake` (the watcher probes again now)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.reason: str | None = "not probed yet"
+        self.reason: str | None = None
         self.info: dict | None = None
         self.since = time.monotonic()
+        self.wake = threading.Event()
+        self._abandon: set[threading.Event] = set()
 
     def up(self, info: dict) -> None:
         with self._lock:
@@ -168,7 +177,46 @@ class BigHealth:
             if self.reason is None:
                 log.warning("big model unavailable: %s", reason)
                 self.since = time.monotonic()
+                self.wake.set()
             self.reason = reason
+            waits = list(self._abandon)
+        for event in waits:
+            event.set()
+
+    @contextlib.contextmanager
+    def abandon_when_down(self, event: threading.Event) -> Iterator[None]:
+        """Set `event` when the big model goes down (at once if it is down) while the block runs."""
+        with self._lock:
+            self._abandon.add(event)
+            if self.reason is not None:
+                event.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._abandon.discard(event)
+
+
+class Cancel(threading.Event):
+    """A request's cancellation (its client left): setting it also sets the events `link`ed to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._linked: list[threading.Event] = []
+        self._link_lock = threading.Lock()
+
+    def link(self, event: threading.Event) -> None:
+        with self._link_lock:
+            self._linked.append(event)
+            if self.is_set():
+                event.set()
+
+    def set(self) -> None:
+        with self._link_lock:
+            super().set()
+            linked = list(self._linked)
+        for event in linked:
+            event.set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +237,8 @@ class CascadeEngine:
     """The served cascade of one replica: small models, the batcher of their steps, the decoding
     threads, the call-rate quantiles and the big model's health. `big` None: no big model deployed."""
 
-    def __init__(self, cfg: LacyConfig, big: BigModel | None, quantiles: Any = None) -> None:
+    def __init__(self, cfg: LacyConfig, big: BigModel | None, quantiles: Any = None,
+                 health: BigHealth | None = None) -> None:
         self.cfg, self.big, s = cfg, big, cfg.serve
         self.compute = compute_thread()  # every load and forward here runs on the process's one thread
         self.compute.set_threads(s.torch_threads)
@@ -207,7 +256,8 @@ class CascadeEngine:
         # Each choice decodes in its own thread; their small-model steps meet in one batcher.
         self.pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="cascade")
         self.batcher = FeedBatcher(s.small_batch, s.small_batch_wait_s, run_on=self.compute.call)
-        self.health = BigHealth()
+        self.health = health or BigHealth()
+        """Shared with the big model's client when it reports failures itself (`HandleBig.on_unavailable`)."""
         self.cancelled = 0
         """Choices whose client left before they were done (decoding and big calls stopped)."""
         self.started = int(time.time())
@@ -218,6 +268,7 @@ class CascadeEngine:
 
     def close(self) -> None:
         self._closed.set()
+        self.health.wake.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- health --------------------------------------------------------------------------------
@@ -233,10 +284,12 @@ class CascadeEngine:
             return False
 
     def _watch(self) -> None:
-        # Probe often while down, so requests flow again soon after the replica is back.
+        # Probe often while down, so requests flow again soon after the replica is back, and at once
+        # when a call finds it down (a successor may answer already).
         while not self._closed.is_set():
-            up = self.probe()
-            self._closed.wait(self.cfg.serve.health_interval_s if up else min(1.0, self.cfg.serve.health_interval_s))
+            interval = self.cfg.serve.health_interval_s
+            self.health.wake.wait(interval if self.probe() else min(1.0, interval))
+            self.health.wake.clear()
 
     def big_state(self) -> str | None:
         """None when the big model can be called, else why not."""
@@ -289,7 +342,7 @@ class CascadeEngine:
         return [_Choice(i * job.n + j, prompt, tokenizer, job.stops, job.max_tokens)
                 for i, prompt in enumerate(job.prompts) for j in range(job.n)]
 
-    def _decode(self, job: Job, choice: _Choice, cancel: threading.Event,
+    def _decode(self, job: Job, choice: _Choice, cancel: Cancel,
                 emit: Callable[[list[tuple[str, str]]], None] | None = None) -> None:
         """Decode one choice (in a pool thread) until it is complete, its budget ends or `cancel`."""
         req = job.req
@@ -301,9 +354,18 @@ class CascadeEngine:
                 raise APIError(503, f"the big model is unavailable: {down}", code="big_model_unavailable",
                                retry_after_s=self.cfg.serve.retry_after_s)
             allow, choice.undelegated = False, down  # answer at once, without waiting for a timeout
+        waits = contextlib.ExitStack()
         if allow:
             assert self.big is not None
-            big = BigSession(self.big, retrieval=job.retrieval, cancel=cancel, waiting=self.batcher.paused)
+            # A strict request waits for the big model until its client leaves; one that takes a
+            # small-only answer stops waiting as soon as the big model is known down (at once).
+            wait_ends: threading.Event = cancel
+            if req.allow_undelegated:
+                wait_ends = threading.Event()
+                cancel.link(wait_ends)
+                waits.enter_context(self.health.abandon_when_down(wait_ends))
+            big = BigSession(self.big, retrieval=job.retrieval, cancel=wait_ends, waiting=self.batcher.paused,
+                             wait_s=self.cfg.serve.undelegated_wait_s if req.allow_undelegated else None)
         policy = {"call_threshold": req.call_threshold, "call_log_odds": req.call_log_odds,
                   "call_rate": req.call_rate, "trigger": job.trigger,
                   "topic": req.topic if job.retrieval else None, "temperature": req.temperature or 0.0,
@@ -314,7 +376,7 @@ class CascadeEngine:
         cascade = Cascade(small, big, self.cfg.cascade, quantiles=_Scoped(self.quantiles, req.model))
         prompt, steps = choice.prompt, 0 if choice.finish else job.steps
         try:
-            with self.batcher.session():
+            with waits, self.batcher.session():
                 while True:
                     stream = cascade.generate_stream(prompt, allow_calls=allow, max_new_tokens=steps, **policy)
                     try:
@@ -332,7 +394,11 @@ class CascadeEngine:
                     except BigModelError as err:
                         if cancel.is_set():
                             break
-                        reason = self._big_failed(err)
+                        # Abandoned because the big model went down: that is the reason, no fault of this call.
+                        abandoned = big is not None and big.cancel is not cancel and big.cancel.is_set()
+                        reason = self.big_state() if abandoned else None
+                        if reason is None:
+                            reason = self._big_failed(err)
                         if not req.allow_undelegated:
                             raise APIError(503, f"the big model is unavailable: {reason}", code="big_model_unavailable",
                                            retry_after_s=self.cfg.serve.retry_after_s) from None
@@ -361,6 +427,8 @@ class CascadeEngine:
     def _big_failed(self, err: BigModelError) -> str:
         if isinstance(err, BigRequestError):
             raise APIError(400, str(err), param="retrieval") from None
+        if isinstance(err, BigSlow):  # this request's wait ended; the model may only be busy
+            return str(err)
         if isinstance(err, BigUnavailable):
             self.health.down(str(err))
             return str(err)
@@ -406,7 +474,7 @@ class CascadeEngine:
     # -- answers ---------------------------------------------------------------------------------
 
     async def _run(self, job: Job) -> list[_Choice]:
-        choices, cancel = self._choices(job), threading.Event()
+        choices, cancel = self._choices(job), Cancel()
         loop = asyncio.get_running_loop()
         try:
             await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode, job, c, cancel) for c in choices))
@@ -446,7 +514,7 @@ class CascadeEngine:
         """POST /v1/completions with stream: server-sent events, chunks as the cascade writes (one per
         source), a finishing chunk per choice, usage when asked, [DONE]. An error before the first event
         is raised (the caller answers it with its status); a later one is an error event."""
-        choices, cancel = self._choices(job), threading.Event()
+        choices, cancel = self._choices(job), Cancel()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         usage = {} if job.req.stream_options and job.req.stream_options.include_usage else None
 

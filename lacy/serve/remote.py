@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
 
-from lacy.cascade.big import BigCall, BigModelError, BigReply, BigUnavailable
+from lacy.cascade.big import BigCall, BigModelError, BigReply, BigSlow, BigUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,17 @@ log = logging.getLogger(__name__)
 class HandleBig:
     """A `BigModel` over a handle to the BigModel deployment: `handle.continue_call.remote(call)` ->
     BigReply, `.end_session.remote(id)`, `.health.remote()`, each answering something with
-    `result(timeout_s=)` and `cancel()`. A call waits at most `timeout_s`, in short polls, so a client
-    that leaves cancels it at once. Exceptions in `overloaded` mean busy (the model is not marked down);
-    any other means its replica did not answer (503)."""
+    `result(timeout_s=)` and `cancel()`. A call waits at most `timeout_s` (503), or its caller's
+    shorter `BigCall.wait_s` (`BigSlow`), in short polls, so a caller that stops waiting (`cancel`: its
+    client left, or it takes a small-only answer and the big model went down) ends it at once.
+    Exceptions in `overloaded` mean busy (the model is not marked down); any other means its replica
+    did not answer: `on_unavailable` hears it at once (the engine marks the big model down, which ends
+    other requests' waits), then the call is sent once more (503 if that fails too)."""
 
     def __init__(self, handle: Any, timeout_s: float, overloaded: tuple[type[BaseException], ...] = (),
-                 poll_s: float = 0.2) -> None:
+                 poll_s: float = 0.2, on_unavailable: Callable[[str], None] | None = None) -> None:
         self.handle, self.timeout_s, self.overloaded, self.poll_s = handle, timeout_s, overloaded, poll_s
+        self.on_unavailable = on_unavailable
 
     def continue_batch(self, calls: Sequence[BigCall], cancel: threading.Event | None = None) -> list[BigReply]:
         sent = [replace(call, sent=time.time()) for call in calls]
@@ -39,13 +43,18 @@ class HandleBig:
             sent, responses, strict=True)]
 
     def _wait(self, call: BigCall, response: Any, cancel: threading.Event) -> BigReply:
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        slow = call.wait_s is not None and call.wait_s < self.timeout_s  # the caller's wait ends first
+        deadline = start + (call.wait_s if slow else self.timeout_s)
         retried = False
-        while True:  # bounded: the deadline, or the client leaving
+        while True:  # bounded: the deadline, or the caller stopping
             if cancel.is_set() or time.monotonic() > deadline:
                 response.cancel()
                 if cancel.is_set():
-                    return BigReply.failure(BigModelError("cancelled: the client left"))
+                    return BigReply.failure(BigModelError("abandoned: the caller stopped waiting"))
+                if slow:
+                    return BigReply.failure(BigSlow(f"no big-model answer within serve.undelegated_wait_s "
+                                                    f"({call.wait_s:g} s)"))
                 return BigReply.failure(BigUnavailable(f"no answer within serve.big_timeout_s ({self.timeout_s:g} s)"))
             try:
                 return response.result(timeout_s=self.poll_s)
@@ -58,10 +67,12 @@ class HandleBig:
                     # A replica that just died may still be in the handle's routing table for a moment
                     # after its successor answers health probes; the call carries the whole text, so
                     # sending it once more (routed afresh) is safe.
-                    log.warning("big-model call failed (%r); retrying once", err)
+                    log.warning("big-model call failed (%s); retrying once", type(err).__name__)
+                    if self.on_unavailable is not None:
+                        self.on_unavailable(f"a call failed ({type(err).__name__})")
                     retried, response = True, self.handle.continue_call.remote(call)
                     continue
-                log.warning("big-model call failed again: %r", err)
+                log.warning("big-model call failed again (%s)", type(err).__name__)
                 return BigReply.failure(BigUnavailable("its replica did not answer"))
 
     def end_session(self, session: str) -> None:

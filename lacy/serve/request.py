@@ -77,6 +77,11 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
+        """The HTTP answer, logged as one line naming the class of error: never a traceback (a client's
+        bad input is not a server fault, and a traceback per request would let anyone flood the log),
+        never the client's text beyond 40 characters of a field name."""
+        log.info("answered %d %s (param %r)", self.status, self.code or self.body()["error"]["type"],
+                 self.param if self.param is None else self.param[:40])
         headers = {} if self.retry_after_s is None else {"retry-after": str(math.ceil(self.retry_after_s))}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
@@ -257,6 +262,22 @@ class CompletionRequest(BaseModel):
         return self.model_dump(exclude_none=True, exclude_unset=True)
 
 
+def openapi_body(model: type[BaseModel]) -> dict:
+    """An OpenAPI requestBody of `model`'s JSON schema, its `$defs` written inline (FastAPI does not
+    resolve them in `openapi_extra`): the contract of a route that parses its body itself."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"required": True, "content": {"application/json": {"schema": inline(schema)}}}
+
+
 def model_not_found(name: str, models: Mapping[str, Any]) -> APIError:
     return APIError(404, f"The model '{name}' does not exist; served: {sorted(models)}", param="model",
                     code="model_not_found")
@@ -320,7 +341,8 @@ def decode_json(body: bytes, max_bytes: int) -> dict:
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite)
     except (UnicodeDecodeError, ValueError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        why = "an integer has too many digits" if "integer string conversion" in str(err) else str(err)
+        raise APIError(400, f"the request body is not valid JSON ({why})", code="invalid_json") from None
     except RecursionError:  # nesting deeper than the parser recurses: still the client's input
         raise APIError(400, "the request body is not valid JSON (nested too deeply)", code="invalid_json") from None
     if not isinstance(data, dict):

@@ -38,7 +38,7 @@ from lacy.core.tracking import active, log_dataset, log_metrics, start_run
 from lacy.corpus.corpora import corpus_for
 from lacy.corpus.readers import ReadReport, doc_split
 from lacy.corpus.tokenizer import SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
-from lacy.labels.facts import FactTagger, tagger_info
+from lacy.labels.facts import FactTagger, merge_spans, tag_spans, tagger_info
 from lacy.labels.reference import JudgeLabeler, ReferenceScorer
 from lacy.model import load_big_model, pretrained_dir
 from lacy.shards.format import (
@@ -103,6 +103,46 @@ def tag_documents(docs: list[dict], tokenizer: Any, tagger: Any, *, val_fraction
                                   offsets=np.asarray(result.offsets, np.int32).reshape(-1, 2),
                                   oracle=result.oracle)
     return results
+
+
+class SpansGiven:
+    """A tagger whose fact spans were found elsewhere: a long document's pieces, tagged by several
+    workers (`piece_spans`) and merged (`join_pieces`). Its `tag` is `FactTagger.tag` without spaCy."""
+
+    def __init__(self, spans: list[np.ndarray]) -> None:
+        self.spans = spans
+
+    def tag(self, texts: list[str], tokenizer: Any, docs: list[dict] | None = None) -> list[Any]:
+        return tag_spans(texts, self.spans, tokenizer, docs)
+
+
+def piece_spans(tagger: FactTagger, pieces: list[tuple[int, str]]) -> list[np.ndarray | str]:
+    """Per (start, text) piece of a document (`lacy.labels.facts.split_long` at facts.max_chars), its
+    fact spans in the document's offsets, int64 [k, 2], or why tagging it failed: what a worker does
+    with a piece, so one huge document is tagged by every worker instead of one."""
+    try:
+        found = tagger.fact_spans([text for _, text in pieces])
+    except Exception:  # one bad piece must not sink the others
+        found = []
+        for _, text in pieces:
+            try:
+                found.append(tagger.fact_spans([text])[0])
+            except Exception as err:
+                found.append(err)
+    return [f"tagging failed: {type(spans).__name__}: {spans}" if isinstance(spans, Exception)
+            else np.asarray(spans, np.int64).reshape(-1, 2) + start for (start, _), spans in zip(pieces, found,
+                                                                                                strict=True)]
+
+
+def join_pieces(doc: dict, parts: list[np.ndarray | str], tokenizer: Any, *, val_fraction: float,
+                min_chars: int = 1) -> Result:
+    """A document's result from its pieces' spans (`piece_spans`, any order): the same `TokenizedDoc` as
+    tagging it whole (spaCy sees the same pieces either way, `FactTagger.fact_spans`), or the first
+    piece's failure."""
+    if failed := [p for p in parts if isinstance(p, str)]:
+        return failed[0]
+    spans = merge_spans(np.concatenate([p for p in parts if not isinstance(p, str)]))
+    return tag_documents([doc], tokenizer, SpansGiven([spans]), val_fraction=val_fraction, min_chars=min_chars)[0]
 
 
 def score_documents(encoded: list[TokenizedDoc], texts: list[str], reference: Any = None,
