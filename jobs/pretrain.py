@@ -41,7 +41,7 @@ from lacy.core import storage
 from lacy.core.config import LacyConfig, TrainConfig, from_dict, parse_cli, save_config, to_dict
 from lacy.core.console import setup_logging
 from lacy.core.paths import cache_dir
-from lacy.core.tracking import start_run, tracking_uri
+from lacy.core.tracking import log_dataset, start_run, tracking_uri
 from lacy.corpus.tokenizer import call_id, load_tokenizer
 from lacy.model import build_model
 from lacy.shards.format import read_batches, read_manifest
@@ -238,6 +238,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
     storage_path, storage_fs = storage.ray_storage(cfg, output_dir / "ray")  # checkpoints: in the store if any
     with start_run(cfg, run_name=f"pretrain-{cfg.labels.rule}", nested=mlflow.active_run() is not None,
                    parent_run_id=parent_run_id) as mlflow_run:
+        log_dataset("shards", str(Path(cfg.score.output_dir).resolve()), manifest.config_hash, "training")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "env": env, "shards_dir": cfg.score.output_dir,
@@ -267,7 +268,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> Path:
 
     setup_logging()
-    return run(parse_cli(argv, description=__doc__ or ""))
+    return run(parse_cli(argv, description=__doc__ or "", stage="train"))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from lacy.shards.scoring import (
     list_array,
     list_values,
     load_scorers,
+    log_inputs,
     piece_spans,
     results_from_table,
     results_to_table,
@@ -201,6 +202,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
     with start_run(cfg, "score", nested=mlflow.active_run() is not None, parent_run_id=parent_run_id):
         manifest, metrics = build_shards(cfg, encode_on_ray)
         log_metrics(metrics)
+        log_inputs(cfg, manifest)
         mlflow.log_artifact(str(Path(cfg.score.output_dir) / "manifest.json"))
     return manifest
 
@@ -208,7 +210,7 @@ def run(cfg: LacyConfig, parent_run_id: str | None = None) -> Manifest:
 def main(argv: list[str] | None = None) -> Manifest:
 
     setup_logging()
-    return run(parse_cli(argv, description=__doc__ or ""))
+    return run(parse_cli(argv, description=__doc__ or "", stage="score"))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 from lacy.cascade.policy import probability
 from lacy.core.config import BIG_MODELS, TRIGGERS, LacyConfig, config_hash, parse_cli, save_config
 from lacy.core.console import setup_logging
+from lacy.core.tracking import active, log_metrics, start_run
 from lacy.corpus.corpora import corpus_for
 from lacy.eval.generate import LocalGenerator
 from lacy.eval.plan import calibrate_thresholds, population, threshold_key
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
-    cfg = parse_cli(rest, description=(__doc__ or "") + OPTIONS)
+    cfg = parse_cli(rest, description=(__doc__ or "") + OPTIONS, stage="calibrate")
     if not args.small:
         raise SystemExit("--small PATH is required (the small model's directory)")
     rate = cfg.cascade.call_rate if args.rate is None else args.rate
@@ -74,7 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     big = args.big or ("retrieval" if cfg.big.retrieval else "plain")
     if trigger not in TRIGGERS or big not in BIG_MODELS:
         raise SystemExit(f"--trigger must be one of {TRIGGERS} and --big one of {BIG_MODELS}")
-    result = calibrate_model(cfg, args.small, rate, trigger, big)
+    with start_run(cfg, "calibrate"):  # one MLflow run: the answer as metrics, the question as tags
+        result = calibrate_model(cfg, args.small, rate, trigger, big)
+        log_metrics({k: result[k] for k in ("log_odds", "threshold", "rate", "realised_rate", "rounds", "people")
+                     if isinstance(result[k], int | float)})
+        if (mlflow := active()) is not None:
+            mlflow.set_tags({"lacy.small": result["small"], "lacy.trigger": trigger, "lacy.big": big})
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "calibration.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

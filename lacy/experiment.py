@@ -38,17 +38,19 @@ from lacy.core import storage
 from lacy.core.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
 from lacy.core.console import setup_logging
 from lacy.core.stages import cached_json, stage_done, stage_finish
-from lacy.core.tracking import log_artifacts, start_run
+from lacy.core.tracking import log_artifacts, log_metrics, start_run, tracking_uri, ui_url
 from lacy.corpus.corpora import Corpus, corpus_for
+from lacy.corpus.people import file_digest
 from lacy.corpus.tokenizer import call_id
 from lacy.eval.generate import Generator, LocalGenerator
 from lacy.eval.plan import Population, evaluate, evaluation_plan, population, thresholds_stage, write_views
 from lacy.eval.synthetic import proxy_vs_oracle, stored_bits
 from lacy.model import load_small_model
+from lacy.record import log_evaluation, log_models
 from lacy.report import method_summary, write_report
 from lacy.shards.format import read_batches, read_manifest
-from lacy.shards.scoring import build_shards
-from lacy.train import SUMMARY, train_from_shards
+from lacy.shards.scoring import build_shards, log_inputs
+from lacy.train import SUMMARY, tracked_training, train_from_shards
 from lacy.train import evaluate as validate
 
 log = logging.getLogger(__name__)
@@ -80,11 +82,25 @@ class LocalBackend:
         self.save_dtype, self.max_shard_mb, self.reuse_shards = save_dtype, max_shard_mb, reuse_shards
 
     def build_shards(self, cfg: LacyConfig, parent_run_id: str | None) -> Any:
-
-        return read_manifest(cfg.score.output_dir) if self.reuse_shards else build_shards(cfg)[0]
+        """The shards; under a parent run, logged as its nested run "score" (metrics, inputs)."""
+        if self.reuse_shards:
+            return read_manifest(cfg.score.output_dir)
+        if parent_run_id is None:
+            return build_shards(cfg)[0]
+        with start_run(cfg, "score", nested=True):
+            manifest, metrics = build_shards(cfg)
+            log_metrics(metrics)
+            log_inputs(cfg, manifest)
+        return manifest
 
     def train(self, rcfg: LacyConfig, parent_run_id: str | None) -> Path:
-        train_from_shards(rcfg, self.save_dtype, self.max_shard_mb, trainer="lacy.experiment")
+        """One rule; under a parent run, logged as its nested run "pretrain-<rule>"."""
+        options = {"save_dtype": self.save_dtype, "max_shard_mb": self.max_shard_mb, "trainer": "lacy.experiment"}
+        if parent_run_id is None:
+            train_from_shards(rcfg, **options)
+        else:
+            with start_run(rcfg, f"pretrain-{rcfg.labels.rule}", nested=True):
+                tracked_training(rcfg, **options)
         return Path(rcfg.train.output_dir) / "final"
 
     @contextlib.contextmanager
@@ -101,6 +117,7 @@ def knowledge_stage(cfg: LacyConfig, corpus: Corpus) -> Path:
     description; for a synthetic corpus, one record per person)."""
     db = Path(cfg.knowledge.db_path)
     key = config_hash({"corpus": corpus.name, "data": to_dict(cfg.data), "synth": to_dict(cfg.synth),
+                       "knowledge_file": file_digest(cfg.eval.knowledge_file),
                        "passage_words": cfg.knowledge.passage_words, "version": 3})
     if stage_done(db.parent / "knowledge", key) is None:
         report = build_store(corpus.knowledge_documents(corpus.documents()), db, cfg.knowledge.passage_words)
@@ -226,7 +243,9 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
     """Run the experiment up to stage `until` ("shards", "train", "report"); returns `<run_dir>/results`.
 
     `rules` trains only those (their token budget's `plain` must be done already); `track` logs one
-    MLflow parent run with a nested run per stage (the Ray backend's jobs log theirs under it). A run
+    MLflow parent run (the corpus and shards as inputs, the results as artifacts, every trained model
+    registered with its thresholds) with a nested run per stage (the Ray backend's jobs log theirs under
+    it) and per evaluated system, its biographies as a table and as traces (`lacy.record`). A run
     that is to be evaluated first checks that its corpus has people to evaluate and calibrate on, so a
     config whose evaluation cannot run fails before anything trains. The report (results/report.md) names
     `command`; `publish` copies it with its plots to that folder (`docs/results` for the README)."""
@@ -241,6 +260,7 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
     with _tracking(cfg, track) as parent, _pushed_at_exit(cfg):
         log.info("stages 1-3, corpus -> facts -> shards")
         manifest = backend.build_shards(cfg, parent)
+        log_inputs(cfg, manifest)  # the experiment's inputs too, where runs are compared
         if until == "shards":
             return results
         log.info("stage 4, train: %s x %s", cfg.experiment.rules, cfg.experiment.comparisons)
@@ -271,6 +291,9 @@ def run(cfg: LacyConfig, backend: Backend | None = None, *, until: str = "report
         write_report(results, table, cfg, summary, command, publish, started)
         if parent is not None:
             _log_results(results)
+            log_evaluation(cfg, table, results)
+            if cfg.mlflow.models:
+                log_models(cfg, trained, thresholds)
     print(summary)  # noqa: T201 - the experiment's product, for the person who ran it
     return results
 
@@ -308,7 +331,11 @@ def _tracking(cfg: LacyConfig, track: bool) -> Iterator[str | None]:
         yield None
         return
     with start_run(cfg, "experiment") as parent:
+        if parent is None:  # MLflow is not installed here
+            yield None
+            return
         yield parent.info.run_id
+        log.info("MLflow: this experiment's runs at %s", ui_url(tracking_uri(cfg), parent.info.experiment_id))
 
 
 def _log_results(results: Path) -> None:
@@ -329,7 +356,7 @@ def main(argv: list[str] | None = None) -> Path:
     backend = LocalBackend(getattr(torch, known.save_dtype) if known.save_dtype else None, known.max_shard_mb,
                            known.reuse_shards)
     return run(cfg, backend, until=known.until, rules=known.rules.split(",") if known.rules else None,
-               publish=known.publish, command=command_line("lacy.experiment", argv))
+               publish=known.publish, command=command_line("lacy.experiment", argv), track=True)
 
 
 def command_line(module: str, argv: list[str] | None) -> str:

@@ -8,6 +8,11 @@ The small model knows nothing about delegation: `<CALL>` is one more vocabulary 
     1.3b   24 x 2048  the paper's larger small model (≈1.3 B with a 32k vocabulary)
 
     python -m lacy.model            # parameter counts of every preset (meta device, nothing allocated)
+
+Or an existing Hugging Face causal LM (`model.init_from`: a Llama, a GPT-2, SmolLM2...): `build_model` then
+loads it and grows its embedding for the tokens the shards' tokenizer added (`lacy.corpus.tokenizer.
+extend_tokenizer`: `<CALL>`, maybe `<pad>`), each new row at the mean of the model's own rows, so `<CALL>`
+starts as an average token rather than noise; every rule, trainer and the cascade then treat it as ours.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -50,12 +56,52 @@ def gpt2_config(preset: str, vocab_size: int, seq_len: int, dropout: float = 0.0
                       **PRESETS[preset])
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 of `cfg.preset` over the tokenizer's vocabulary (specials included)."""
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The small model to train over the tokenizer's vocabulary (specials included): a freshly initialised
+    GPT-2 of `cfg.preset`, or the model of `cfg.init_from` grown to the tokenizer (`from_pretrained_small`)."""
+    if cfg.init_from is not None:
+        return from_pretrained_small(cfg, tokenizer)
     config = gpt2_config(cfg.preset, len(tokenizer), cfg.seq_len, cfg.dropout,
                          bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                          pad_id=tokenizer.pad_token_id)
     return GPT2LMHeadModel(config)
+
+
+def from_pretrained_small(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The causal LM of `cfg.init_from` in fp32, its embedding (and output head, tied or not) grown to
+    `tokenizer`, which must be its own tokenizer with tokens added (`extend_tokenizer`): every added id's
+    row is set to the mean of the model's rows for its own tokens. Special ids come from `tokenizer`."""
+    folder = pretrained_dir(cfg.init_from or "", "model.init_from")
+    base = AutoTokenizer.from_pretrained(str(folder))
+    own = base.get_vocab()
+    vocab = tokenizer.get_vocab()
+    if any(vocab.get(token) != i for token, i in own.items()):
+        raise ValueError(f"model.init_from: the shards' tokenizer is not the tokenizer of {folder} with tokens "
+                         "added (its own tokens have other ids); rebuild the shards with this model.init_from")
+    config = AutoConfig.from_pretrained(str(folder))
+    if (getattr(config, "quantization_config", None) or {}).get("quant_method") == "gguf":
+        del config.quantization_config  # smollm2's cache: dequantised weights that keep the GGUF's note
+    model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch.float32, use_safetensors=True)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context is not None and cfg.seq_len > context:
+        raise ValueError(f"model.seq_len {cfg.seq_len} is longer than the context of {folder} ({context} positions)")
+    added = sorted(set(vocab.values()) - set(own.values()))
+    rows = model.get_input_embeddings().weight.shape[0]
+    known = min(len(own), rows)  # a model may pad its embedding past its tokenizer: those rows were never trained
+    model.resize_token_embeddings(max(rows, len(tokenizer)), mean_resizing=False)
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding[added] = embedding[:known].mean(0)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not embedding:  # an untied head grows its own mean row
+            head.weight[added] = head.weight[:known].mean(0)
+            if getattr(head, "bias", None) is not None:
+                head.bias[added] = head.bias[:known].mean(0)
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -96,20 +142,28 @@ def load_big_model(path: str = "smollm2", dtype: torch.dtype | str = torch.float
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported big-model dtype {dtype!r}; use float32 or bfloat16")
         dtype = getattr(torch, dtype)
+    folder = pretrained_dir(path, "big model")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def pretrained_dir(path: str, what: str) -> Path:
+    """The local folder of a pretrained model: "smollm2" (converted once into the cache) or a Hugging Face
+    directory with safetensors weights (pickled weights are refused: loading them can run arbitrary code).
+    `what` names the setting in errors."""
     if path == "smollm2":
         folder = cache_dir() / SMOLLM2_CACHE
         if not (folder / "config.json").is_file():
             _convert_smollm2(folder)
-    else:
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"big model {path!r} is neither 'smollm2' nor a local model directory")
-        if not any(folder.glob("*.safetensors")):
-            pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-            raise ValueError(f"{folder} has no .safetensors weights"
-                             + (f" (refusing pickled {', '.join(pickled)})" if pickled else ""))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+        return folder
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {path!r} is neither 'smollm2' nor a local model directory")
+    if not any(folder.glob("*.safetensors")):
+        pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        raise ValueError(f"{what}: {folder} has no .safetensors weights"
+                         + (f" (refusing pickled {', '.join(pickled)})" if pickled else ""))
+    return folder
 
 
 def load_small_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -124,6 +124,8 @@ def _table(rows: list[dict], trained: dict[str, dict], comparison: str, big: str
                     "claims/resp": r.get("claims_per_response"), "calib. rate": r.get("calibration_rate"),
                     "call rate": r.get("call_rate"),
                     "gap closed": gap_closed(r.get("precision"), alone.get("precision"), big_row.get("precision"))}
+            if r.get("respond_ratio_judge") is not None:  # the LLM judge ran (llm_judge)
+                line["LLM judge [CI]"] = _ci(r, "precision_judge")
             for attr in ATTRIBUTES:
                 if f"{attr}_stated" in r:
                     line[attr.replace("_", " ")] = r.get(f"{attr}_precision")

@@ -72,7 +72,7 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
     return lines
 
 
-def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[str, Any]]:
+def sweep(cfg: LacyConfig, people: list[int], backend: Any = None, track: bool = False) -> list[dict[str, Any]]:
     """Run the experiment at each number of people and write the sweep's table and plot."""
 
     if cfg.data.corpus != "synthbio":
@@ -88,7 +88,7 @@ def sweep(cfg: LacyConfig, people: list[int], backend: Any = None) -> list[dict[
     lines: list[dict[str, Any]] = []
     for n, point in zip(people, points, strict=True):
         log.info("sweep point: %d people in %s", n, point.run_dir)
-        run(point, backend)
+        run(point, backend, track=track)
         lines += collect(point, n)
     out = Path(cfg.run_dir)
     (out / "sweep.json").write_text(json.dumps(lines, indent=2))
@@ -155,7 +155,7 @@ def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
     return path
 
 
-def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None) -> list[dict[str, Any]]:
+def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None, track: bool = False) -> list[dict[str, Any]]:
     """The comparison protocol at each number of filler sentences per biography; the dial's table and plot."""
     if cfg.data.corpus != "synthbio":
         raise ValueError(f"the dial needs data.corpus: synthbio (got {cfg.data.corpus!r})")
@@ -167,7 +167,7 @@ def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None) -> list[dict[
         point = cfg.moved(Path(cfg.run_dir) / f"filler-{n}")
         point.synth.filler = n
         log.info("dial point: %d filler sentences per biography in %s", n, point.run_dir)
-        results = run(point, backend)
+        results = run(point, backend, track=track)
         comparison = json.loads((results / "comparison.json").read_text())
         for system in comparison["systems"]:
             quality = system["quality"].get(rate)
@@ -227,12 +227,12 @@ def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, A
     setup_logging()
     cfg = parse_cli(rest, __doc__ or "")
     if known.filler:
-        lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend)
+        lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend, track=True)
         print((Path(cfg.run_dir) / "dial.md").read_text())  # noqa: T201 - the sweep's product
         return lines
     people = ([int(p) for p in known.people.split(",")] if known.people
               else [max(1, cfg.synth.people // 4), cfg.synth.people, cfg.synth.people * 4])
-    lines = sweep(cfg, people, backend)
+    lines = sweep(cfg, people, backend, track=True)
     print((Path(cfg.run_dir) / "sweep.md").read_text())  # noqa: T201 - the sweep's product
     return lines
 

@@ -35,6 +35,7 @@ from transformers import GenerationConfig
 from lacy.core import storage
 from lacy.core.config import LacyConfig, TrainConfig, parse_cli, save_config
 from lacy.core.console import setup_logging
+from lacy.core.tracking import log_dataset, log_metrics, start_run
 from lacy.corpus.tokenizer import call_id
 from lacy.corpus.tokenizer import call_id as find_call_id
 from lacy.labels.method import Gather, lacy_step, token_losses
@@ -319,9 +320,12 @@ def save_final(model: Any, tokenizer: Any, out: Path, cfg: LacyConfig, summary: 
 def model_card(cfg: LacyConfig, summary: dict, call: int) -> str:
     """What a person who finds the folder needs: what it is, how it was trained, how to serve it."""
     val = summary.get("val", {}).get("val_real_loss")
-    return f"""# lacy small model: rule `{cfg.labels.rule}`, preset `{cfg.model.preset}`
+    start = (f"`{cfg.model.init_from}`" if cfg.model.init_from else f"preset `{cfg.model.preset}`")
+    what = (f"The causal LM of `{cfg.model.init_from}` (context {cfg.model.seq_len} in training), further trained"
+            if cfg.model.init_from else f"A GPT-2 ({cfg.model.preset} preset, context {cfg.model.seq_len}) pretrained")
+    return f"""# lacy small model: rule `{cfg.labels.rule}`, {start}
 
-A GPT-2 ({cfg.model.preset} preset, context {cfg.model.seq_len}) pretrained with the LaCy labelling rule
+{what} with the LaCy labelling rule
 `{cfg.labels.rule}`: where the rule delegates, it learned to emit `<CALL>` (id {call}) so that a bigger
 model writes the next word. Trained by `{summary.get('trainer')}` for {summary.get('steps')} steps,
 {summary.get('tokens')} training tokens, {summary.get('supervised_tokens')} of them supervised with their
@@ -337,10 +341,11 @@ real token; validation real-token loss {val if val is None else f'{val:.4f}'} na
 
 
 def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
-                      max_shard_mb: float | None = None, trainer: str = "lacy.train") -> dict:
+                      max_shard_mb: float | None = None, trainer: str = "lacy.train",
+                      on_metrics: LogFn | None = None) -> dict:
     """Train from the shards at cfg.score.output_dir on one process; write `<train.output_dir>/final`
     (`save_final`, optionally in `save_dtype` and files of at most `max_shard_mb`), config.yaml and
-    metrics.jsonl. Returns the summary."""
+    metrics.jsonl (each row also to `on_metrics(step, row)`, e.g. an MLflow run). Returns the summary."""
 
     shards = Path(cfg.score.output_dir)
     storage.pull(cfg, shards, Path(cfg.run_dir) / "tokenizer")
@@ -364,6 +369,8 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
         def log_row(step: int, row: dict) -> None:
             metrics.write(json.dumps({"step": step, **row}) + "\n")
             metrics.flush()
+            if on_metrics is not None:
+                on_metrics(step, row)
             log.info("[%s] step %6d %s", cfg.labels.rule, step, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
 
         summary = train_loop(cfg, PlainStepper(model, cfg.train), batches, find_call_id(tokenizer),
@@ -377,9 +384,23 @@ def train_from_shards(cfg: LacyConfig, save_dtype: torch.dtype | None = None,
 
 
 def main(argv: list[str] | None = None) -> dict:
-
+    """One rule in this process, logged as MLflow run "pretrain-<rule>" (every metrics row, the shards as
+    input, the final summary)."""
     setup_logging()
-    return train_from_shards(parse_cli(argv, description=__doc__ or ""))
+    cfg = parse_cli(argv, description=__doc__ or "", stage="train")
+    with start_run(cfg, f"pretrain-{cfg.labels.rule}"):
+        summary = tracked_training(cfg)
+    return summary
+
+
+def tracked_training(cfg: LacyConfig, **kwargs: Any) -> dict:
+    """`train_from_shards` logging to the active MLflow run: each metrics row at its step, the shards as
+    the training input, the summary's numbers as final_* metrics."""
+    manifest = read_manifest(cfg.score.output_dir)
+    log_dataset("shards", str(Path(cfg.score.output_dir).resolve()), manifest.config_hash, "training")
+    summary = train_from_shards(cfg, on_metrics=lambda step, row: log_metrics(row, step=step), **kwargs)
+    log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    return summary
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def delete(name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_cli(argv, __doc__ or ""), blocking=True)
+    run(parse_cli(argv, __doc__ or "", stage="serve"), blocking=True)
 
 
 if __name__ == "__main__":

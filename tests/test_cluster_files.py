@@ -14,11 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _entrypoint_ok(command: str) -> None:
-    """`python -m MODULE --config FILE [overrides]`: the module exists and the config loads with them."""
+    """`lacy COMMAND [--ray] --config FILE [overrides]`: the command's module exists and the config loads."""
+    from jobs.cli import module_of
+
     argv = shlex.split(command)
-    assert argv[:2] == ["python", "-m"], command
-    assert importlib.util.find_spec(argv[2]) is not None, f"no module {argv[2]}"
-    rest = argv[3:]
+    assert argv[0] == "lacy", command
+    module = module_of(argv[1], "--ray" in argv)
+    assert importlib.util.find_spec(module) is not None, f"no module {module}"
+    rest = [a for a in argv[2:] if a != "--ray"]
     assert rest[0] == "--config", command
     load_config(ROOT / rest[1], rest[2:])
 

@@ -125,6 +125,17 @@ class SmallLM(CachedLM):
             raise ValueError(f"the small model's tokenizer has no {CALL_TOKEN} token")
         self.call_id = int(call)
         self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is not None:  # texts start as a document did in training: after the separator
+            self.start_id = int(self.eos_id)
+        # A sentencepiece-style decoder drops the space a text's first token starts with ("▁word" -> "word"),
+        # which would glue the cascade's pieces together: pieces are decoded after an anchor token instead.
+        self._anchor = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+        self._anchor_text = super().decode(self._anchor)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` as a piece of a longer text (a leading space kept whatever the tokenizer)."""
+        text = super().decode([*self._anchor, *ids])
+        return text[len(self._anchor_text):] if text.startswith(self._anchor_text) else super().decode(ids)
 
     def sync_text(self, text: str) -> None:
         """Make the model's state the full `text` (re-encoding only what changed)."""

@@ -79,8 +79,11 @@ def cut(text: str, unit: str) -> str:
 class OpenAIBig:
     """The `BigModel` backend of an OpenAI-compatible completions server (see the module's docstring)."""
 
-    def __init__(self, cfg: BigModelConfig, api_key: str | None = None) -> None:
+    def __init__(self, cfg: BigModelConfig, api_key: str | None = None, section: str = "big") -> None:
         self.cfg = cfg
+        self.section = section
+        """The config section of these settings, named in errors (the LLM judge reuses this backend)."""
+        self.server = "the big model's server" if section == "big" else f"the server of {section}"
         self.base_url = cfg.base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(
@@ -97,23 +100,37 @@ class OpenAIBig:
     def from_config(cls, cfg: LacyConfig, device: str | None = None) -> OpenAIBig:
         """The server of `cfg.big`, its key read from the variable `big.api_key_env` names (`device` is the
         server's business)."""
-        name = cfg.big.api_key_env
+        return cls.connect(cfg.big, "big")
+
+    @classmethod
+    def connect(cls, settings: BigModelConfig, section: str) -> OpenAIBig:
+        """The server of `settings` (config section `section`, named in errors), its key read from the
+        variable `api_key_env` names; a wrong key or URL refused at once (ConfigError)."""
+        name = settings.api_key_env
         key = os.environ.get(name) if name else None
         if name and not key:
-            raise ConfigError(f"big.api_key_env: the environment variable {name} is not set (or empty) in this "
-                              "process; set it to the server's API key, or set big.api_key_env to null for a "
-                              "server without one")
-        big = cls(cfg.big, key)
+            raise ConfigError(f"{section}.api_key_env: the environment variable {name} is not set (or empty) in "
+                              f"this process; set it to the server's API key, or set {section}.api_key_env to "
+                              "null for a server without one")
+        big = cls(settings, key, section)
         try:  # a wrong key or URL is the deployment's error: say so at once, not as every call's 500
-            models = big._models(cfg.big.connect_timeout_s, tries=1)
-            if cfg.big.model is not None and cfg.big.model not in models:
-                log.warning("big.model %r is not among the models the server lists (%s)", cfg.big.model, models[:8])
+            models = big._models(settings.connect_timeout_s, tries=1)
+            if settings.model is not None and settings.model not in models:
+                log.warning("%s.model %r is not among the models the server lists (%s)", section, settings.model,
+                            models[:8])
         except Misconfigured as err:
             big.close()
             raise ConfigError(f"{err} (the server at {big.base_url})") from None
         except BigModelError as err:  # not up yet, say: its calls answer 503 until it is
-            log.warning("the big model's server does not answer yet: %s", err)
+            log.warning("%s does not answer yet: %s", big.server, err)
         return big
+
+    def complete(self, prompt: str, max_tokens: int, stop: list[str] | None = None) -> str:
+        """The server's greedy completion of `prompt` (whole, uncut), with the retries of a call; raises the
+        BigModelError of its failure (`BigUnavailable` once the retries are spent)."""
+        body = {**self.cfg.extra_body, "model": self.model(), "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0.0, "n": 1, "stream": False, **({"stop": stop} if stop else {})}
+        return _reply(self._request("POST", "/completions", json=body), "tokens", self.server).text
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -163,7 +180,7 @@ class OpenAIBig:
             body = {**self.cfg.extra_body, "model": self.model(cancel), "prompt": call.context + call.text,
                     "max_tokens": call.max_tokens, "temperature": 0.0, "n": 1, "stream": False}
             answer = self._request("POST", "/completions", json=body, cancel=cancel)
-            reply = _reply(answer, call.unit)
+            reply = _reply(answer, call.unit, self.server)
             key = "calls"
         except BigModelError as err:
             reply = BigReply.failure(err)
@@ -179,13 +196,14 @@ class OpenAIBig:
         return reply
 
     def model(self, cancel: threading.Event | None = None) -> str:
-        """`big.model`, or the first model the server lists (asked once, tried as a call is)."""
+        """`<section>.model`, or the first model the server lists (asked once, tried as a call is)."""
         with self._lock:
             if self._model is not None:
                 return self._model
         models = self._models(self.cfg.timeout_s, cancel=cancel)
         if not models:
-            raise Misconfigured("big.model: the server at big.base_url lists no model; set big.model")
+            raise Misconfigured(f"{self.section}.model: the server at {self.section}.base_url lists no model; set "
+                                f"{self.section}.model")
         with self._lock:
             self._model = models[0]
         return models[0]
@@ -195,7 +213,7 @@ class OpenAIBig:
             timeout_s, self.cfg.connect_timeout_s)), tries=tries, cancel=cancel)
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list):
-            raise BigModelError("/models answered no model list: is big.base_url the API root?")
+            raise BigModelError(f"/models answered no model list: is {self.section}.base_url the API root?")
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
     def _request(self, method: str, path: str, *, cancel: threading.Event | None = None,
@@ -217,7 +235,7 @@ class OpenAIBig:
             try:
                 response = self.client.request(method, path, **kwargs)
             except httpx.TimeoutException as err:
-                why = f"no answer in time ({type(err).__name__}; big.timeout_s {self.cfg.timeout_s:g})"
+                why = f"no answer in time ({type(err).__name__}; {self.section}.timeout_s {self.cfg.timeout_s:g})"
                 retry_after = None
                 continue
             except httpx.TransportError as err:  # refused, reset, closed mid-answer
@@ -230,38 +248,40 @@ class OpenAIBig:
             if status in (401, 403):
                 raise Misconfigured(self._key_refused(status))
             if status == 404:
-                raise Misconfigured(f"big.base_url/big.model: {path} answered 404 ({_message(response)}); big.base_url "
-                                    f"must be the API root (e.g. http://HOST:PORT/v1), big.model ({self._model!r}) "
+                sec = self.section
+                raise Misconfigured(f"{sec}.base_url/{sec}.model: {path} answered 404 ({_message(response)}); "
+                                    f"{sec}.base_url must be the API root (e.g. http://HOST:PORT/v1), {sec}.model "
+                                    f"({self._model!r}) "
                                     "one the server serves")
             if status >= 400:
-                raise BigRequestError(f"the big model's server refused the call ({status}: {_message(response)})")
+                raise BigRequestError(f"{self.server} refused the call ({status}: {_message(response)})")
             try:
                 return response.json()
             except ValueError:
-                raise BigModelError(f"{path} answered {status} with no JSON: is big.base_url the API root?") from None
+                raise BigModelError(f"{path} answered {status} with no JSON: is {self.section}.base_url the API "
+                                    "root?") from None
         # No address in the message: a service passes it on to its clients (the log has it).
         if tries > 1:
             log.warning("%s %s: %s after %d tries; answering 503", method, url, why, tries)
-        raise BigUnavailable(f"the big model's server did not answer after {tries} tr{'ies' if tries > 1 else 'y'} "
+        raise BigUnavailable(f"{self.server} did not answer after {tries} tr{'ies' if tries > 1 else 'y'} "
                              f"({why})")
 
     def _key_refused(self, status: int) -> str:
-        name = self.cfg.api_key_env
+        name, field = self.cfg.api_key_env, f"{self.section}.api_key_env"
         if name is None:
-            return (f"big.api_key_env: the big model's server wants an API key ({status}); set big.api_key_env to "
-                    "the name of the environment variable that holds it")
-        return (f"big.api_key_env: the big model's server refused the API key in ${name} ({status}); check the "
-                "variable that big.api_key_env names")
+            return (f"{field}: {self.server} wants an API key ({status}); set {field} to the name of the "
+                    "environment variable that holds it")
+        return f"{field}: {self.server} refused the API key in ${name} ({status}); check the variable {field} names"
 
 
-def _reply(answer: Any, unit: str) -> BigReply:
+def _reply(answer: Any, unit: str, server: str = "the big model's server") -> BigReply:
     """A completion answer as a BigReply: the first choice's text cut at `unit`, the server's usage."""
     try:
         text = answer["choices"][0]["text"]
     except (KeyError, IndexError, TypeError):
         text = None
     if not isinstance(text, str):
-        raise BigModelError("the big model's server answered without a completion text")
+        raise BigModelError(f"{server} answered without a completion text")
     usage = answer.get("usage") or {}
     count = lambda key: usage.get(key) if isinstance(usage.get(key), int) else 0
     return BigReply(cut(text, unit), count("prompt_tokens"), count("completion_tokens"))

@@ -22,6 +22,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,18 @@ class ModelConfig:
     """Training context in tokens (also the model's n_positions)."""
     dropout: float = 0.0
     """Dropout on residual, embedding and attention."""
+    init_from: str | None = None
+    """Start from an existing Hugging Face causal LM instead of a fresh GPT-2 of `preset`: `smollm2` or a local
+    directory with safetensors weights and a fast tokenizer (tokenizer.json). `<CALL>` (and `<pad>` when its
+    pad token is missing or is its eos) join its tokenizer, which the shards then use instead of a trained BPE;
+    its embedding (and a tied head) grows by rows at the mean of the others. `preset` and `dropout` are unused."""
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "model.preset",
                f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         _check(self.seq_len >= 8, "model.seq_len", "must be at least 8")
+        _check(self.init_from is None or bool(self.init_from.strip()), "model.init_from",
+               "must name smollm2 or a model directory (null: a fresh GPT-2 of model.preset)")
 
 
 @dataclass
@@ -494,9 +502,21 @@ class EvalConfig:
     fraction leaves the 2-core box a CPU for Ray Data's own tasks: two whole-CPU actors starve them)."""
     actor_gpus: float = 0.0
     """GPUs per evaluation actor (both models on the GPU when > 0)."""
+    people_file: str | None = None
+    """Evaluate on these people instead of the corpus's (any corpus, a corpus of files too): one name per line
+    (FActScore's prompt_entities.txt) or JSONL with a `topic` per line. In the file's order, the first
+    eval.entities are evaluated and the next calibrate the thresholds; each needs an article: the document
+    of eval.knowledge_file, else of the corpus, titled with the name."""
+    knowledge_file: str | None = None
+    """The people's articles, JSONL {title, text} (FActScore's knowledge source as documents): what their
+    claims are checked against and what the big model's passage store holds (needs eval.people_file)."""
 
     def __post_init__(self) -> None:
         _check(self.entities > 0, "eval.entities", "must be positive")
+        _check(self.knowledge_file is None or self.people_file is not None, "eval.knowledge_file",
+               "holds the articles of eval.people_file's people: set eval.people_file too")
+        _check(self.people_file is None or self.heldout_entities == 0, "eval.heldout_entities",
+               "held-out people are a corpus's validation split; with eval.people_file set it to 0")
         _check(self.calibration_entities > 0, "eval.calibration_entities", "must be positive")
         _check(self.heldout_entities >= 0, "eval.heldout_entities", "must be 0 or more")
         _check(self.calibration_rounds >= 0, "eval.calibration_rounds", "must be 0 or more")
@@ -669,15 +689,72 @@ class ExperimentConfig:
 
 
 @dataclass
+class LLMJudgeConfig:
+    base_url: str | None = None
+    """FActScore with an LLM judge as an evaluation option: every evaluated biography's atomic facts listed by
+    the LLM, each verified against the top knowledge.top_k passages of the person's article, through this
+    OpenAI-compatible completions API root (e.g. llama.cpp's http://127.0.0.1:8080/v1); the rows' *_judge
+    columns. None: off."""
+    model: str | None = None
+    """The model name sent with each request (None: the first model the server lists)."""
+    api_key_env: str | None = None
+    """The NAME of the environment variable holding the server's API key (never the key; None: no key)."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """More fields for every request body (llama.cpp's server: {repeat_penalty: 1.0} for plain greedy)."""
+    timeout_s: float = 120.0
+    """Seconds one completion may take (each try)."""
+    retries: int = 2
+    """Tries after the first on 429, 5xx, a refused connection or a timeout; then the evaluation fails."""
+    concurrency: int = 4
+    """Biographies judged at once (requests in flight to the server)."""
+    facts_max_tokens: int = 128
+    """Tokens of a sentence's list of atomic facts (FActScore's 128; small judges repeat lines to the limit)."""
+    cache_path: str | None = None
+    """SQLite cache of every completion, keyed by its request: a rerun asks nothing twice
+    (None: <run_dir>/llm_judge.sqlite)."""
+
+    def __post_init__(self) -> None:
+        _check(self.base_url is None or self.base_url.startswith(("http://", "https://")), "llm_judge.base_url",
+               f"must be an http:// or https:// URL (or null: no LLM judge), got {self.base_url!r}")
+        _check(self.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
+               "llm_judge.api_key_env", "must be the NAME of an environment variable, never the key itself")
+        _check(self.timeout_s > 0 and self.retries >= 0 and self.concurrency > 0,
+               "llm_judge.timeout_s/retries/concurrency", "timeout and concurrency positive, retries 0 or more")
+        _check(self.facts_max_tokens > 0, "llm_judge.facts_max_tokens", "must be positive")
+
+    def big_config(self) -> BigModelConfig:
+        """The judge's server as a big-model backend's settings (`lacy.cascade.openai_big.OpenAIBig`)."""
+        _check(self.base_url is not None, "llm_judge.base_url", "is not set: the LLM judge is off")
+        return BigModelConfig(backend="openai", base_url=str(self.base_url), model=self.model,
+                              api_key_env=self.api_key_env, extra_body=dict(self.extra_body),
+                              timeout_s=self.timeout_s, retries=self.retries, concurrency=self.concurrency)
+
+
+@dataclass
 class MLflowConfig:
     tracking_uri: str | None = None
     """Absolute tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite under run_dir."""
     experiment: str = "lacy"
     """MLflow experiment every run of this config is logged under."""
+    system_metrics: bool = True
+    """Sample CPU, memory (and GPU) use into every stage's run (MLflow system metrics)."""
+    traces: int | None = 10
+    """How many of each evaluated system's biographies (its first people) are logged as MLflow traces under
+    its run (spans: the small model's stretches and the big model's calls); None: every one, 0: none. The
+    sqlite store takes ≈0.1 s a trace of a few spans on 2 cores (a commit per span): every one of `make run`'s
+    2,400 would add about 4 minutes, the default's 150 about 15 s. Every biography is in its system's
+    generations table either way."""
+    models: bool = True
+    """Log every trained model with MLflow's transformers flavour and register it as
+    `<experiment>.<model name>`, its calibrated thresholds in its metadata (seconds per small model)."""
+
+    def __post_init__(self) -> None:
+        _check(self.traces is None or self.traces >= 0, "mlflow.traces", "must be >= 0 (or null: every one)")
 
 
 DERIVED_PATHS = {"score.output_dir": "shards", "train.output_dir": "train",
-                 "knowledge.db_path": "knowledge.sqlite", "serve.small_path": "train/final"}
+                 "knowledge.db_path": "knowledge.sqlite", "serve.small_path": "train/final",
+                 "llm_judge.cache_path": "llm_judge.sqlite"}
 """Stage paths that, left unset, live under run_dir (leaf names)."""
 
 
@@ -706,6 +783,8 @@ class LacyConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    llm_judge: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
+    """FActScore's LLM judge as an evaluation option (off unless llm_judge.base_url is set)."""
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
     def __post_init__(self) -> None:
@@ -726,6 +805,11 @@ class LacyConfig:
             value = getattr(stage, name)
             setattr(stage, name, str(Path(self.run_dir) / leaf if value is None else resolve_path(value)))
         self.serve.models = {name: str(resolve_path(p)) for name, p in self.serve.models.items()}
+        if self.model.init_from not in (None, "smollm2"):  # Ray workers build the model elsewhere
+            self.model.init_from = str(resolve_path(self.model.init_from))
+        for name in ("people_file", "knowledge_file"):
+            if (value := getattr(self.eval, name)) is not None:
+                setattr(self.eval, name, str(resolve_path(value)))
         self._check_sections()
 
     def moved(self, run_dir: str | Path) -> LacyConfig:
@@ -753,6 +837,8 @@ class LacyConfig:
                 _check(getattr(getattr(self, section), name) is not None, f"{where}/{needed}",
                        f"rule {rule!r} trains on columns the scoring job writes only when {needed} names a "
                        f"model (e.g. `--{needed} smollm2`); set it or drop {rule!r}")
+        _check(self.model.init_from is None or self.tokenizer.path is None, "model.init_from/tokenizer.path",
+               "a model started from model.init_from uses its own tokenizer (with <CALL> added): unset tokenizer.path")
         _check(self.score.model_actor_gpus == 0 or bool(self.score.reference or self.score.judge),
                "score.model_actor_gpus/score.reference", "GPUs are reserved for reference/judge actors, but "
                "neither score.reference nor score.judge is set: nothing would use them")
@@ -904,26 +990,40 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def help_text(cls: type = LacyConfig, prefix: str = "") -> str:
-    """Every overridable field with its default and documentation, for `--help`."""
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "score": ("data", "synth", "tokenizer", "model", "facts", "labels", "score", "mlflow"),
+    "train": ("tokenizer", "model", "labels", "score", "train", "mlflow"),
+    "serve": ("big", "knowledge", "cascade", "serve"),
+    "calibrate": ("data", "synth", "big", "knowledge", "cascade", "eval", "experiment", "serve", "mlflow"),
+}
+"""The config sections each stage reads, so its `--help` lists those alone (a stage not named here, the
+experiment and the sweep, reads them all); the top-level fields (run_dir, store, seed) are always listed."""
+
+
+def help_text(cls: type = LacyConfig, prefix: str = "", sections: Sequence[str] | None = None) -> str:
+    """Every overridable field with its default and documentation, for `--help`; with `sections`, only the
+    top-level fields and those of the named sections."""
     lines = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(help_text(hints[f.name], prefix=f"{name}."))
+            if sections is None or f.name in sections:
+                lines.append(help_text(hints[f.name], prefix=f"{name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  --{name} (default {default!r})  {docs.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "") -> LacyConfig:
-    """`--config FILE` plus dotted overrides; `--help` lists every field."""
+def parse_cli(argv: list[str] | None = None, description: str = "", stage: str | None = None) -> LacyConfig:
+    """`--config FILE` plus dotted overrides; `--help` lists the fields of `stage`'s sections
+    (`STAGE_SECTIONS`; every field when the stage reads them all)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(description.strip() + "\n\nOptions:\n  --config FILE  YAML config\n" + help_text())
+        fields = help_text(sections=STAGE_SECTIONS.get(stage or ""))
+        print(description.strip() + "\n\nOptions:\n  --config FILE  YAML config\n" + fields)
         raise SystemExit(0)
     path = None
     if "--config" in argv:

@@ -2,6 +2,10 @@
 
 MLflow is imported where a run is logged, never at import: a lent GPU box trains without it.
 
+Experiments are marked as model-development ones (`mlflow.experimentKind`), runs sample system metrics, and
+`ui_url` gives the link that opens the MLflow UI on an experiment's runs (MLflow 3.17's UI picks its GenAI or
+Model-training view from a per-browser toggle unless the link names it: `workflowType=machine_learning`).
+
 MLflow 3.17 refuses the file store and resolves relative URIs against the working directory, which
 differs on Ray workers, so every URI handed out here is an absolute `sqlite:////...` (or a server URL),
 and experiments get an absolute artifact location.
@@ -9,6 +13,7 @@ and experiments get an absolute artifact location.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +26,11 @@ from lacy.core.config import ConfigError, LacyConfig, to_dict
 from lacy.core.provenance import git_sha
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+log = logging.getLogger(__name__)
 
 _SQLITE = "sqlite:///"
+EXPERIMENT_KIND = "custom_model_development"
+"""The `mlflow.experimentKind` of our experiments: runs compared, not GenAI traces monitored."""
 
 
 def _absolute(uri: str) -> str:
@@ -70,36 +78,53 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _experiment_id(name: str, uri: str) -> str:
+    """The experiment `name` (created with an absolute artifact location if new), marked as ours."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return mlflow.create_experiment(name, artifact_location=_artifact_location(uri))
-    except MlflowException:  # another process created it between our lookup and create
+    if experiment is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=_artifact_location(uri),
+                                     tags={"mlflow.experimentKind": EXPERIMENT_KIND})
+        except MlflowException:  # another process created it between our lookup and create
+            pass
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            raise
-        return experiment.experiment_id
+            raise MlflowException(f"could not create MLflow experiment {name!r} at {uri}")
+    if "mlflow.experimentKind" not in experiment.tags:  # one made before we marked them
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def ui_url(uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows an experiment's runs: the server's URL, or for a sqlite store the address of
+    `mlflow ui --backend-store-uri <uri>` (127.0.0.1:5000)."""
+    root = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{root}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 @contextmanager
 def start_run(cfg: LacyConfig, run_name: str, nested: bool = False,
               parent_run_id: str | None = None) -> Iterator[Any]:
-    """An MLflow run with the resolved config as flattened params and `config.yaml`, and the git sha.
+    """An MLflow run with the resolved config as flattened params and `config.yaml`, the git sha, and
+    system metrics (CPU, memory, GPU where there is one) sampled while it runs.
 
     `parent_run_id` attaches the run to a parent started in another process (a Ray worker, a job);
     `nested` attaches it to the run active in this process.
     """
+    if _mlflow() is None:  # a lent GPU box: the stage runs, unlogged
+        log.warning("MLflow is not installed here: run %r is not logged", run_name)
+        yield None
+        return
     import mlflow
 
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(cfg.mlflow.experiment, uri)
+    mlflow.set_experiment(experiment_id=experiment_id)  # what nested runs, traces and models log under
     with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested,
-                          parent_run_id=parent_run_id) as run:
+                          parent_run_id=parent_run_id, log_system_metrics=cfg.mlflow.system_metrics) as run:
         config = to_dict(cfg)
         mlflow.log_params(flatten(config))
         sha = git_sha()
@@ -109,15 +134,40 @@ def start_run(cfg: LacyConfig, run_name: str, nested: bool = False,
         yield run
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Log numeric metrics to the active run (values are cast to float)."""
-    import mlflow
+def _mlflow() -> Any:
+    """The mlflow module, or None where it is not installed."""
+    try:
+        import mlflow
+    except ImportError:
+        return None
+    return mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+def active() -> Any:
+    """The mlflow module when a run is active in this process (what the log_* helpers log to), else None:
+    they never start a run of their own."""
+    mlflow = _mlflow()
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run (values are cast to float); nothing without one."""
+    if (mlflow := active()) is not None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_artifacts(local_dir: str, artifact_path: str | None = None) -> None:
-    """Log a folder's files to the active run."""
-    import mlflow
+    """Log a folder's files to the active run; nothing without one."""
+    if (mlflow := active()) is not None:
+        mlflow.log_artifacts(local_dir, artifact_path=artifact_path)
 
-    mlflow.log_artifacts(local_dir, artifact_path=artifact_path)
+
+def log_dataset(name: str, source: str, digest: str, context: str) -> None:
+    """Log a dataset (`source`: its path or name; `digest`: what identifies its content) as an input of the
+    active run, under `context` (e.g. "training"); nothing without one."""
+    if (mlflow := active()) is None:
+        return
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    mlflow.log_input(MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:36]), context=context)

@@ -6,6 +6,9 @@
     corpus.articles(docs)               # person id -> what their facts are checked against
     corpus.knowledge_documents(docs)    # what the big model's passage store holds
 
+With `eval.people_file`, any corpus is evaluated on a user's people instead (`Listed`): their articles are
+`eval.knowledge_file`'s documents (else the corpus's) of the same title, which the passage store then holds.
+
 `exact` corpora (synthbio) know every fact exactly: their documents carry the fact spans (the oracle)
 and their people have records, so biographies are scored by checking each stated value against the
 record (`lacy.eval.synthetic`) instead of by claims against articles (`lacy.eval.claims`). A new kind
@@ -18,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lacy.core.config import ConfigError, LacyConfig
-from lacy.corpus.people import Entity, described_people, pantheon_people
+from lacy.corpus.people import Entity, described_people, knowledge_file, listed_people, pantheon_people
 from lacy.corpus.readers import ReadReport, read_embedded, read_files, read_wiki2015
 from lacy.corpus.synthbio import ensure_corpus, people_entities, records
 
@@ -46,6 +49,9 @@ class Corpus:
     fact_spans: bool | None = None
     """Whether documents carry a `facts` field (exact fact spans: the oracle fact source and lacy_oracle
     need them); None: files may or may not (checked when the shards are built)."""
+    listed = False
+    """Its people are a user's list (`eval.people_file`): evaluated in the list's order, whatever the
+    training split, none held out."""
 
     def __init__(self, cfg: LacyConfig) -> None:
         self.cfg = cfg
@@ -71,7 +77,9 @@ class Corpus:
     def people(self, docs: list[dict]) -> list[Entity]:
         """The people whose documents are among `docs`, in a stable order."""
         raise CorpusError(f"corpus {self.name!r} names no people to evaluate: a corpus of files trains, but its "
-                          "evaluation needs data.corpus embedded, wiki2015 or synthbio (or run with --until train)")
+                          "evaluation needs a list of people (eval.people_file, with their articles in "
+                          "eval.knowledge_file), or data.corpus embedded, wiki2015 or synthbio (or run with "
+                          "--until train)")
 
     def articles(self, docs: list[dict]) -> dict[str, dict]:
         """Person id -> the document their facts are checked against."""
@@ -158,6 +166,53 @@ class Synthbio(Corpus):
                               "eval.prompt_style name")
 
 
+class Listed(Corpus):
+    """A corpus evaluated on a user's people (`eval.people_file`): it trains on `inner`'s documents; the
+    people's articles are `eval.knowledge_file`'s documents titled with their names (else `inner`'s), and
+    the passage store holds them. Scored by claims against the articles: a list has no records."""
+
+    listed = True
+
+    def __init__(self, inner: Corpus) -> None:
+        super().__init__(inner.cfg)
+        self.inner = inner
+        self.fact_spans = inner.fact_spans
+
+    def read(self, source: str, report: ReadReport | None = None, max_docs: int | None = None,
+             min_chars: int = 1) -> Iterator[dict]:
+        return self.inner.read(source, report, max_docs, min_chars)
+
+    def source(self) -> str:
+        return self.inner.source()
+
+    def people(self, docs: list[dict]) -> list[Entity]:
+        """The list's people, each with an article (CorpusError naming those without one)."""
+        people = listed_people(self.cfg.eval.people_file or "")
+        titles = {doc["title"] for doc in self._articles(docs)}
+        if missing := [e.name for e in people if e.title not in titles]:
+            where = (f"eval.knowledge_file {self.cfg.eval.knowledge_file}" if self.cfg.eval.knowledge_file
+                     else f"corpus {self.name!r}")
+            raise CorpusError(f"eval.people_file: {len(missing)} of {len(people)} people have no document titled "
+                              f"with their name in {where}: {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else ""))
+        return people
+
+    def articles(self, docs: list[dict]) -> dict[str, dict]:
+        """Title -> the article (a person's doc_id is their name)."""
+        return {doc["title"]: knowledge_document(doc) for doc in self._articles(docs)}
+
+    def knowledge_documents(self, docs: Iterable[dict]) -> Iterator[dict]:
+        if self.cfg.eval.knowledge_file is None:
+            return self.inner.knowledge_documents(docs)
+        return iter(knowledge_file(self.cfg.eval.knowledge_file))
+
+    def _articles(self, docs: Iterable[dict]) -> list[dict]:
+        return knowledge_file(self.cfg.eval.knowledge_file) if self.cfg.eval.knowledge_file else list(docs)
+
+    def check(self) -> None:
+        self.inner.check()
+
+
 KINDS: dict[str, type[Corpus]] = {"embedded": Embedded, "wiki2015": Wiki2015, "synthbio": Synthbio}
 """Corpora by name; any other data.corpus is a path, directory or glob of files (`Corpus`)."""
 
@@ -171,5 +226,7 @@ def read_corpus(source: str, report: ReadReport | None = None, max_docs: int | N
 def corpus_for(cfg: LacyConfig) -> Corpus:
     """The corpus `data.corpus` names, its settings checked against the config (ConfigError)."""
     corpus = KINDS.get(cfg.data.corpus, Corpus)(cfg)
+    if cfg.eval.people_file is not None:
+        corpus = Listed(corpus)
     corpus.check()
     return corpus

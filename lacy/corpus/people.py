@@ -3,14 +3,18 @@
     pantheon_people(article_ids)       # wiki2015: Pantheon's birth year, birth place, occupation
     described_people(docs)             # embedded leads: facts parsed from each lead's description
     # synthetic people: lacy.corpus.synthbio.people_entities
+    listed_people("prompt_entities.txt")   # a user's list (FActScore's): names only, facts in their articles
+    knowledge_file("knowledge.jsonl")      # their articles, {title, text} per line
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from lacy.core.paths import wiki2015_dir
 
@@ -106,3 +110,67 @@ def _pantheon_entity(row: dict) -> Entity:
     return Entity(name=name, title=clean("title") or name, doc_id=str(row.get("en_curid", "")),
                   description=description, birth_year=birth_year, birth_place=birth_place,
                   occupation=occupation)
+
+
+# ----------------------------------------------------------------------------------------------
+# A user's people and their articles (FActScore's formats)
+
+
+class PeopleFileError(ValueError):
+    """A people or knowledge file that cannot be read as one; the message names the file, line and field."""
+
+
+def listed_people(path: str | Path) -> list[Entity]:
+    """The people of a user's list, in its order, each once: one name per line (FActScore's
+    prompt_entities.txt; blank lines skipped) or, for a .jsonl file, a JSON object with `topic` per line.
+    Their facts are known only from their articles (no attributes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeopleFileError(f"eval.people_file: no such file {path}")
+    names: list[str] = []
+    for no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        name = line.strip()
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise PeopleFileError(f"eval.people_file: {path}:{no} is not JSON ({err})") from None
+            name = record.get("topic") if isinstance(record, dict) else None
+            if not isinstance(name, str) or not name.strip():
+                raise PeopleFileError(f"eval.people_file: {path}:{no} has no `topic` string")
+            name = name.strip()
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise PeopleFileError(f"eval.people_file: {path} names nobody")
+    return [Entity(name=n, title=n, doc_id=n, description="", birth_year=None, birth_place=None, occupation=None)
+            for n in names]
+
+
+def knowledge_file(path: str | Path) -> list[dict]:
+    """The articles of a JSONL file of {title, text} (FActScore's knowledge source as documents) as
+    documents {id: "knowledge:<title>", title, text}; documents sharing a title are one article."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeopleFileError(f"eval.knowledge_file: no such file {path}")
+    texts: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8-sig") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise PeopleFileError(f"eval.knowledge_file: {path}:{no} is not JSON ({err})") from None
+            title, text = (record.get("title"), record.get("text")) if isinstance(record, dict) else (None, None)
+            if not (isinstance(title, str) and title.strip() and isinstance(text, str) and text.strip()):
+                raise PeopleFileError(f"eval.knowledge_file: {path}:{no} needs a non-empty `title` and `text`")
+            texts.setdefault(title.strip(), []).append(text.strip())
+    return [{"id": f"knowledge:{title}", "title": title, "text": "\n\n".join(parts)} for title, parts in texts.items()]
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a file's bytes (None for no file): what a cached result read from it depends on."""
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()

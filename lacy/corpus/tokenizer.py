@@ -7,6 +7,7 @@ spaces belong to the token that starts with them). Facts and reference losses ar
 
     tok = train_tokenizer(texts, vocab_size=8192, out_dir="runs/tok")
     tok = load_tokenizer("runs/tok")      # same ids, same offsets
+    tok = extend_tokenizer("path/to/hf-model", out_dir="runs/tok")   # an existing model's, <CALL> added
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def _wrap(bpe: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
                                    unk_token=EOS_TOKEN, pad_token=PAD_TOKEN,
                                    additional_special_tokens=[CALL_TOKEN])
+
+
+def extend_tokenizer(source: str | Path, out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of an existing model (`source`: its directory) with `<CALL>` added, and `<pad>`
+    when it has no pad token or pads with its eos (packed rows mask pad targets: the document separator
+    must stay a target). Its own ids are unchanged; the new tokens get the next ids. Saved to `out_dir`
+    when given."""
+    source = Path(source)
+    if not (source / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"model.init_from: {source} has no tokenizer.json (a fast tokenizer is needed: "
+                                "its offsets align the fact flags)")
+    tok = AutoTokenizer.from_pretrained(str(source))
+    if tok.eos_token_id is None:
+        raise ValueError(f"model.init_from: the tokenizer of {source} has no eos token to separate documents")
+    if CALL_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [CALL_TOKEN]})
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    call_id(tok)
+    if out_dir is not None:
+        tok.save_pretrained(str(out_dir))
+    return tok
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:

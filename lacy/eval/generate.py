@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from lacy.cascade.big import BigCall, BigModel, BigSession, build_big
@@ -86,6 +89,24 @@ def biographies(entities: Sequence[EntityLike], outs: Sequence[Any], prompt_styl
                                       getattr(out, "decision_points", None), getattr(out, "spans", None),
                                       getattr(out, "small_tokens", None), getattr(out, "big_tokens", None)))
     return generations
+
+
+def export_generations(path: str | Path, system: str, generations: Sequence[Generation]) -> Path:
+    """One JSON line per biography in FActScore's input format, `{"topic", "output"}` (its `--input_path`:
+    FActScore itself can score them), plus ours: the system, the spans each model wrote ("prompt",
+    "small", "big"), calls, decision points, call rate and tokens. Written atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for g in generations:
+        spans = [{"text": text, "source": source} for text, source in (g.spans or [])]
+        lines.append(json.dumps({"topic": g.entity.name, "output": g.text, "system": system, "spans": spans,
+                                 "calls": g.calls, "decision_points": g.decision_points, "call_rate": g.call_rate,
+                                 "small_tokens": g.small_tokens, "big_tokens": g.big_tokens}) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

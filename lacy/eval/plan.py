@@ -28,11 +28,21 @@ from lacy.core.compute import compute_thread
 from lacy.core.config import CALL_RULES, CALL_TRIGGERS, LacyConfig, config_hash, to_dict
 from lacy.core.stages import cached_json, cached_value, write_json
 from lacy.corpus.corpora import Corpus
+from lacy.corpus.people import file_digest
 from lacy.corpus.readers import doc_split
 from lacy.eval.claims import load_nlp, score_claims
-from lacy.eval.generate import Generated, Generator, LocalGenerator, Request, bio_prompt, biographies
+from lacy.eval.generate import (
+    Generated,
+    Generator,
+    LocalGenerator,
+    Request,
+    bio_prompt,
+    biographies,
+    export_generations,
+)
+from lacy.eval.judge import LLMJudge
 from lacy.eval.leakage import leakage, make_leak_probes
-from lacy.eval.row import SCHEMA, Row
+from lacy.eval.row import SCHEMA, Row, add_judge
 from lacy.eval.synthetic import leak_probes, score_records
 from lacy.model import load_small_model
 from lacy.serve.view import generation_block, page_html
@@ -120,16 +130,21 @@ class Population:
 
 def population(cfg: LacyConfig, corpus: Corpus) -> Population:
     """The corpus' people split into evaluation, calibration and held-out groups (seeded; a person's
-    split is their documents')."""
+    split is their documents'); a user's list (`Corpus.listed`) in its order, none held out."""
     docs = list(corpus.documents())
     split = {doc.get("person") or doc["id"]: doc_split(doc, cfg.data.val_fraction) for doc in docs}
-    people = [e for e in corpus.people(docs) if e.doc_id in split]
-    random.Random(cfg.seed).shuffle(people)
+    if corpus.listed:
+        people = corpus.people(docs)
+        split = {e.doc_id: "train" for e in people}
+    else:
+        people = [e for e in corpus.people(docs) if e.doc_id in split]
+        random.Random(cfg.seed).shuffle(people)
     trained = [e for e in people if split[e.doc_id] == "train"]
     ecfg, groups = cfg.eval, len(cfg.experiment.seeds) or 1
     need = ecfg.entities + groups * ecfg.calibration_entities
     if len(trained) < need:
-        raise ValueError(f"{len(trained)} trained-on people, but eval.entities ({ecfg.entities}) + "
+        whom = "people in eval.people_file" if corpus.listed else "trained-on people"
+        raise ValueError(f"{len(trained)} {whom}, but eval.entities ({ecfg.entities}) + "
                          f"{groups} seed(s) x eval.calibration_entities ({ecfg.calibration_entities}) need {need}")
     calibration = [trained[ecfg.entities + k * ecfg.calibration_entities:][:ecfg.calibration_entities]
                    for k in range(groups)]
@@ -215,8 +230,11 @@ def _row_key(cfg: LacyConfig) -> dict:
     """What every cached evaluation result depends on besides its system. Nothing under run_dir: a run
     folder copied or pulled to another path keeps its results (the store's content follows the corpus)."""
     knowledge = {k: v for k, v in to_dict(cfg.knowledge).items() if k != "db_path"}
-    return {"eval": to_dict(cfg.eval), "cascade": to_dict(cfg.cascade), "big": to_dict(cfg.big),
-            "knowledge": knowledge, "seed": cfg.seed, "row_schema": SCHEMA}
+    key = {"eval": to_dict(cfg.eval), "cascade": to_dict(cfg.cascade), "big": to_dict(cfg.big),
+           "knowledge": knowledge, "seed": cfg.seed, "row_schema": SCHEMA}
+    if cfg.eval.knowledge_file is not None:  # the articles' content (only when set: older keys stay valid)
+        key["knowledge_file"] = file_digest(cfg.eval.knowledge_file)
+    return key
 
 
 def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[str, str], pop: Population,
@@ -272,6 +290,7 @@ class _Scoring:
         self.nlp = None if pop.exact else load_nlp(cfg.facts.spacy_model)
         self.probes = _leak_probes(cfg, pop, self.nlp, models)
         self.results = Path(cfg.run_dir) / "results"
+        self.judge = LLMJudge.from_config(cfg)
 
     def rows(self, systems: list[System], thresholds: dict[str, dict], stage_keys: dict[str, str],
              generator: Generator, big_generator: LocalGenerator, budget: int | None = None) -> list[Row]:
@@ -283,6 +302,8 @@ class _Scoring:
             key = {**_row_key(cfg), "system": system.name, "model": stage_keys.get(system.small or ""),
                    "threshold": calibration.get("threshold"), "people": [e.doc_id for e in people],
                    "budget": budget if system.budget else None}
+            if self.judge is not None:  # the judge's columns: only rows with a judge are keyed by it
+                key["llm_judge"] = [self.judge.model_id, self.judge.facts_max_tokens]
             todo[system] = {"people": people, "calibration": calibration, "key": key,
                             "path": self.results / "rows" / f"{system.name}.json"}
         missing = [s for s, job in todo.items() if cached_value(job["path"], job["key"]) is None]
@@ -301,6 +322,10 @@ class _Scoring:
                 else:
                     row = score_claims(system.name, bios, self.pop.articles, self.store, k=cfg.knowledge.top_k,
                                        gamma=ecfg.gamma, bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=self.nlp)
+                if self.judge is not None:
+                    add_judge(row, self.judge.score(bios, self.store, cfg.knowledge.top_k), bootstrap=ecfg.bootstrap,
+                              seed=cfg.seed)
+                export_generations(self.results / "generations" / f"{system.name}.jsonl", system.name, bios)
                 prompts = [bio_prompt(e, ecfg.prompt_style) for e in job["people"]]
                 row.output_chars = sum(len(g.text) - len(p) for g, p in zip(bios, prompts, strict=True)) / len(bios)
                 if (system, "leaks") in written:

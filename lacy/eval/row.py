@@ -7,6 +7,7 @@ trigger, rate, threshold, leakage); `Row.to_dict` is what the report reads and t
 
     row = build_row("lacy+retrieval@0.22/p_call", generations, scores, headline="strict", bootstrap=1000, seed=0)
     row.precision, row.precision_lo, row.precision_hi
+    add_judge(row, judged, bootstrap=1000, seed=0)   # the LLM judge's FActScore, when on: *_judge columns
 
 Cached rows carry `SCHEMA`: a hash of the row's fields and `ROW_MEANING`, so a row cached by code
 whose rows had other fields (or meant something else) is never read as one of today's.
@@ -106,6 +107,17 @@ class Row:
     entity_factscore: list[float] = field(default_factory=list)
     entity_supported: list[float] = field(default_factory=list)
     """Per-person correct (supported) values, abstainers 0: the headline quality, for paired bootstraps."""
+    precision_judge: float | None = None
+    """FActScore with the LLM judge (llm_judge): supported atomic facts over atomic facts, mean over the
+    people with any (None: no judge)."""
+    precision_judge_lo: float | None = None
+    precision_judge_hi: float | None = None
+    respond_ratio_judge: float | None = None
+    """Share of people whose biography has an atomic fact by the judge."""
+    facts_per_response_judge: float | None = None
+    """The judge's atomic facts per biography that has any."""
+    entity_scores_judge: list[float | None] | None = None
+    """Per-person judge precision (None: no atomic fact), in people order."""
     # What the evaluation plan adds:
     leakage: float | None = None
     """Share of leakage probes (training facts) the small model alone reproduces (small-alone rows)."""
@@ -232,4 +244,18 @@ def build_row(system: str, generations: Sequence[Any], scores: Sequence[PersonSc
     if any(s.big_spans_on_values is not None for s in scores):
         spans = sum(s.big_spans for s in scores)
         row.calls_on_facts = sum(s.big_spans_on_values or 0 for s in scores) / spans if spans else None
+    return row
+
+
+def add_judge(row: Row, judged: Sequence[tuple[float | None, int]], *, bootstrap: int, seed: int) -> Row:
+    """The LLM judge's columns of a row from its per-person (precision or None, atomic facts), in people
+    order (`lacy.eval.judge.LLMJudge.score`)."""
+    if len(judged) != row.entities:
+        raise ValueError(f"add_judge: {len(judged)} judged biographies for a row of {row.entities} people")
+    answered = [(p, n) for p, n in judged if p is not None]
+    row.precision_judge, row.precision_judge_lo, row.precision_judge_hi = mean_ci([p for p, _ in answered],
+                                                                                  bootstrap, seed)
+    row.respond_ratio_judge = len(answered) / len(judged) if judged else 0.0
+    row.facts_per_response_judge = float(np.mean([n for _, n in answered])) if answered else 0.0
+    row.entity_scores_judge = [p for p, _ in judged]
     return row

@@ -238,7 +238,7 @@ def stored_bits(model_dir: str | Path, docs: Sequence[dict], max_people: int | N
     space_bits = {attr: math.log2(len(value_space(attr))) for attr in ORACLE_ATTRIBUTES}
     bits = dict.fromkeys(ORACLE_ATTRIBUTES, 0.0)
     template_loss, template_tokens = 0.0, 0
-    limit = model.config.n_positions
+    limit = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     with torch.no_grad():
         for doc in firsts:
             enc = tokenizer(doc["text"], add_special_tokens=False, split_special_tokens=True,

@@ -34,12 +34,13 @@ import pyarrow as pa
 from lacy.core import storage
 from lacy.core.config import LacyConfig, config_hash, parse_cli, save_config, to_dict
 from lacy.core.console import progress, setup_logging
+from lacy.core.tracking import active, log_dataset, log_metrics, start_run
 from lacy.corpus.corpora import corpus_for
 from lacy.corpus.readers import ReadReport, doc_split
-from lacy.corpus.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_tokenizer
+from lacy.corpus.tokenizer import SPECIAL_TOKENS, extend_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
 from lacy.labels.facts import FactTagger, merge_spans, tag_spans, tagger_info
 from lacy.labels.reference import JudgeLabeler, ReferenceScorer
-from lacy.model import load_big_model
+from lacy.model import load_big_model, pretrained_dir
 from lacy.shards.format import (
     SCHEMA_VERSION,
     SPLITS,
@@ -319,29 +320,43 @@ def unit_name(unit: int) -> str:
 
 
 def prepare_tokenizer(cfg: LacyConfig, docs: list[dict], corpus_fingerprint: str) -> tuple[Any, Path]:
-    """cfg.tokenizer.path, else run_dir/tokenizer: reused when trained with the same settings and
-    corpus, else trained on the first `train_docs` training documents (written to a temp dir, renamed)."""
+    """cfg.tokenizer.path, else run_dir/tokenizer: reused when made with the same settings and corpus, else
+    made anew (in a temp dir, renamed): the tokenizer of model.init_from with `<CALL>` added, or a BPE trained
+    on the first `train_docs` training documents."""
     if cfg.tokenizer.path is not None:
         path = Path(cfg.tokenizer.path).resolve()
         return load_tokenizer(path), path
     path = Path(cfg.run_dir).resolve() / "tokenizer"
-    key = config_hash({"tokenizer": asdict(cfg.tokenizer), "val_fraction": cfg.data.val_fraction,
-                       "corpus": corpus_fingerprint, "specials": SPECIAL_TOKENS})
+    if cfg.model.init_from is not None:
+        source = pretrained_dir(cfg.model.init_from, "model.init_from")
+        key = config_hash({"init_from": _file_hash(source / "tokenizer.json"), "specials": SPECIAL_TOKENS})
+    else:
+        key = config_hash({"tokenizer": asdict(cfg.tokenizer), "val_fraction": cfg.data.val_fraction,
+                           "corpus": corpus_fingerprint, "specials": SPECIAL_TOKENS})
     marker = path / "lacy_tokenizer.json"
     if marker.is_file() and _read_json(marker).get("key") == key:
         return load_tokenizer(path), path
-    texts = [d["text"] for d in docs if doc_split(d, cfg.data.val_fraction) == "train"]
-    texts = texts[:cfg.tokenizer.train_docs]
-    if not texts:
-        raise ValueError(f"no training documents to train the tokenizer on (corpus {cfg.data.corpus!r})")
-    log.info("training a %d-id BPE tokenizer on %d documents", cfg.tokenizer.vocab_size, len(texts))
     tmp = path.with_name(f".tokenizer.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    train_tokenizer(texts, cfg.tokenizer.vocab_size, out_dir=tmp)
-    write_json_atomic({"key": key, "train_docs": len(texts)}, tmp / marker.name)
+    if cfg.model.init_from is not None:
+        tok = extend_tokenizer(source, out_dir=tmp)
+        log.info("the tokenizer of %s with <CALL> added: %d ids", source, len(tok))
+        write_json_atomic({"key": key, "init_from": str(source)}, tmp / marker.name)
+    else:
+        texts = [d["text"] for d in docs if doc_split(d, cfg.data.val_fraction) == "train"]
+        texts = texts[:cfg.tokenizer.train_docs]
+        if not texts:
+            raise ValueError(f"no training documents to train the tokenizer on (corpus {cfg.data.corpus!r})")
+        log.info("training a %d-id BPE tokenizer on %d documents", cfg.tokenizer.vocab_size, len(texts))
+        train_tokenizer(texts, cfg.tokenizer.vocab_size, out_dir=tmp)
+        write_json_atomic({"key": key, "train_docs": len(texts)}, tmp / marker.name)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return load_tokenizer(path), path
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_json(path: Path) -> dict:
@@ -490,10 +505,25 @@ def build_shards(cfg: LacyConfig, encode_units: UnitEncoder = encode_units_local
     return manifest, metrics
 
 
-def main(argv: list[str] | None = None) -> Manifest:
+def log_inputs(cfg: LacyConfig, manifest: Manifest) -> None:
+    """The corpus and the shards as inputs of the active MLflow run (context "training"), each with the
+    digest that identifies its content (the corpus fingerprint; the shards' config hash); nothing without one."""
+    if active() is None:
+        return
+    log_dataset(f"corpus:{cfg.data.corpus if '/' not in cfg.data.corpus else Path(cfg.data.corpus).name}",
+                corpus_for(cfg).source(), manifest.corpus_fingerprint, "training")
+    log_dataset("shards", str(Path(cfg.score.output_dir).resolve()), manifest.config_hash, "training")
 
+
+def main(argv: list[str] | None = None) -> Manifest:
+    """The stage in this process, logged as MLflow run "score" (metrics, the corpus and shards as inputs)."""
     setup_logging()
-    return build_shards(parse_cli(argv, __doc__ or ""))[0]
+    cfg = parse_cli(argv, __doc__ or "", stage="score")
+    with start_run(cfg, "score"):
+        manifest, metrics = build_shards(cfg)
+        log_metrics(metrics)
+        log_inputs(cfg, manifest)
+    return manifest
 
 
 if __name__ == "__main__":
