@@ -248,17 +248,6 @@ def _read_embedded(path: Path, report: ReadReport, min_chars: int) -> Iterator[d
         yield doc
 
 
-def knowledge_document(doc: dict) -> dict:
-    """The document as a knowledge source (passage store, evaluator): its text, followed by its
-    description when the corpus has one. The embedded leads leave life years out of the text
-    ("Albert Einstein was a German-born theoretical physicist ...") and put them in the description
-    ("German-born physicist (1879–1955)"): without it a correct "1879" could never be credited."""
-    description = (doc.get("description") or "").strip()
-    if not description:
-        return doc
-    return {**doc, "text": f"{doc['text']}\n\n{doc.get('title') or ''}: {description}."}
-
-
 def doc_split(doc: dict, val_fraction: float) -> Literal["train", "val"]:
     """A document's split: by its `person` when it has one (every biography of a synthetic person
     lands in the same split, so trained-on and held-out people are clean), else by its id."""
