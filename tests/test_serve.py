@@ -377,6 +377,7 @@ NOT_RUN = {  # commands of README.md's bash blocks that start long jobs or serve
     "model (the same app is what `urls` deploys)", "python -m ": "a stage of the pipeline (minutes to hours)",
     "source ": "sets the environment the tests already have",
     "GGUF=": "finds the llama.cpp example's model file (tests/test_openai_big.py serves it with llama.cpp)",
+    "mlflow ui ": "starts the MLflow UI (tests/test_mlflow_record.py opens it in a browser)",
 }
 
 
