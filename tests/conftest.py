@@ -117,3 +117,15 @@ def scored_run(embedded_docs, tiny_tokenizer, tmp_path_factory):
                  "--score.docs_per_shard", "40"]
     build_shards(load_config("configs/tiny.yaml", overrides))
     return overrides
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama.cpp's OpenAI-compatible server on SmolLM2, one for the session's tests that only read from it
+    (tests that kill or re-key a server start their own)."""
+    from llama_server import LlamaServer
+
+    server = LlamaServer(tmp_path_factory.mktemp("llama"))
+    server.start()
+    yield server
+    server.stop()

@@ -4,7 +4,7 @@ its prompts, its reading of the answers, its cache, the errors naming the llm_ju
 from __future__ import annotations
 
 import pytest
-from llama_server import LlamaServer, free_port
+from llama_server import free_port
 from people import ADA, ARTICLES, BOB
 
 from lacy.cascade.knowledge import SqlitePassageStore
@@ -41,14 +41,6 @@ def test_judge_columns_of_a_row():
         add_judge(Row("s", 3), [(1.0, 1)] * 2, bootstrap=10, seed=0)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LlamaServer(tmp_path_factory.mktemp("llama"))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 def _cfg(tmp_path, url: str, *more: str):
     return load_config(None, ["--run_dir", str(tmp_path / "run"), "--llm_judge.base_url", url,
                               "--llm_judge.extra_body", "{repeat_penalty: 1.0}", "--llm_judge.facts_max_tokens", "40",
@@ -56,10 +48,10 @@ def _cfg(tmp_path, url: str, *more: str):
 
 
 @pytest.mark.slow
-def test_the_judge_on_a_real_server_asks_facts_then_verdicts_and_caches_them(server, tmp_path):
+def test_the_judge_on_a_real_server_asks_facts_then_verdicts_and_caches_them(llama_server, tmp_path):
     store = SqlitePassageStore(tmp_path / "kb.sqlite", passage_words=12)
     store.add(ARTICLES.values())
-    judge = LLMJudge.from_config(_cfg(tmp_path, server.url))
+    judge = LLMJudge.from_config(_cfg(tmp_path, llama_server.url))
     asked: list[tuple[str, int, list[str] | None]] = []
     complete = judge._complete
     judge._complete = lambda prompt, n, stop: asked.append((prompt, n, stop)) or complete(prompt, n, stop)
@@ -75,21 +67,21 @@ def test_the_judge_on_a_real_server_asks_facts_then_verdicts_and_caches_them(ser
         assert (n, stop) == (8, ["\n"])
     assert 0.0 <= precision <= 1.0
     # The same question again, by a new judge on the same cache: nothing asked, the same answer.
-    again = LLMJudge.from_config(_cfg(tmp_path, server.url))
+    again = LLMJudge.from_config(_cfg(tmp_path, llama_server.url))
     assert again.score([Generation(ADA, text)], store, k=2) == [(precision, facts)] and again.asked == 0
     # A biography without a sentence has no fact: it abstains.
     assert judge.score([Generation(BOB, "")], store, k=2) == [(None, 0)]
 
 
-def test_a_wrong_url_or_key_is_refused_naming_the_llm_judge_field(server, tmp_path, monkeypatch):
-    root = server.url.removesuffix("/v1")
+def test_a_wrong_url_or_key_is_refused_naming_the_llm_judge_field(llama_server, tmp_path, monkeypatch):
+    root = llama_server.url.removesuffix("/v1")
     with pytest.raises(ConfigError, match=r"llm_judge\.base_url/llm_judge\.model: /models answered 404"):
         LLMJudge.from_config(_cfg(tmp_path, root))
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(ConfigError, match=rf"llm_judge\.api_key_env: the environment variable {KEY_ENV} is not set"):
-        LLMJudge.from_config(_cfg(tmp_path, server.url, "--llm_judge.api_key_env", KEY_ENV))
+        LLMJudge.from_config(_cfg(tmp_path, llama_server.url, "--llm_judge.api_key_env", KEY_ENV))
     with pytest.raises(ConfigError, match="llm_judge.api_key_env: must be the NAME"):
-        _cfg(tmp_path, server.url, "--llm_judge.api_key_env", "sk-123")
+        _cfg(tmp_path, llama_server.url, "--llm_judge.api_key_env", "sk-123")
     assert LLMJudge.from_config(load_config(None, ["--run_dir", str(tmp_path)])) is None  # off by default
     # A server that is not there: the evaluation cannot judge, and says which server.
     gone = LLMJudge.from_config(_cfg(tmp_path, f"http://127.0.0.1:{free_port()}/v1", "--llm_judge.model", "x"))

@@ -10,7 +10,6 @@ import csv
 import json
 
 import pytest
-from llama_server import LlamaServer
 
 from lacy.core.config import ConfigError, load_config
 from lacy.corpus.corpora import CorpusError, Listed, corpus_for
@@ -90,23 +89,16 @@ def test_a_corpus_of_files_is_evaluated_on_a_list_with_its_articles(tmp_path, em
         population(cfg, corpus_for(cfg))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LlamaServer(tmp_path_factory.mktemp("llama"))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.mark.slow
-def test_the_experiment_on_a_list_exports_factscore_jsonl_and_judges_with_an_llm(server, tmp_path, embedded_docs):
+def test_the_experiment_on_a_list_exports_factscore_jsonl_and_judges_with_an_llm(llama_server, tmp_path, embedded_docs):
     """lacy.experiment on a corpus of files, its people a list with a knowledge file, its big side and its
     LLM judge llama.cpp's server: every evaluated biography in FActScore's format, the judge's columns."""
     from lacy.cascade.knowledge import SqlitePassageStore
     from lacy.experiment import run
 
     corpus, names, knowledge, titles = _files(tmp_path, embedded_docs, people=3)
-    server_opts = ["--big.backend", "openai", "--big.base_url", server.url, "--big.extra_body", "{repeat_penalty: 1.0}"]
+    server_opts = ["--big.backend", "openai", "--big.base_url", llama_server.url,
+                   "--big.extra_body", "{repeat_penalty: 1.0}"]
     cfg = load_config("configs/tiny.yaml", [
         "--run_dir", str(tmp_path / "run"), "--data.corpus", str(corpus), "--data.max_docs", "null",
         "--eval.people_file", str(names), "--eval.knowledge_file", str(knowledge),
@@ -114,7 +106,7 @@ def test_the_experiment_on_a_list_exports_factscore_jsonl_and_judges_with_an_llm
         "--experiment.triggers", "[confidence]", "--eval.entities", "1", "--eval.calibration_entities", "2",
         "--eval.calibration_rounds", "1", "--eval.call_rates", "[0.22]", "--eval.leakage_facts", "4",
         "--eval.bootstrap", "50", "--experiment.views", "1", "--cascade.max_new_tokens", "8",
-        "--experiment.headline_rate", "0.22", *server_opts, "--llm_judge.base_url", server.url,
+        "--experiment.headline_rate", "0.22", *server_opts, "--llm_judge.base_url", llama_server.url,
         "--llm_judge.extra_body", "{repeat_penalty: 1.0}", "--llm_judge.facts_max_tokens", "40",
         "--knowledge.top_k", "1"])
     results = run(cfg)
