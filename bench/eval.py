@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": "python -m bench.eval " + " ".join(sys.argv[1:] if argv is None else argv),
         "people": len(requests), "model": args.model, "threshold": threshold,
-        "torch_threads": compute_thread().call(torch.get_num_threads),
+        "torch_threads": compute_thread().call(torch.get_num_threads), "big_fill": cfg.eval.big_fill,
         "seconds": {"serve": serve_s, "batch_in_process": batch_s, "batch_ray_data": ray_s, "bound": bound_s},
         "people_per_min": {"serve": per_min(serve_s), "batch_in_process": per_min(batch_s),
                            "batch_ray_data": per_min(ray_s), "bound": per_min(bound_s)},
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "big_model": {"prefill_tokens": stats.get("prefill_tokens"), "decode_tokens": stats.get("decode_tokens"),
                       "prefill_s": stats.get("prefill_s"), "decode_s": stats.get("decode_s"),
                       "batches": stats.get("batches"), "calls": stats.get("calls"),
+                      "decode_steps": stats.get("decode_steps"),
                       "prefill_s_per_token_full_batch": prefill_tok, "decode_s_per_token_full_batch": decode_tok},
         "small_step_s_full_batch": small_step,
     }

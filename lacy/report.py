@@ -270,7 +270,7 @@ def comparison_summary(rows: Sequence[dict], cfg: LacyConfig, results_dir: str |
             f"resampling {seeds} training seed(s) and {len(rows[0]['entity_supported'])} people; APGR and "
             f"CPT(50 %) over the swept rates {', '.join(f'{r:g}' for r in rates)}.", "",
             markdown_table(lines, columns), ""]
-    pairs = []
+    pairs, paired = [], []
     for big in cfg.experiment.big_models:
         for unit in cfg.experiment.units or [None]:
             lacy = find(measured, "lacy", "p_call", big, unit)
@@ -279,17 +279,18 @@ def comparison_summary(rows: Sequence[dict], cfg: LacyConfig, results_dir: str |
                 other = find(measured, rule, trigger, big, unit)
                 if lacy is None or other is None:
                     continue
-                diffs = [(r, difference(lacy, other, r)) for r in rates]
-                pairs.append(f"- lacy/p_call − {other.system.rule}/{other.system.trigger} ({big}"
-                             + (f", {unit}" if unit else "") + "): "
-                             + "; ".join(f"{r:g}: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" for r, d in diffs if d))
+                diffs = [(r, d) for r in rates if (d := difference(lacy, other, r))]
+                versus = f"lacy/p_call − {other.system.rule}/{other.system.trigger}"
+                pairs.append(f"- {versus} ({big}" + (f", {unit}" if unit else "") + "): "
+                             + "; ".join(f"{r:g}: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" for r, d in diffs))
+                paired += [{"pair": versus, "big": big, "unit": unit, "rate": r, "difference": d} for r, d in diffs]
     if pairs:
         text += ["Paired differences in correct values per person, by call rate (95 % interval over seeds and "
                  "people):", "", *pairs, ""]
     curves_plot(measured, bigs, results_dir / "curves.png")
     (results_dir / "comparison.json").write_text(json.dumps(
         {"rates": rates, "seeds": seeds, "big_alone": bigs, "small_alone": small,
-         "systems": [to_json(m) for m in measured]}, indent=2))
+         "systems": [to_json(m) for m in measured], "paired": paired}, indent=2))
     return "\n".join(text)
 
 

@@ -4,7 +4,7 @@ harmless uncertainty (the dial).
     python -m lacy.sweep --config configs/synthbio-sweep.yaml                  # synth.people x 1/4, 1, 4
     python -m lacy.sweep --config configs/synthbio-tiny.yaml --people 30,120   # any synthbio config
     python -m jobs.sweep --config configs/synthbio-sweep.yaml --people 40,100,1000  # the same on Ray
-    python -m jobs.sweep --config configs/synthbio-dial.yaml --filler 0,3,6    # the dial, on Ray
+    python -m lacy.sweep --config configs/synthbio-dial.yaml --filler 0,6      # the dial (jobs.sweep: on Ray)
 
 The dial (`--filler`): per point, `synth.filler` filler sentences per biography — words as uncertain as
 facts but harmless — and the whole comparison protocol (`<run_dir>/filler-N`); `dial.json`, `dial.md`
@@ -28,11 +28,16 @@ import argparse
 import csv
 import json
 import logging
+import shlex
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from lacy.core.config import LacyConfig, parse_cli
 from lacy.core.console import setup_logging
+from lacy.core.provenance import git_describe, machine
 from lacy.experiment import rule_config, run
 from lacy.report import markdown_table
 
@@ -155,33 +160,70 @@ def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
     return path
 
 
-def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None, track: bool = False) -> list[dict[str, Any]]:
-    """The comparison protocol at each number of filler sentences per biography; the dial's table and plot."""
+def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None, track: bool = False,
+         publish: str | Path | None = None, command: str = "") -> list[dict[str, Any]]:
+    """The comparison protocol at each number of filler sentences per biography; the dial's table and plot
+    (copied with the command, commit and machine to `<publish>/<run name>.md` when `publish` names a folder)."""
+    started = time.time()
     if cfg.data.corpus != "synthbio":
         raise ValueError(f"the dial needs data.corpus: synthbio (got {cfg.data.corpus!r})")
     if not fillers or min(fillers) < 0:
         raise ValueError(f"--filler must list numbers of filler sentences, 0 or more (got {fillers})")
     lines: list[dict[str, Any]] = []
-    rate = str(cfg.experiment.headline_rate)
+    paired: list[dict[str, Any]] = []
     for n in fillers:
         point = cfg.moved(Path(cfg.run_dir) / f"filler-{n}")
         point.synth.filler = n
         log.info("dial point: %d filler sentences per biography in %s", n, point.run_dir)
         results = run(point, backend, track=track)
-        comparison = json.loads((results / "comparison.json").read_text())
-        for system in comparison["systems"]:
-            quality = system["quality"].get(rate)
-            lines.append({"filler": n, "system": system["system"], "quality": quality and quality[0],
-                          "quality_lo": quality and quality[1], "quality_hi": quality and quality[2],
-                          "call_rate": system["call_rate"].get(rate), "apgr": system["apgr"][0],
-                          "apgr_lo": system["apgr"][1], "apgr_hi": system["apgr"][2]})
-        lines += [{"filler": n, "system": f"big alone ({big})", "quality": q[0]}
-                  for big, q in comparison["big_alone"].items()]
+        systems, pairs = dial_point(n, json.loads((results / "comparison.json").read_text()),
+                                    cfg.experiment.headline_rate)
+        lines += systems
+        paired += pairs
     out = Path(cfg.run_dir)
-    (out / "dial.json").write_text(json.dumps(lines, indent=2))
-    (out / "dial.md").write_text(markdown_table(lines, list(lines[0]) if lines else ["filler"]) + "\n")
+    (out / "dial.json").write_text(json.dumps({"systems": lines, "paired": paired}, indent=2))
+    rates = dict.fromkeys(k for line in lines for k in line if k.startswith("correct @"))
+    columns = ["filler", "system", *rates, "call_rate", "apgr"]
+    (out / "dial.md").write_text(markdown_table(lines, columns) + "\n\n" + markdown_table(
+        paired, ["filler", "pair", "rate", "difference [CI]"]) + "\n")
     dial_plot(lines, out / "dial.png", cfg.experiment.headline_rate)
+    if publish is not None:
+        name, host = out.name, machine()
+        Path(publish).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "dial.png", Path(publish) / f"{name}.png")
+        (Path(publish) / f"{name}.md").write_text("\n".join([
+            f"# {name}: the dial of acceptable uncertainty", "",
+            f"Produced by `{command}` at commit `{git_describe()}` on {time.strftime('%Y-%m-%d')}, {host['cpu']} "
+            f"({host['cores']} cores, load {host['load']:.2f} at the end, {(time.time() - started) / 60:.1f} min). "
+            "Each point is the whole comparison protocol on a corpus with that many filler sentences per "
+            "biography; its own report is `<run_dir>/filler-N/results/report.md`.", "",
+            "Correct values per person (abstainers 0) at each call rate, 95 % intervals over seeds and people:",
+            "", (out / "dial.md").read_text(), f"![the dial]({name}.png)", ""]))
     return lines
+
+
+def dial_point(filler: int, comparison: dict[str, Any], rate: float) -> tuple[list[dict], list[dict]]:
+    """One dial point's lines from its comparison.json: per system its correct values per person at every
+    rate (the headline rate's also as numbers, for the plot), call rate and APGR; the big model alone; and
+    LaCy's paired differences at every rate."""
+    def ci(q: list[float] | None) -> str | None:
+        return None if q is None else f"{q[0]:.3f} [{q[1]:.3f}, {q[2]:.3f}]"
+
+    lines = []
+    for system in comparison["systems"]:
+        quality = system["quality"].get(str(rate))
+        line = {"filler": filler, "system": system["system"], "quality": quality and quality[0],
+                "quality_lo": quality and quality[1], "quality_hi": quality and quality[2]}
+        line.update({f"correct @{r:g}": ci(system["quality"].get(str(r))) for r in comparison["rates"]})
+        line.update({"call_rate": system["call_rate"].get(str(rate)), "apgr": system["apgr"][0],
+                     "apgr_lo": system["apgr"][1], "apgr_hi": system["apgr"][2]})
+        lines.append(line)
+    lines += [{"filler": filler, "system": f"big alone ({big})", "quality": q[0], f"correct @{rate:g}": ci(q)}
+              for big, q in comparison["big_alone"].items()]
+    paired = [{"filler": filler, "pair": p["pair"] + (f" ({p['unit']})" if p["unit"] else ""), "rate": p["rate"],
+               "difference [CI]": "{:+.3f} [{:+.3f}, {:+.3f}]".format(*p["difference"])}
+              for p in comparison.get("paired", [])]
+    return lines, paired
 
 
 def dial_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
@@ -223,11 +265,14 @@ def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, A
     extra.add_argument("--people", help="comma-separated numbers of invented people (default: sweep of the "
                                         "config's synth.people x 1/4, 1, 4)")
     extra.add_argument("--filler", help="comma-separated numbers of filler sentences per biography: the dial")
+    extra.add_argument("--publish", help="the dial: also write its page to this folder (docs/results)")
     known, rest = extra.parse_known_args(argv)
     setup_logging()
     cfg = parse_cli(rest, __doc__ or "")
     if known.filler:
-        lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend, track=True)
+        command = shlex.join(["python", "-m", "lacy.sweep", *(sys.argv[1:] if argv is None else argv)])
+        lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend, track=True, publish=known.publish,
+                     command=command)
         print((Path(cfg.run_dir) / "dial.md").read_text())  # noqa: T201 - the sweep's product
         return lines
     people = ([int(p) for p in known.people.split(",")] if known.people

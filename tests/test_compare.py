@@ -74,3 +74,28 @@ def test_the_bootstrap_resamples_seeds_as_well_as_people():
     # Abstainers (NaN precision) are left out of the mean, not counted as zero.
     point, *_ = estimate(np.asarray([[1.0, np.nan, 0.0, np.nan]]), Bootstrap(1, 4, 10, seed=0))
     assert point == 0.5
+
+
+def test_the_report_and_the_dial_carry_lacys_paired_differences_at_every_rate(tmp_path):
+    """comparison.json holds LaCy's paired differences (what the dial reads); a dial point's lines give
+    every system's correct values per person at every rate and the differences as a table."""
+    import json
+
+    from lacy.core.config import load_config
+    from lacy.report import comparison_summary
+    from lacy.sweep import dial_point
+
+    alone = [[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+    cfg = load_config("configs/synthbio-quick.yaml", ["--eval.call_rates", "[0.2, 0.4]", "--experiment.headline_rate",
+                                                      "0.2", "--eval.bootstrap", "200"])
+    text = comparison_summary(rows_of({"lacy": alone, "plain": alone}), cfg, tmp_path)
+    assert "lacy/p_call − plain/confidence (retrieval): 0.2: +0.000" in text
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(p["pair"], p["rate"], p["difference"]) for p in comparison["paired"]] == [
+        ("lacy/p_call − plain/confidence", r, [0.0, 0.0, 0.0]) for r in (0.2, 0.4)]
+    lines, paired = dial_point(6, comparison, 0.2)
+    lacy = next(line for line in lines if line["system"].startswith("lacy"))
+    assert lacy["filler"] == 6 and lacy["quality"] == pytest.approx(1.5)
+    assert lacy["correct @0.4"].startswith("2.500 [")
+    assert any(line["system"] == "big alone (retrieval)" for line in lines)
+    assert [p["difference [CI]"] for p in paired] == ["+0.000 [+0.000, +0.000]"] * 2

@@ -31,6 +31,8 @@ def test_bad_values_name_the_field():
         load_config(None, ["--train.nope", "1"])
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["--train.lr", "fast"])
+    with pytest.raises(ConfigError, match="eval.big_fill"):
+        load_config(None, ["--eval.big_fill", "1.5"])
 
 
 def test_save_roundtrip(tmp_path):
@@ -118,3 +120,15 @@ def test_a_config_inherits_its_base_and_states_only_what_differs(tmp_path):
                                                                                "output_dir": 0}
     assert same("train") and quick.model == full.model and quick.cascade == full.cascade
     assert (quick.eval.entities, full.eval.entities) == (160, 200)
+
+
+def test_an_optional_field_added_later_keeps_every_content_key():
+    """A field added with the default None (unused: `train.init_from`, `eval.people_file`) must not change
+    the keys of what older code finished, or a new release retrains and re-evaluates every run folder."""
+    from lacy.core.config import config_hash
+
+    before = {"train": {"lr": 0.002, "steps": [1, 2]}, "eval": {"entities": 160}}
+    after = {"train": {"lr": 0.002, "steps": [1, 2], "init_from": None}, "eval": {"entities": 160, "people_file": None}}
+    assert config_hash(after) == config_hash(before)
+    assert config_hash({**after, "train": {**after["train"], "init_from": "runs/x"}}) != config_hash(before)
+    assert config_hash([None, 1]) != config_hash([1])  # positions in a list are content

@@ -260,8 +260,9 @@ def test_an_experiment_that_cannot_be_evaluated_stops_before_anything_trains(tmp
 
 def test_the_batch_path_writes_what_each_request_alone_writes(tmp_path, tiny_tokenizer, embedded_docs):
     """Offline evaluation decodes every person of a row together (small steps as one forward pass, pending
-    big calls as one batch); a cascade decoding each request alone — what a Serve replica does — writes
-    the same texts and spans, calls and decision points, with retrieval and with the plain big model."""
+    big calls as one batch, held until eval.big_fill of the people wait on one); a cascade decoding each
+    request alone — what a Serve replica does — writes the same texts and spans, calls and decision
+    points, with retrieval and with the plain big model."""
     import torch
 
     from lacy.cascade.big import BigSession
@@ -286,7 +287,13 @@ def test_the_batch_path_writes_what_each_request_alone_writes(tmp_path, tiny_tok
                 for d in people for big, trigger, threshold in (("retrieval", "confidence", 2.0),
                                                                   ("plain", "p_call", -0.5))]
     requests += [Request(d["title"] + " was", "small", None, max_tokens=8) for d in people[:4]]  # small alone
+    stats = gen.big.inner.stats
     batched = gen.generate_many(requests)
+    held_batches = stats["batches"]
+    gen.cfg.eval.big_fill = 0.0  # every pending call answered in the round it arrives
+    assert gen.generate_many(requests) == batched
+    # holding calls until 60 % of the people wait on the big model fills its batches: fewer of them
+    assert gen.cfg.eval.big_fill == 0.0 and held_batches < 0.7 * (stats["batches"] - held_batches)
     model, tokenizer = gen.small["small"]
     for request, out in zip(requests, batched, strict=True):
         big = None if request.big is None else BigSession(gen.big, retrieval=request.big == "retrieval")

@@ -376,24 +376,30 @@ def _merge(spans: list[Span]) -> list[Span]:
     return merged
 
 
-def generate_batch(decodings: Sequence[Decoding]) -> list[CascadeResult]:
+def generate_batch(decodings: Sequence[Decoding], big_fill: float = 0.0) -> list[CascadeResult]:
     """Many generations decoded together: every round, the small-model reads of all sessions that need
     one run as one forward pass (`lacy.cascade.batching.feed_many`; one per small model) and every pending
     big-model call as one `continue_batch` (one per big model), each session keeping its KV caches. The
     decisions are `Decoding`'s, so each text is what `Cascade.generate` writes alone, up to the float
     rounding of batched passes. A big-model failure raises (with the results so far in nobody's hands:
-    an evaluation must not go on without its big side)."""
+    an evaluation must not go on without its big side).
+
+    `big_fill` holds pending calls back until that share of the live sessions waits on the big model (or
+    no small step is left to run): a big-model pass costs about the same for a few calls as for many, so
+    fuller batches cost fewer passes, while the held sessions' texts stay exactly what they would be."""
     live = {i: d.steps_of() for i, d in enumerate(decodings)}
     needs: dict[int, Any] = {}
     for i, steps in list(live.items()):
         _advance(live, needs, i, steps, None)
     while needs:
         feeds = [i for i, need in needs.items() if isinstance(need, Feed)]
-        calls = [i for i, need in needs.items() if isinstance(need, Call)]
         if feeds:
             feed_many([decodings[i].cascade.small for i in feeds], [needs[i].ids for i in feeds])
             for i in feeds:
                 _advance(live, needs, i, live[i], None)
+        calls = [i for i, need in needs.items() if isinstance(need, Call)]
+        if len(calls) < len(needs) and len(calls) < big_fill * len(needs):
+            continue  # the calls wait for a fuller big-model batch while small steps run
         by_big: dict[int, list[int]] = {}
         for i in calls:
             by_big.setdefault(id(decodings[i].cascade.big.big), []).append(i)

@@ -494,6 +494,10 @@ class EvalConfig:
     batch_people: int = 256
     """Generations decoded together by the batch evaluation (every small step of them one forward pass,
     every pending big-model call one batch); bounds its memory (each keeps a big-model KV cache)."""
+    big_fill: float = 0.6
+    """Batch evaluation: a pending big-model call waits until this share of the batch's live generations
+    waits on one (or no small step is left), so big-model passes run fuller (0: call every round).
+    Changes no text: a held generation resumes where it stopped (bench/README.md has the measurement)."""
     actors: int = 2
     """Ray Data model actors of the batch evaluation (jobs.experiment); each holds every model and
     decodes its share of the people."""
@@ -528,6 +532,7 @@ class EvalConfig:
         _check(self.prompt_style in PROMPT_STYLES, "eval.prompt_style",
                f"unknown style {self.prompt_style!r}; choose from {PROMPT_STYLES}")
         _check(self.batch_people > 0 and self.actors > 0, "eval.batch_people/eval.actors", "must be positive")
+        _check(0.0 <= self.big_fill <= 1.0, "eval.big_fill", "must be in [0, 1]")
         _check(self.actor_cpus > 0 and self.actor_gpus >= 0, "eval.actor_cpus/eval.actor_gpus",
                "CPUs must be positive, GPUs 0 or more")
 
@@ -972,9 +977,19 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 def config_hash(obj: Any) -> str:
-    """Stable short hash of a config (dataclass or plain data), for content-addressed outputs."""
+    """Stable short hash of a config (dataclass or plain data), for content-addressed outputs. Entries set
+    to None are left out: an optional field added later (None: unused) keeps every earlier key, so a new
+    release does not retrain or re-evaluate what an older one finished."""
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_without_none(data), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _without_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_none(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list | tuple):
+        return [_without_none(v) for v in data]
+    return data
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -154,7 +154,8 @@ class Generator(Protocol):
 class LocalGenerator:
     """Every request decoded in this process on its compute thread (`lacy.core.compute`), as batches:
     requests of the small models decode together (`lacy.cascade.engine.generate_batch`: every small step
-    one forward pass, every pending big-model call one big-model batch), `eval.batch_people` at a time;
+    one forward pass, every pending big-model call one big-model batch, calls held back until `eval.big_fill`
+    of the people wait on one), `eval.batch_people` at a time;
     the big model alone writes `serve.big_batch` texts per batch. Each text is what a cascade decoding
     that request alone writes, up to the float rounding of batched passes."""
 
@@ -200,7 +201,7 @@ class LocalGenerator:
                                            max_new_tokens=r.max_tokens, allow_calls=big is not None,
                                            topic=r.topic if r.big == "retrieval" else None))
         try:
-            results = generate_batch(decodings)
+            results = generate_batch(decodings, self.cfg.eval.big_fill)
         finally:
             for d in decodings:
                 if d.cascade.big is not None:
