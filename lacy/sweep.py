@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, A
     setup_logging()
     cfg = parse_cli(rest, __doc__ or "")
     if known.filler:
-        command = shlex.join(["python", "-m", "lacy.sweep", *(sys.argv[1:] if argv is None else argv)])
+        module = "lacy.sweep" if backend is None else "jobs.sweep"
+        command = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
         lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend, track=True, publish=known.publish,
                      command=command)
         print((Path(cfg.run_dir) / "dial.md").read_text())  # noqa: T201 - the sweep's product
