@@ -98,3 +98,12 @@ def test_the_console_script_installs_from_the_package_and_runs_on_ray(tmp_path):
     for part in (tmp_path / "local" / "shards" / "train").glob("*.parquet"):
         assert part.read_bytes() == (tmp_path / "ray" / "shards" / "train" / part.name).read_bytes()
     assert load_config(tmp_path / "ray" / "shards" / "config.yaml").data.max_docs == 40
+
+
+def test_a_stage_run_as_a_module_shows_its_progress_lines():
+    """`python -m lacy.experiment` runs the module as __main__, so its logger is "__main__": its stage lines
+    ("stage 4, train ...") were silently dropped while the same stage run from the sweep showed them."""
+    code = ("import logging; from lacy.core.console import setup_logging; setup_logging(); "
+            "logging.getLogger('__main__').info('stage 4, train')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "__main__: stage 4, train" in out.stderr

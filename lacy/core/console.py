@@ -32,7 +32,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     # transformers' own bars ("Loading weights") would flood a log that shows ours.
 
     hf_logging.disable_progress_bar()
-    for name in ("jobs", "services"):
+    # "__main__": a stage run as `python -m lacy.<stage>` logs under that name, not under "lacy".
+    for name in ("jobs", "services", "__main__"):
         logging.getLogger(name).handlers = root.handlers
         logging.getLogger(name).setLevel(level)
 
