@@ -8,8 +8,9 @@ harmless uncertainty (the dial).
 
 The dial (`--filler`): per point, `synth.filler` filler sentences per biography — words as uncertain as
 facts but harmless — and the whole comparison protocol (`<run_dir>/filler-N`); `dial.json`, `dial.md`
-and `dial.png` give each system's correct values per person at the headline rate and its APGR along the
-dial, and LaCy's P(<CALL>) against inference-only calling at each point: where training-time delegation
+and `dial.png` give each system's correct values per person at every call rate and its APGR along the
+dial, and LaCy's paired differences (P(<CALL>) against inference-only calling, loss-only and its own
+confidence) at each point and rate; `--publish` copies them to docs/results: where training-time delegation
 helps, it should be where confidence spends its budget on harmless uncertainty.
 
 For each N the whole experiment runs (`lacy.experiment`, in this process) in `<run_dir>/people-N`;
