@@ -51,3 +51,44 @@ def test_rejects_bad_batches(smollm2):
         continue_batch([lm, lm], ["a", "b"], units=["word"] * 2, max_tokens=[2, 2])
     with pytest.raises(ValueError, match="unit"):
         continue_batch([lm], ["a"], units=["sentence"], max_tokens=[2])
+
+
+def test_slab_layer_behaves_as_a_dynamic_layer():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from lacy.cascade.batching import SlabLayer
+
+    torch.manual_seed(0)
+    first = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    slab, ref = SlabLayer(*(torch.nn.functional.pad(t, (0, 0, 0, 1)) for t in first), length=4), DynamicLayer()
+    ref.update(*first)
+    for n in (1, 3, 6):  # the first fits the slab, then it doubles, then it grows to what is asked
+        new = torch.randn(2, 3, n, 5), torch.randn(2, 3, n, 5)
+        assert all(torch.equal(a, b) for a, b in zip(slab.update(*new), ref.update(*new), strict=True))
+    slab.crop(-2), ref.crop(-2)
+    slab.batch_select_indices(torch.tensor([1])), ref.batch_select_indices(torch.tensor([1]))
+    assert slab.get_seq_length() == ref.get_seq_length() == 12
+    assert torch.equal(slab.keys, ref.keys) and torch.equal(slab.values, ref.values)
+    with pytest.raises(ValueError, match="negative"):
+        slab.crop(2)
+
+
+def test_batched_decoding_writes_each_step_in_place(smollm2, monkeypatch):
+    """A decode step writes its keys/values into the batch's slab: it never concatenates a layer's whole
+    cache (DynamicLayer.update, a copy per layer and step: ≈10 % of a batched decode on a CPU)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lacy.cascade.batching import sync_many
+
+    model, tok = smollm2
+    texts = ["The capital of France is", "One, two, three,", "Water boils at"]
+    lms = [BigLM(model, tok) for _ in texts]
+    sync_many(lms, [lm.encode(text) for lm, text in zip(lms, texts, strict=True)])  # the prefill, before counting
+    concatenations, update = [], DynamicLayer.update
+    monkeypatch.setattr(DynamicLayer, "update", lambda self, *a, **k: concatenations.append(1) or update(self, *a, **k))
+    stats = {}
+    outs = continue_batch(lms, texts, units=["tokens"] * 3, max_tokens=[6] * 3, stats=stats)
+    assert not concatenations  # was 2 x layers per step
+    assert stats["decode_steps"] == 6 and stats["prefill_tokens"] == 0
+    assert outs == [BigLM(model, tok).continue_text(t, unit="tokens", max_tokens=6) for t in texts]

@@ -7,7 +7,8 @@ the others' failures.
 
 `continue_batch` in detail: every session is first brought up to date on its text (only the new suffix
 is encoded, exactly as `BigLM.continue_text` does), then all sessions decode together: their caches
-are left-padded to one length and stacked [B, heads, L, d], each step feeds one token per session with
+are left-padded to one length and stacked [B, heads, L, d] in a slab with room for every step (which
+writes its column in place, `lacy.cascade.batching.SlabLayer`), each step feeds one token per session with
 an attention mask over the padding and explicit positions (so rotary/learned position embeddings see
 each session's true positions), and at the end every session takes back exactly its own slice of the
 cache. Results equal `continue_text`'s up to batched rounding.
@@ -23,9 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from lacy.cascade.batching import sync_many
+from lacy.cascade.batching import stack_caches, sync_many, take_row
 from lacy.cascade.big import BigCall, BigReply, BigRequestError
 from lacy.cascade.lm import CachedLM
 from lacy.core.compute import compute_thread, device_for
@@ -159,15 +159,8 @@ def _decode(lms: Sequence[BigLM], rows: list[int], tokens: list[int | None], out
     model, device = lms[0].model, lms[0].model.device
     lengths = {i: len(lms[i].ids) for i in rows}
     width = max(lengths.values())
-    stacked = []
-    for layer in range(len(lms[rows[0]].cache.layers)):
-        keys, values = [], []
-        for i in rows:
-            pad = (0, 0, width - lengths[i], 0)  # left-pad the sequence dimension of [1, H, L, d]
-            keys.append(torch.nn.functional.pad(lms[i].cache.layers[layer].keys, pad))
-            values.append(torch.nn.functional.pad(lms[i].cache.layers[layer].values, pad))
-        stacked.append((torch.cat(keys), torch.cat(values)))
-    cache = DynamicCache(ddp_cache_data=stacked)
+    steps = max(max_tokens[i] for i in rows)  # each step writes one column in place
+    cache = stack_caches([lms[i].cache for i in rows], [lengths[i] for i in rows], width + steps)
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for r, i in enumerate(rows):
         mask[r, width - lengths[i]:] = 1
@@ -193,14 +186,11 @@ def _decode(lms: Sequence[BigLM], rows: list[int], tokens: list[int | None], out
                 continue
             # Stopped: its valid cache is the unpadded prefix plus every column appended since.
             lo = mask.shape[1] - lengths[i] - len(generated[i])
-            lm.cache = DynamicCache(ddp_cache_data=[
-                (layer.keys[r:r + 1, :, lo:].contiguous(), layer.values[r:r + 1, :, lo:].contiguous())
-                for layer in cache.layers])
+            lm.cache = take_row(cache, r, lo)
             lm.ids = lm.ids + generated[i]
         if keep and len(keep) < len(rows):
             index = torch.tensor(keep, dtype=torch.long, device=device)
-            cache = DynamicCache(ddp_cache_data=[
-                (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers])
+            cache.batch_select_indices(index)
             mask, positions = mask.index_select(0, index), positions.index_select(0, index)
         rows = [rows[r] for r in keep]
 
