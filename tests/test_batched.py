@@ -92,3 +92,49 @@ def test_batched_decoding_writes_each_step_in_place(smollm2, monkeypatch):
     assert not concatenations  # was 2 x layers per step
     assert stats["decode_steps"] == 6 and stats["prefill_tokens"] == 0
     assert outs == [BigLM(model, tok).continue_text(t, unit="tokens", max_tokens=6) for t in texts]
+
+
+def test_a_new_session_starts_from_its_contexts_kept_cache(smollm2):
+    """A context read once (a person's passages) is not read again by the next session that brings it: that
+    session reads only its text, and answers as a session that read everything."""
+    from lacy.cascade.big import BigCall
+    from lacy.cascade.hf_big import HFBig
+
+    model, tok = smollm2
+    context = "Einstein: Albert Einstein. Birth date: March 14, 1879. Birth city: Ulm.\n\n"
+    texts = ["Albert Einstein was born in the city of", "Albert Einstein was born on March"]
+    cold = [BigLM(model, tok).continue_text(t, unit="word", max_tokens=8, context=context) for t in texts]
+    big = HFBig(model, tok, max_prefixes=2)
+    first = big.continue_batch([BigCall("a", texts[0], context=context), BigCall("b", "Water boils at")])[0]
+    assert not big.stats.get("prefix_hits") and list(big.prefixes) == [context]  # no context, nothing kept
+    second = big.continue_batch([BigCall("c", texts[1], context=context)])[0]
+    assert [first.text, second.text] == cold and "Ulm" in first.text
+    context_tokens = len(big.prefixes[context][0])
+    assert big.stats["prefix_hits"] == 1 and big.stats["prefix_tokens"] == context_tokens > 15
+    assert second.processed == len(BigLM(model, tok).encode(context + texts[1])) - context_tokens + second.generated
+    for i in range(3):  # the least recently used context goes past max_prefixes
+        big.continue_batch([BigCall(f"d{i}", "Ulm is a city", context=f"Context {i}.\n\n")])
+    assert list(big.prefixes) == ["Context 1.\n\n", "Context 2.\n\n"]
+    assert not HFBig(model, tok).max_prefixes  # off unless asked for (`big.prefix_cache` in a config)
+
+
+def test_a_pass_puts_only_its_last_position_through_the_output_head(smollm2):
+    """Only the next-token distribution is ever read: a prefill pass of n tokens computes one row of logits
+    per session, not n (the output head is a fifth of SmolLM2-135M's weights)."""
+    import torch
+
+    from lacy.cascade.batching import sync_many
+
+    model, tok = smollm2
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    try:
+        lms = [BigLM(model, tok) for _ in range(2)]
+        texts = ["The capital of France is", "The capital of Spain is"]
+        sync_many(lms, [lm.encode(t) for lm, t in zip(lms, texts, strict=True)])
+        alone = BigLM(model, tok)
+        alone.sync(alone.encode(texts[0]))
+    finally:
+        hook.remove()
+    assert [s[:2] for s in shapes] == [(2, 1), (1, 1)]
+    assert torch.allclose(lms[0].logits, alone.logits, atol=1e-4)

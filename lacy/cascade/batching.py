@@ -101,10 +101,12 @@ def stack_caches(caches: Sequence[Any], kept: Sequence[int], capacity: int) -> D
     return slab_cache(slabs, width)
 
 
-def take_row(cache: DynamicCache, row: int, start: int) -> DynamicCache:
-    """One session's own cache out of a batch's: row `row` from position `start` on, copied."""
-    return slab_cache([(layer.keys[row:row + 1, :, start:].clone(), layer.values[row:row + 1, :, start:].clone())
-                       for layer in cache.layers], cache.layers[0].keys.shape[-2] - start)
+def take_row(cache: DynamicCache, row: int, start: int, end: int | None = None) -> DynamicCache:
+    """One session's own cache out of a batch's: row `row`, positions `start` to `end` (default: the last),
+    copied."""
+    end = cache.layers[0].keys.shape[-2] if end is None else end
+    return slab_cache([(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
+                       for layer in cache.layers], end - start)
 
 
 @torch.inference_mode()
@@ -142,7 +144,7 @@ def feed_many(lms: Sequence[CachedLM], new_ids: Sequence[list[int]]) -> None:
             mask[b, prefix - k:] = 1
         positions = torch.tensor([[k + j for j in range(width)] for k in kept], device=device)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, **lms[batch[0]].pass_options)
         seconds = time.perf_counter() - start
         for b, (i, k) in enumerate(zip(batch, kept, strict=True)):
             lm = lms[i]

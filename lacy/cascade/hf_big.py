@@ -199,11 +199,16 @@ class HFBig:
     """The `BigModel` backend of a local Hugging Face causal LM (`big.path`: smollm2 or a directory).
 
     `continue_batch` decodes the calls of concurrent sessions as one batch; a call that fails (its own
-    session, the batch) fails alone: the others are redone one by one and answer. Loads and decodes on
-    the process's compute thread (`lacy.core.compute`)."""
+    session, the batch) fails alone: the others are redone one by one and answer. A new session whose call
+    brings a context seen before (the same person's passages, in another row or calibration round) starts
+    from that context's kept keys/values (the last `max_prefixes` contexts) and reads only what follows it.
+    Loads and decodes on the process's compute thread (`lacy.core.compute`)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_sessions: int = 64) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_sessions: int = 64, max_prefixes: int = 0) -> None:
         self.model, self.tokenizer, self.max_sessions = model, tokenizer, max_sessions
+        self.max_prefixes = max_prefixes
+        self.prefixes: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
+        """context -> (its token ids as a session reads them, their cache), least recently used first."""
         self.compute = compute_thread()
         self.torch_threads = self.compute.call(torch.get_num_threads)  # its compute thread's, for health
         self.sessions: OrderedDict[str, BigLM] = OrderedDict()
@@ -212,7 +217,7 @@ class HFBig:
         """Batches and calls so far, seconds the calls waited from `sent` to their batch's start (of
         which arrival_s: from `sent` to reaching the replica, see `arrived`), and
         continue_batch's prefill_s / prefill_tokens / decode_s / decode_steps / decode_tokens (the benches
-        profile these)."""
+        profile these); prefix_hits / prefix_tokens: sessions started from a kept context, tokens not read."""
 
     @classmethod
     def from_config(cls, cfg: LacyConfig, device: str | None = None) -> HFBig:
@@ -221,7 +226,7 @@ class HFBig:
         compute = compute_thread()
         model, tokenizer = compute.call(load_big_model, cfg.big.path, cfg.big.dtype)
         compute.call(model.to, device or device_for(cfg.serve.big_gpus, "big"))
-        return cls(model, tokenizer, max(cfg.serve.big_sessions, cfg.eval.batch_people))
+        return cls(model, tokenizer, max(cfg.serve.big_sessions, cfg.eval.batch_people), cfg.big.prefix_cache)
 
     def _session(self, session: str) -> BigLM:
         if session not in self.sessions:
@@ -247,6 +252,7 @@ class HFBig:
             self.stats["wait_s"] += sum(now - c.sent for c in calls if c.sent)
             replies: list[BigReply | None] = [None] * len(calls)
             ready: list[tuple[int, BigLM]] = []
+            unseen: list[tuple[BigLM, str]] = []  # new sessions whose context is not kept yet
             for i, call in enumerate(calls):
                 try:
                     call.check()
@@ -255,6 +261,8 @@ class HFBig:
                     lm = self._session(call.session)
                     if any(lm is other for _, other in ready):
                         raise BigRequestError("one session called twice at once")
+                    if not lm.ids and call.context and not self._start_from_prefix(lm, call.context):
+                        unseen.append((lm, call.context))
                     ready.append((i, lm))
                 except Exception as err:
                     replies[i] = _failed(err)
@@ -264,6 +272,8 @@ class HFBig:
                     [lm for _, lm in ready], [calls[i].text for i, _ in ready],
                     units=[calls[i].unit for i, _ in ready], max_tokens=[calls[i].max_tokens for i, _ in ready],
                     contexts=[calls[i].context for i, _ in ready], stats=self.stats))
+                for lm, context in unseen:
+                    self._keep_prefix(lm, context)
             except Exception:
                 log.exception("a batch of %d big-model calls failed; running them one by one", len(ready))
                 outs = []
@@ -278,6 +288,30 @@ class HFBig:
                 replies[i] = _failed(out) if isinstance(out, BaseException) else BigReply(
                     out, lm.tokens_processed - processed, lm.tokens_generated - generated)
             return replies  # type: ignore[return-value]  # every call has its reply or its failure
+
+    def _start_from_prefix(self, lm: BigLM, context: str) -> bool:
+        """Give a new session the kept cache of its context, if there is one (a copy: sessions write theirs)."""
+        if (kept := self.prefixes.get(context)) is None:
+            return False
+        self.prefixes.move_to_end(context)
+        ids, cache = kept
+        lm.ids, lm.cache, lm.logits = list(ids), take_row(cache, 0, 0), None
+        self.stats["prefix_hits"] = self.stats.get("prefix_hits", 0) + 1
+        self.stats["prefix_tokens"] = self.stats.get("prefix_tokens", 0) + len(ids)
+        return True
+
+    def _keep_prefix(self, lm: BigLM, context: str) -> None:
+        """Keep the cache of the context a session has just read: its ids up to where they and the context's
+        own encoding part (the last token of a context may merge with the text after it)."""
+        if not self.max_prefixes or lm.cache is None:
+            return
+        own = lm.encode(context)
+        n = next((j for j, (a, b) in enumerate(zip(own, lm.ids, strict=False)) if a != b), min(len(own), len(lm.ids)))
+        if n < 2:  # the start token alone saves nothing
+            return
+        self.prefixes[context] = (lm.ids[:n], take_row(lm.cache, 0, 0, n))
+        while len(self.prefixes) > self.max_prefixes:
+            self.prefixes.popitem(last=False)
 
     def end_session(self, session: str) -> None:
         with self.lock:

@@ -7,6 +7,7 @@ number of forward tokens linear in the text length, not quadratic).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Any
@@ -15,6 +16,13 @@ import torch
 
 from lacy.core.config import TRIGGERS
 from lacy.corpus.tokenizer import CALL_TOKEN
+
+
+def last_logits_only(model: Any) -> dict[str, int]:
+    """Forward arguments that compute the logits of the last position only, where the model takes them: only
+    the next-token distribution is ever read, and a pass over n tokens would otherwise put all n through the
+    output head (a fifth of SmolLM2-135M's weights: prefill passes 1.1-1.2x faster on a CPU without it)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 class CachedLM:
@@ -37,6 +45,8 @@ class CachedLM:
         if start is None:
             raise ValueError("tokenizer has neither a bos nor an eos token to start texts with")
         self.start_id = int(start)
+        self.pass_options = last_logits_only(model)
+        """What every forward pass adds to its arguments (`last_logits_only`)."""
         self.tokens_processed = 0
         """Tokens fed through the model since construction (never reset: callers take differences)."""
         self.seconds = 0.0
@@ -104,7 +114,7 @@ class CachedLM:
         """Feed `new_ids` after the cached ones, alone (what `feed` does without a feeder)."""
         start = time.perf_counter()
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.model.device)
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, **self.pass_options)
         self.cache = out.past_key_values
         self.logits = out.logits[0, -1].float()
         self.ids.extend(new_ids)
