@@ -316,3 +316,14 @@ def test_cached_results_do_not_depend_on_where_the_run_folder_is(tmp_path):
     assert here.knowledge.db_path != there.knowledge.db_path
     assert _row_key(here) == _row_key(there)
     assert str(tmp_path) not in repr(_row_key(here))
+
+
+def test_cached_results_do_not_depend_on_scheduling_settings():
+    """Settings that change no text (when the big model's batches go, whether it re-reads a context it kept)
+    key no result: a run that changes them, or a newer version that adds one, reuses its rows and thresholds."""
+    from lacy.eval.plan import _row_key
+
+    base = load_config("configs/synthbio-quick.yaml")
+    scheduled = load_config("configs/synthbio-quick.yaml", ["--big.prefix_cache", "0", "--eval.big_fill", "0.3"])
+    assert _row_key(scheduled) == _row_key(base)
+    assert _row_key(load_config("configs/synthbio-quick.yaml", ["--big.dtype", "bfloat16"])) != _row_key(base)

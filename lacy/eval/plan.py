@@ -230,9 +230,11 @@ def _row_key(cfg: LacyConfig) -> dict:
     """What every cached evaluation result depends on besides its system. Nothing under run_dir: a run
     folder copied or pulled to another path keeps its results (the store's content follows the corpus)."""
     knowledge = {k: v for k, v in to_dict(cfg.knowledge).items() if k != "db_path"}
-    # big_fill only schedules the big model's batches: it changes no text, so no result depends on it
+    # big_fill only schedules the big model's batches and prefix_cache only spares it reading a context again:
+    # neither changes a text, so no result depends on them
     evaluation = {k: v for k, v in to_dict(cfg.eval).items() if k != "big_fill"}
-    key = {"eval": evaluation, "cascade": to_dict(cfg.cascade), "big": to_dict(cfg.big),
+    big = {k: v for k, v in to_dict(cfg.big).items() if k != "prefix_cache"}
+    key = {"eval": evaluation, "cascade": to_dict(cfg.cascade), "big": big,
            "knowledge": knowledge, "seed": cfg.seed, "row_schema": SCHEMA}
     if cfg.eval.knowledge_file is not None:  # the articles' content (only when set: older keys stay valid)
         key["knowledge_file"] = file_digest(cfg.eval.knowledge_file)
