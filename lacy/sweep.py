@@ -4,7 +4,7 @@ harmless uncertainty (the dial).
     python -m lacy.sweep --config configs/synthbio-sweep.yaml                  # synth.people x 1/4, 1, 4
     python -m lacy.sweep --config configs/synthbio-tiny.yaml --people 30,120   # any synthbio config
     python -m jobs.sweep --config configs/synthbio-sweep.yaml --people 40,100,1000  # the same on Ray
-    python -m lacy.sweep --config configs/synthbio-dial.yaml --filler 0,6      # the dial (jobs.sweep: on Ray)
+    python -m lacy.sweep --config configs/synthbio-dial.yaml --filler 0,3,6    # the dial (jobs.sweep: on Ray)
 
 The dial (`--filler`): per point, `synth.filler` filler sentences per biography — words as uncertain as
 facts but harmless — and the whole comparison protocol (`<run_dir>/filler-N`); `dial.json`, `dial.md`
