@@ -27,7 +27,7 @@ import torch
 
 from lacy.cascade.batching import stack_caches, sync_many, take_row
 from lacy.cascade.big import BigCall, BigReply, BigRequestError
-from lacy.cascade.lm import CachedLM
+from lacy.cascade.lm import CachedLM, common_prefix
 from lacy.core.compute import compute_thread, device_for
 from lacy.core.config import UNITS, LacyConfig
 from lacy.model import count_parameters, load_big_model
@@ -302,11 +302,10 @@ class HFBig:
 
     def _keep_prefix(self, lm: BigLM, context: str) -> None:
         """Keep the cache of the context a session has just read: its ids up to where they and the context's
-        own encoding part (the last token of a context may merge with the text after it)."""
+        own encoding diverge (the last token of a context may merge with the text after it)."""
         if not self.max_prefixes or lm.cache is None:
             return
-        own = lm.encode(context)
-        n = next((j for j, (a, b) in enumerate(zip(own, lm.ids, strict=False)) if a != b), min(len(own), len(lm.ids)))
+        n = common_prefix(lm.encode(context), lm.ids)
         if n < 2:  # the start token alone saves nothing
             return
         self.prefixes[context] = (lm.ids[:n], take_row(lm.cache, 0, 0, n))

@@ -25,6 +25,11 @@ def last_logits_only(model: Any) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 class CachedLM:
     """A causal LM plus the token ids whose keys/values sit in its cache.
 
@@ -83,11 +88,7 @@ class CachedLM:
         if self.max_positions is not None and len(ids) > self.max_positions:
             raise ValueError(f"text is {len(ids)} tokens, more than the model's context of "
                              f"{self.max_positions}")
-        common = 0
-        for a, b in zip(self.ids, ids, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.ids, ids)
         if common == len(ids) == len(self.ids) and self.logits is not None:
             return []
         # Re-feed at least the last token: its logits are the next-token distribution we need.
