@@ -107,3 +107,20 @@ def test_a_stage_run_as_a_module_shows_its_progress_lines():
             "logging.getLogger('__main__').info('stage 4, train')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "__main__: stage 4, train" in out.stderr
+
+
+def test_an_unreachable_tracking_server_is_named_at_once(tmp_path, monkeypatch):
+    """`source cluster/env.sh` points MLFLOW_TRACKING_URI at a server; when none runs, the stage says so
+    before it does any work instead of MLflow's client retrying for minutes."""
+    from llama_server import free_port
+
+    from lacy.core.config import ConfigError
+    from lacy.core.tracking import start_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the old code fails fast too, but unnamed
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "run")])
+    with pytest.raises(ConfigError, match=f"MLflow server at {uri}.*does not answer.*cluster/mlflow_server.sh"):
+        with start_run(cfg, "unreached"):
+            pass

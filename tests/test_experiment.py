@@ -32,7 +32,7 @@ TINY_RUN = ["--data.max_docs", "150", "--train.max_steps", "6", "--experiment.ru
 def _rows(results) -> dict[str, dict]:
     """Evaluation rows by system, without what may differ between runs (timings)."""
     out = {}
-    for path in sorted((results / "rows").glob("*.json")):
+    for path in sorted((results / "rows").rglob("*.json")):  # a cascade's name has a "/": rows/<small>+<big>@<rate>/
         row = json.loads(path.read_text())
         out[row["system"]] = {k: v for k, v in row.items() if k != "key"}
     return out
@@ -131,6 +131,38 @@ def test_one_process_pipeline_gives_the_same_shards_and_table(ray_run, tmp_path)
         assert ours[system] == row, system
     assert (local_results / "table.md").read_text() == (results / "table.md").read_text()
 
+
+
+def test_an_evaluation_stopped_midway_keeps_the_rows_it_finished(ray_run, tmp_path, monkeypatch):
+    """Rows are written and cached group by group (whole small models): a run stopped while writing its
+    second group keeps the first group's rows, and the rerun writes only the rest — the same table as an
+    evaluation that never stopped."""
+    from lacy.eval import plan
+    from lacy.experiment import LocalBackend, run
+
+    cfg, results = ray_run
+    local = load_config("configs/tiny.yaml", ["--run_dir", str(tmp_path / "run"), *TINY_RUN])
+    shutil.copytree(cfg.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("rows", "generations", "mlflow.db"))
+    monkeypatch.setattr(plan, "GROUP_BATCHES", 0)  # every small model a group of its own
+    write, groups = plan._write, []
+
+    def stopped_at_the_second_group(cfg, systems, *args):
+        groups.append({s.name: s.small for s in systems})
+        if len(groups) == 2:
+            raise RuntimeError("stopped")
+        return write(cfg, systems, *args)
+
+    monkeypatch.setattr(plan, "_write", stopped_at_the_second_group)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(local, LocalBackend())
+    rows = tmp_path / "run" / "results" / "rows"
+    kept = {str(path.relative_to(rows)): path.stat().st_mtime_ns for path in rows.rglob("*.json")}
+    assert sorted(kept) == sorted(f"{name}.json" for name in groups[0])
+    assert len(set(groups[0].values())) == 1 and len(kept) < len(_rows(results))
+    monkeypatch.setattr(plan, "_write", write)
+    again = run(local, LocalBackend())
+    assert {name: (rows / name).stat().st_mtime_ns for name in kept} == kept
+    assert _rows(again) == _rows(results)
 
 
 def test_the_serve_evaluator_writes_the_batch_evaluations_table(ray_run, mlflow_uri, tmp_path):

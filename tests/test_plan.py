@@ -100,8 +100,9 @@ def test_local_generator_decodes_every_request_on_the_one_compute_thread(tmp_pat
 
 
 def test_the_big_model_alone_writes_in_batches_what_it_writes_one_by_one(tmp_path, tiny_tokenizer):
-    """generate_many (the big-alone rows: `serve.big_batch` people per batch) writes the texts generate
-    writes for each request alone; prompts of different lengths share a padded batch."""
+    """generate_many (the big-alone rows: `eval.batch_people` people per batch, not Serve's `big_batch`)
+    writes the texts generate writes for each request alone; prompts of different lengths share a padded
+    batch."""
     import torch
 
     from lacy.core.config import ModelConfig
@@ -112,11 +113,14 @@ def test_the_big_model_alone_writes_in_batches_what_it_writes_one_by_one(tmp_pat
     build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / "big")
     tiny_tokenizer.save_pretrained(tmp_path / "big")
     cfg = load_config(None, ["--run_dir", str(tmp_path), "--big.path", str(tmp_path / "big"),
-                             "--serve.big_batch", "2"])
+                             "--eval.batch_people", "3", "--serve.big_batch", "1"])
     gen = LocalGenerator(cfg, {})
+    widths, continue_batch = [], gen.big.continue_batch
+    gen.big.continue_batch = lambda calls: widths.append(len(calls)) or continue_batch(calls)
     requests = [Request(prompt, None, "plain", max_tokens=7) for prompt in
                 ("The river", "Ada Lovelace was born in", "Paris", "The capital of France is")]
     batched = gen.generate_many(requests)
+    assert widths == [3, 1]
     alone = [gen.generate(r) for r in requests]
     assert [b.text for b in batched] == [a.text for a in alone]
     assert [b.spans for b in batched] == [a.spans for a in alone]
@@ -241,6 +245,55 @@ def test_a_run_that_adds_a_model_calibrates_only_that_model(tmp_path, tiny_token
     gen.asked.clear()
     assert thresholds_stage(cfg, models, keys, pop, gen, {"lacy-steps": 0, "lacy-steps-seed1": 1}) == both
     assert gen.asked == []
+
+
+def test_a_calibration_stopped_midway_resumes_after_its_last_round(tmp_path, tiny_tokenizer):
+    """results/thresholds.rounds.json keeps the rates each search measured after every round: a run stopped
+    in its third round decodes only the rounds still to come and reaches the thresholds of a calibration
+    that never stopped; the journal goes once the thresholds are written."""
+    import json
+
+    import torch
+
+    from lacy.core.config import ModelConfig
+    from lacy.eval.generate import LocalGenerator
+    from lacy.eval.plan import thresholds_stage
+    from lacy.model import build_model
+
+    for name, seed in (("lacy-steps", 0), ("big", 1)):
+        torch.manual_seed(seed)
+        build_model(ModelConfig(preset="tiny", seq_len=128), tiny_tokenizer).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+    models = {"lacy-steps": str(tmp_path / "lacy-steps")}
+
+    class Stopping(LocalGenerator):
+        stop_at, rounds = None, 0
+
+        def generate_many(self, requests):
+            self.rounds += 1
+            if self.rounds == self.stop_at:
+                raise RuntimeError("stopped")
+            return super().generate_many(requests)
+
+    def stage(run: str, stop_at: int | None = None) -> tuple[dict, int]:
+        cfg = load_config("configs/synthbio-tiny.yaml", [
+            "--run_dir", str(tmp_path / run), "--big.path", str(tmp_path / "big"), "--experiment.big_models",
+            "[plain]", "--experiment.triggers", "[p_call, confidence]", "--cascade.max_new_tokens", "8",
+            "--eval.calibration_rounds", "4", "--eval.calibration_tolerance", "0"])
+        gen = Stopping(cfg, models)
+        gen.stop_at = stop_at
+        out = thresholds_stage(cfg, models, {"lacy-steps": "k1"}, population(cfg, corpus_for(cfg)), gen)
+        return out, gen.rounds
+
+    whole, rounds = stage("whole")
+    assert rounds == 4 and all(t["rounds"] == 4 for t in whole.values())  # tolerance 0: every round runs
+    with pytest.raises(RuntimeError, match="stopped"):
+        stage("stopped", stop_at=3)
+    journal = json.loads((tmp_path / "stopped" / "results" / "thresholds.rounds.json").read_text())
+    assert sorted(journal["rates"]) == sorted(whole) and all(len(r) == 2 for r in journal["rates"].values())
+    resumed, rounds = stage("stopped")
+    assert rounds == 2 and resumed == whole
+    assert not (tmp_path / "stopped" / "results" / "thresholds.rounds.json").exists()
 
 
 def test_an_experiment_that_cannot_be_evaluated_stops_before_anything_trains(tmp_path, embedded_docs):

@@ -77,6 +77,21 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, naming the URI, when a tracking server does not answer: MLflow's own client retries
+    with back-off for minutes before it says anything."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        raise ConfigError(f"mlflow.tracking_uri: the MLflow server at {uri} (mlflow.tracking_uri or "
+                          f"$MLFLOW_TRACKING_URI) does not answer ({type(err).__name__}): start it "
+                          "(cluster/mlflow_server.sh) or unset both to log to <run_dir>/mlflow.db") from None
+
+
 def _experiment_id(name: str, uri: str) -> str:
     """The experiment `name` (created with an absolute artifact location if new), marked as ours."""
     import mlflow
@@ -120,6 +135,7 @@ def start_run(cfg: LacyConfig, run_name: str, nested: bool = False,
     import mlflow
 
     uri = tracking_uri(cfg)
+    _check_server(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(cfg.mlflow.experiment, uri)
     mlflow.set_experiment(experiment_id=experiment_id)  # what nested runs, traces and models log under

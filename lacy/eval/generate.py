@@ -155,8 +155,8 @@ class LocalGenerator:
     """Every request decoded in this process on its compute thread (`lacy.core.compute`), as batches:
     requests of the small models decode together (`lacy.cascade.engine.generate_batch`: every small step
     one forward pass, every pending big-model call one big-model batch, calls held back until `eval.big_fill`
-    of the people wait on one), `eval.batch_people` at a time;
-    the big model alone writes `serve.big_batch` texts per batch. Each text is what a cascade decoding
+    of the people wait on one), `eval.batch_people` at a time; the big model alone writes as many texts a
+    batch (batches of 16 took four times as long). Each text is what a cascade decoding
     that request alone writes, up to the float rounding of batched passes."""
 
     def __init__(self, cfg: LacyConfig, models: dict[str, str], big: BigModel | None = None) -> None:
@@ -173,9 +173,9 @@ class LocalGenerator:
         alone = [i for i, r in enumerate(requests) if r.model is None]
         cascades = [i for i, r in enumerate(requests) if r.model is not None]
         outs: dict[int, Generated] = {}
-        size, big = self.cfg.eval.batch_people, self.cfg.serve.big_batch
+        size = self.cfg.eval.batch_people
         chunks = [(cascades[i:i + size], self._cascade_batch) for i in range(0, len(cascades), size)]
-        chunks += [(alone[i:i + big], self._big_batch) for i in range(0, len(alone), big)]
+        chunks += [(alone[i:i + size], self._big_batch) for i in range(0, len(alone), size)]
         for chunk, write in tracked(chunks, "decoding", total=len(chunks), unit="batch"):
             outs.update(zip(chunk, self.compute.call(write, [requests[i] for i in chunk]), strict=True))
         return [outs[i] for i in range(len(requests))]

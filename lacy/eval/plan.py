@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,9 @@ def threshold_key(small: str, big: str, trigger: str, rate: float, unit: str | N
 
 
 def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[Any] | dict[str, list[Any]],
-                         generator: Generator, triggers: dict[str, list[str]] | None = None) -> dict[str, dict]:
+                         generator: Generator, triggers: dict[str, list[str]] | None = None,
+                         observed: dict[str, list[float]] | None = None,
+                         on_round: Callable[[dict[str, list[float]]], None] | None = None) -> dict[str, dict]:
     """{threshold_key: {"threshold", "realised_rate", "rounds", "open_loop_rate"}} for every cascade of
     the plan, on the calibration people (never the evaluation people).
 
@@ -174,7 +177,9 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
     once, so each round is one batch over every model, trigger, big side and rate. Fixed thresholds make
     every row independent of request order and concurrency. `people`: one group, or a group per model
     (each training seed's own); `triggers`: per model (default: every trigger of experiment.triggers the
-    model can use)."""
+    model can use). `observed`: {threshold_key: rates measured before} to resume from (a search is
+    deterministic given its open-loop scores and the rates it observed, so replaying them reaches the
+    same next threshold); `on_round` gets every search's measured rates after each round."""
     ecfg = cfg.eval
     group = people if isinstance(people, dict) else dict.fromkeys(models, people)
     if not all(group.get(name) for name in models):
@@ -186,7 +191,17 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
                 for unit in cfg.experiment.units or [None]:
                     searches[name, big, trigger, rate, unit] = ClosedLoop(scores, rate, ecfg.calibration_rounds,
                                                                           ecfg.calibration_tolerance)
+    rates = {key: list((observed or {}).get(threshold_key(*key), [])) for key in searches}
+    for key, measured in rates.items():
+        for rate in measured:
+            searches[key].observe(rate)
+    if resumed := sum(map(len, rates.values())):
+        log.info("calibration resumed: %d measurements of an earlier run replayed", resumed)
+    rounds = 0
     while pending := [key for key, search in searches.items() if search.threshold is not None]:
+        rounds += 1
+        log.info("calibration round %d: %d of %d thresholds still moving, %d biographies", rounds, len(pending),
+                 len(searches), sum(len(group[key[0]]) for key in pending))
         requests, spans = [], []
         for key in pending:
             name, big, trigger, _, unit = key
@@ -196,7 +211,10 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
         outs = generator.generate_many(requests)
         for key, (start, n) in zip(pending, spans, strict=True):
             mine = outs[start:start + n]
-            searches[key].observe(sum(o.calls for o in mine) / max(1, sum(o.decision_points for o in mine)))
+            rates[key].append(sum(o.calls for o in mine) / max(1, sum(o.decision_points for o in mine)))
+            searches[key].observe(rates[key][-1])
+        if on_round is not None:
+            on_round({threshold_key(*key): measured for key, measured in rates.items()})
     out = {}
     for (name, big, trigger, rate, unit), search in searches.items():
         result = search.result()
@@ -246,8 +264,11 @@ def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[s
     """`calibrate_thresholds`, each model on the calibration group of its training seed (`seed_index`:
     model -> group; default the first), cached in results/thresholds.json per model under everything that
     changes its thresholds: the model, big sides, triggers, rates (eval, in the row key) and its
-    calibration people. A run that adds seeds or rules calibrates only the models it adds."""
+    calibration people. A run that adds seeds or rules calibrates only the models it adds; one stopped
+    during calibration resumes after its last finished round (results/thresholds.rounds.json, the rates
+    each search measured, under the same keys)."""
     path = Path(cfg.run_dir) / "results" / "thresholds.json"
+    journal = path.with_name("thresholds.rounds.json")
     people = {name: pop.calibration_groups[(seed_index or {}).get(name, 0)] for name in models}
     question = {**_row_key(cfg), "bigs": cfg.experiment.big_models, "triggers": cfg.experiment.triggers}
     keys = {name: config_hash({**question, "model": stage_keys[name], "people": [e.doc_id for e in people[name]]})
@@ -259,8 +280,17 @@ def thresholds_stage(cfg: LacyConfig, models: dict[str, str], stage_keys: dict[s
     if missing := {name: model_dir for name, model_dir in models.items() if name not in kept}:
         if kept:
             log.info("thresholds of %s calibrated before, reusing them", ", ".join(sorted(kept)))
-        out |= calibrate_thresholds(cfg, missing, {name: people[name] for name in missing}, generator)
+        began = json.loads(journal.read_text()) if journal.is_file() else {}
+        mine = {name for name in missing if began.get("key", {}).get(name) == keys[name]}
+        observed = {k: v for k, v in began.get("rates", {}).items() if k.partition("+")[0] in mine}
+
+        def on_round(rates: dict[str, list[float]]) -> None:
+            write_json(journal, {"key": keys, "rates": rates})
+
+        out |= calibrate_thresholds(cfg, missing, {name: people[name] for name in missing}, generator,
+                                    observed=observed, on_round=on_round)
         write_json(path, {**out, "key": keys})
+        journal.unlink(missing_ok=True)
     return out
 
 
@@ -311,32 +341,19 @@ class _Scoring:
             todo[system] = {"people": people, "calibration": calibration, "key": key,
                             "path": self.results / "rows" / f"{system.name}.json"}
         missing = [s for s, job in todo.items() if cached_value(job["path"], job["key"]) is None]
-        written = _write(cfg, missing, todo, self.probes, generator, big_generator)
+        groups, stored = _groups(missing, todo, GROUP_BATCHES * ecfg.batch_people), {}
+        for n, group in enumerate(groups, 1):
+            if len(groups) > 1:
+                log.info("eval group %d of %d: %d systems, %d biographies", n, len(groups), len(group),
+                         sum(len(todo[s]["people"]) for s in group))
+            written = _write(cfg, group, todo, self.probes, generator, big_generator)
+            for system in group:
+                job = todo[system]
+                stored[system] = cached_json(job["path"], job["key"],
+                                             lambda s=system, j=job, w=written: self._score(s, j, w, budget))
         rows = []
         for system, job in todo.items():
-            def compute(system: System = system, job: dict = job) -> dict:
-                outs = written[system, "bios"]
-                if system.budget and budget is not None:
-                    outs = [_cut(out, bio_prompt(e, ecfg.prompt_style), budget) for e, out in zip(job["people"], outs,
-                                                                                                   strict=True)]
-                bios = biographies(job["people"], outs, ecfg.prompt_style)
-                if self.pop.exact:
-                    row = score_records(system.name, bios, self.pop.articles, gamma=ecfg.gamma,
-                                        bootstrap=ecfg.bootstrap, seed=cfg.seed)
-                else:
-                    row = score_claims(system.name, bios, self.pop.articles, self.store, k=cfg.knowledge.top_k,
-                                       gamma=ecfg.gamma, bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=self.nlp)
-                if self.judge is not None:
-                    add_judge(row, self.judge.score(bios, self.store, cfg.knowledge.top_k), bootstrap=ecfg.bootstrap,
-                              seed=cfg.seed)
-                export_generations(self.results / "generations" / f"{system.name}.jsonl", system.name, bios)
-                prompts = [bio_prompt(e, ecfg.prompt_style) for e in job["people"]]
-                row.output_chars = sum(len(g.text) - len(p) for g, p in zip(bios, prompts, strict=True)) / len(bios)
-                if (system, "leaks") in written:
-                    _add_leakage(row, self.probes, written[system, "leaks"])
-                return row.to_dict()
-
-            row = Row.from_dict(cached_json(job["path"], job["key"], compute))
+            row = Row.from_dict(stored.get(system) or cached_value(job["path"], job["key"]))
             row.model, row.big, row.trigger = system.small, system.big or "none", system.trigger
             row.target_rate, row.people, row.unit = system.rate, system.people, system.unit
             row.threshold, row.calibration_rate = job["key"]["threshold"], job["calibration"].get("realised_rate")
@@ -344,6 +361,50 @@ class _Scoring:
             rows.append(row)
             log.info("eval %s: precision %s, call rate %s", system.name, row.precision, row.call_rate)
         return rows
+
+
+    def _score(self, system: System, job: dict, written: dict[tuple[System, str], list[Generated]],
+               budget: int | None) -> dict:
+        """One system's row from its texts: scored, its generations exported, leakage for a small model alone."""
+        cfg, ecfg = self.cfg, self.cfg.eval
+        outs = written[system, "bios"]
+        if system.budget and budget is not None:
+            outs = [_cut(out, bio_prompt(e, ecfg.prompt_style), budget) for e, out in zip(job["people"], outs,
+                                                                                           strict=True)]
+        bios = biographies(job["people"], outs, ecfg.prompt_style)
+        if self.pop.exact:
+            row = score_records(system.name, bios, self.pop.articles, gamma=ecfg.gamma,
+                                bootstrap=ecfg.bootstrap, seed=cfg.seed)
+        else:
+            row = score_claims(system.name, bios, self.pop.articles, self.store, k=cfg.knowledge.top_k,
+                               gamma=ecfg.gamma, bootstrap=ecfg.bootstrap, seed=cfg.seed, nlp=self.nlp)
+        if self.judge is not None:
+            add_judge(row, self.judge.score(bios, self.store, cfg.knowledge.top_k), bootstrap=ecfg.bootstrap,
+                      seed=cfg.seed)
+        export_generations(self.results / "generations" / f"{system.name}.jsonl", system.name, bios)
+        prompts = [bio_prompt(e, ecfg.prompt_style) for e in job["people"]]
+        row.output_chars = sum(len(g.text) - len(p) for g, p in zip(bios, prompts, strict=True)) / len(bios)
+        if (system, "leaks") in written:
+            _add_leakage(row, self.probes, written[system, "leaks"])
+        return row.to_dict()
+
+
+GROUP_BATCHES = 8
+"""Rows are written and cached in groups of whole small models of at least this many `eval.batch_people`
+batches: enough to fill every batch, and a long protocol stopped midway keeps every group it finished."""
+
+
+def _groups(systems: list[System], todo: dict[System, dict], at_least: int) -> list[list[System]]:
+    """`systems` ordered by small model (the big model alone last), cut at a model's end once a group holds
+    `at_least` biographies."""
+    order = sorted(systems, key=lambda s: (s.small is None, s.small or ""))
+    groups: list[list[System]] = [[]]
+    for i, system in enumerate(order):
+        groups[-1].append(system)
+        ends_model = i + 1 == len(order) or order[i + 1].small != system.small
+        if ends_model and sum(len(todo[s]["people"]) for s in groups[-1]) >= at_least and i + 1 < len(order):
+            groups.append([])
+    return [g for g in groups if g]
 
 
 def _cut(out: Generated, prompt: str, chars: int) -> Generated:
