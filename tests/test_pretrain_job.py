@@ -234,3 +234,30 @@ def test_train_workers_listen_on_loopback_but_torch_s_rendezvous(ray_session, tm
         assert all(a.startswith((":::", "0.0.0.0:")) for a in exposed), rank
     assert len([a for a in ranks[0]["listening"] if a.startswith(":::")]) == 1  # the rendezvous store
     assert not [a for a in ranks[1]["listening"] if a.startswith((":::", "0.0.0.0:"))]
+
+
+@pytest.mark.slow
+def test_a_run_on_a_ray_it_starts_prints_no_state_api_warnings(shards_dir, tmp_path, mlflow_uri):
+    """`python -m jobs.pretrain` on a Ray it starts (the dashboard off, as `make run`): Ray Train's
+    placement-group cleaner asks the dashboard's State API whether the controller lives and warned once a
+    second through every run; the job's workers now silence that logger (services.runtime.quiet_workers)."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = str(shards_dir.parent)
+    args = ["--run_dir", run_dir, "--data.corpus", f"{run_dir}/corpus.jsonl",
+            "--tokenizer.path", f"{run_dir}/tokenizer",
+            "--score.reference", f"{run_dir}/reference", "--score.judge", f"{run_dir}/reference",
+            "--score.output_dir", str(shards_dir), "--train.output_dir", str(tmp_path / "out"),
+            "--mlflow.tracking_uri", mlflow_uri, "--model.seq_len", str(SEQ_LEN), "--train.batch_size", "4",
+            "--train.max_steps", "12", "--train.warmup_steps", "1",
+            "--train.checkpoint_every", "4", "--labels.rule", "plain"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, started by init_ray
+    out = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--config", "configs/tiny.yaml", *args], env=env,
+                         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out" / "final").is_dir()
+    printed = out.stderr + out.stdout
+    assert "(TrainController pid=" in printed  # Ray Train's processes do reach the terminal
+    assert "Failed to query Ray Train Controller" not in printed

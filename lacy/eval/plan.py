@@ -197,7 +197,7 @@ def calibrate_thresholds(cfg: LacyConfig, models: dict[str, str], people: list[A
             searches[key].observe(rate)
     if resumed := sum(map(len, rates.values())):
         log.info("calibration resumed: %d measurements of an earlier run replayed", resumed)
-    rounds = 0
+    rounds = max(map(len, rates.values()), default=0)
     while pending := [key for key, search in searches.items() if search.threshold is not None]:
         rounds += 1
         log.info("calibration round %d: %d of %d thresholds still moving, %d biographies", rounds, len(pending),
