@@ -35,6 +35,23 @@ def test_the_budget_matched_big_model_is_cut_at_a_word_border():
     assert _cut(out, "Anna", 500).text == out.text
 
 
+def test_rows_are_written_in_groups_of_whole_models_seed_by_seed():
+    """Evaluation writes (and caches) rows a group at a time: whole small models in plan order, so a run
+    stopped midway has its first seeds complete; the big model alone last."""
+    from lacy.eval.plan import _groups
+
+    cfg = load_config("configs/synthbio.yaml", [])
+    models = ["plain-steps", "loss-steps", "lacy-steps", "plain-steps-seed1", "loss-steps-seed1", "lacy-steps-seed1"]
+    plan = evaluation_plan(cfg, models)
+    todo = {s: {"people": [None] * 200} for s in plan if not s.budget}
+    groups = _groups(list(todo), todo, 8 * 256)
+    assert [sorted({s.small for s in g}, key=str) for g in groups] == [
+        ["loss-steps", "plain-steps"], ["lacy-steps"], ["loss-steps-seed1", "plain-steps-seed1"],
+        ["lacy-steps-seed1"], [None]]
+    assert [s for g in groups for s in g] == [s for s in todo if s.small] + [s for s in todo if not s.small]
+    assert len(_groups(list(todo), todo, 0)) == len(models) + 1  # at least 0: every model a group
+
+
 def test_plan_pairs_each_model_with_the_triggers_it_can_use():
     cfg = load_config("configs/tiny.yaml", ["--eval.call_rates", "[0.1, 0.22]", "--eval.heldout_entities", "3"])
     plan = evaluation_plan(cfg, ["plain-steps", "lacy-steps", "ignore_facts-steps"])

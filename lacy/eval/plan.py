@@ -395,9 +395,9 @@ batches: enough to fill every batch, and a long protocol stopped midway keeps ev
 
 
 def _groups(systems: list[System], todo: dict[System, dict], at_least: int) -> list[list[System]]:
-    """`systems` ordered by small model (the big model alone last), cut at a model's end once a group holds
-    `at_least` biographies."""
-    order = sorted(systems, key=lambda s: (s.small is None, s.small or ""))
+    """`systems` in plan order (a model's systems are together; seed by seed; the big model alone last), cut
+    at a model's end once a group holds `at_least` biographies: a run stopped midway has whole seeds first."""
+    order = [s for s in systems if s.small is not None] + [s for s in systems if s.small is None]
     groups: list[list[System]] = [[]]
     for i, system in enumerate(order):
         groups[-1].append(system)
