@@ -82,11 +82,11 @@ def _check_server(uri: str, timeout_s: float = 5.0) -> None:
     with back-off for minutes before it says anything."""
     if not uri.startswith(("http://", "https://")):
         return
-    import requests
+    import httpx
 
     try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
-    except requests.RequestException as err:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except httpx.HTTPError as err:
         raise ConfigError(f"mlflow.tracking_uri: the MLflow server at {uri} (mlflow.tracking_uri or "
                           f"$MLFLOW_TRACKING_URI) does not answer ({type(err).__name__}): start it "
                           "(cluster/mlflow_server.sh) or unset both to log to <run_dir>/mlflow.db") from None

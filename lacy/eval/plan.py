@@ -362,7 +362,6 @@ class _Scoring:
             log.info("eval %s: precision %s, call rate %s", system.name, row.precision, row.call_rate)
         return rows
 
-
     def _score(self, system: System, job: dict, written: dict[tuple[System, str], list[Generated]],
                budget: int | None) -> dict:
         """One system's row from its texts: scored, its generations exported, leakage for a small model alone."""
@@ -398,13 +397,15 @@ def _groups(systems: list[System], todo: dict[System, dict], at_least: int) -> l
     """`systems` in plan order (a model's systems are together; seed by seed; the big model alone last), cut
     at a model's end once a group holds `at_least` biographies: a run stopped midway has whole seeds first."""
     order = [s for s in systems if s.small is not None] + [s for s in systems if s.small is None]
-    groups: list[list[System]] = [[]]
+    groups, group, size = [], [], 0
     for i, system in enumerate(order):
-        groups[-1].append(system)
-        ends_model = i + 1 == len(order) or order[i + 1].small != system.small
-        if ends_model and sum(len(todo[s]["people"]) for s in groups[-1]) >= at_least and i + 1 < len(order):
-            groups.append([])
-    return [g for g in groups if g]
+        group.append(system)
+        size += len(todo[system]["people"])
+        last = i + 1 == len(order)
+        if last or (size >= at_least and order[i + 1].small != system.small):
+            groups.append(group)
+            group, size = [], 0
+    return groups
 
 
 def _cut(out: Generated, prompt: str, chars: int) -> Generated:
