@@ -14,12 +14,12 @@ confidence) at each point and rate; `--publish` copies them to docs/results: whe
 helps, it should be where confidence spends its budget on harmless uncertainty.
 
 For each N the whole experiment runs (`lacy.experiment`, in this process) in `<run_dir>/people-N`;
-its stages are content-addressed, so a re-run reuses every point already done. Per N and rule the
-sweep collects what the capacity question needs — the bits of facts the small model stores, its
-loss on template tokens, the cascade's exact precision and realised call rate at the headline rate,
-the small model's precision alone — and writes `<run_dir>/sweep.json`, `sweep.md` and `sweep.png`
-(precision, call rate and stored bits against N, one line per rule). Where the facts fit in the
-model, delegation should matter less. A point with fewer trained-on people than eval.entities +
+its stages are content-addressed, so a re-run reuses every point already done. Per N, rule and trigger
+the sweep collects what the capacity question needs — the bits of facts the small model stores, its loss
+on template tokens, the cascade's correct values per person, precision and realised call rate at the
+headline rate, the small model's correct values alone — and writes `<run_dir>/sweep.json`, `sweep.md` and
+`sweep.png` (correct values, call rate and stored bits against N, a line per model and trigger). Where the
+facts fit in the model, delegation should matter less. A point with fewer trained-on people than eval.entities +
 eval.calibration_entities splits those it has in the same proportion (the table's `eval_people`).
 """
 
@@ -50,7 +50,9 @@ def _float(value: str | None) -> float | None:
 
 
 def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
-    """One sweep point's lines, one per trained rule, from a finished experiment's files."""
+    """One sweep point's lines from a finished experiment's files: one per trained model and trigger at the
+    headline rate (a model with no cascade row, one line with its numbers alone). Quality is correct values
+    per person, as in the comparison protocol; precision beside it."""
     run_dir = Path(cfg.run_dir)
     with open(run_dir / "results" / "rows.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -65,16 +67,18 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
         bits = json.loads((folder / "stored_bits.json").read_text())
         mine = [r for r in rows if r["model"] == model and r["people"] == "train"]
         alone = next((r for r in mine if r["big"] == "none"), {})
-        cascade = next((r for r in mine if r["big"] != "none" and _float(r["target_rate"]) == rate), {})
-        lines.append({"people": people, "model": model, "eval_people": cfg.eval.entities,
-                      "stored_bits": bits["stored_bits"],
-                      "bits_per_param": bits["bits_per_param"], "template_loss": bits["template_loss"],
-                      "alone_precision": _float(alone.get("precision")),
-                      "cascade_precision": _float(cascade.get("precision")),
-                      "cascade_precision_lo": _float(cascade.get("precision_lo")),
-                      "cascade_precision_hi": _float(cascade.get("precision_hi")),
-                      "call_rate": _float(cascade.get("call_rate")),
-                      "calls_on_facts": _float(cascade.get("calls_on_facts"))})
+        cascades = [r for r in mine if r["big"] != "none" and _float(r["target_rate"]) == rate] or [{}]
+        for cascade in cascades:
+            lines.append({"people": people, "model": model, "trigger": cascade.get("trigger") or None,
+                          "eval_people": cfg.eval.entities, "stored_bits": bits["stored_bits"],
+                          "bits_per_param": bits["bits_per_param"], "template_loss": bits["template_loss"],
+                          "alone_correct": _float(alone.get("supported_per_person")),
+                          "correct": _float(cascade.get("supported_per_person")),
+                          "correct_lo": _float(cascade.get("supported_per_person_lo")),
+                          "correct_hi": _float(cascade.get("supported_per_person_hi")),
+                          "precision": _float(cascade.get("precision")),
+                          "call_rate": _float(cascade.get("call_rate")),
+                          "calls_on_facts": _float(cascade.get("calls_on_facts"))})
     return lines
 
 
@@ -122,9 +126,9 @@ def _fit_groups(point: LacyConfig) -> None:
 
 
 def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
-    """Three panels against the number of people, one line per rule: exact precision (the cascade at
-    the headline rate with its CI, solid; the small model alone, dashed), the cascade's realised call
-    rate, and the fact bits the small model stores (`plain` has no cascade, only the dashed line)."""
+    """Three panels against the number of people: correct values per person (each model's cascade per
+    trigger at the headline rate with its CI, solid; the small model alone, dashed), the cascades' realised
+    call rates, and the fact bits each small model stores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,22 +136,22 @@ def sweep_plot(lines: list[dict[str, Any]], path: Path, rate: float) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     for i, model in enumerate(dict.fromkeys(line["model"] for line in lines)):
-        pts = sorted((line for line in lines if line["model"] == model), key=lambda line: line["people"])
-        color, xs = f"C{i}", [p["people"] for p in pts]
-        cascade = [p for p in pts if p["cascade_precision"] is not None]
-        if cascade:
-            ys = [p["cascade_precision"] for p in cascade]
-            err = [[y - p["cascade_precision_lo"] for y, p in zip(ys, cascade, strict=True)],
-                   [p["cascade_precision_hi"] - y for y, p in zip(ys, cascade, strict=True)]]
-            axes[0].errorbar([p["people"] for p in cascade], ys, yerr=err, marker="o", capsize=3, color=color,
-                             label=f"{model} cascade")
-            axes[1].plot([p["people"] for p in cascade], [p["call_rate"] for p in cascade], marker="o", color=color,
-                         label=model)
-        axes[0].plot(xs, [p["alone_precision"] or 0.0 for p in pts], ls="--", marker=".", color=color,
+        mine = sorted((line for line in lines if line["model"] == model), key=lambda line: line["people"])
+        color, styles = f"C{i}", iter(("o", "s", "^", "D"))
+        for trigger in dict.fromkeys(line["trigger"] for line in mine if line["correct"] is not None):
+            pts = [p for p in mine if p["trigger"] == trigger]
+            ys, xs, marker = [p["correct"] for p in pts], [p["people"] for p in pts], next(styles)
+            err = [[y - p["correct_lo"] for y, p in zip(ys, pts, strict=True)],
+                   [p["correct_hi"] - y for y, p in zip(ys, pts, strict=True)]]
+            axes[0].errorbar(xs, ys, yerr=err, marker=marker, capsize=3, color=color, label=f"{model} + {trigger}")
+            axes[1].plot(xs, [p["call_rate"] for p in pts], marker=marker, color=color, label=f"{model} + {trigger}")
+        per_people = {p["people"]: p for p in mine}  # a model's alone and bits are the same for every trigger
+        xs = sorted(per_people)
+        axes[0].plot(xs, [per_people[x]["alone_correct"] or 0.0 for x in xs], ls="--", marker=".", color=color,
                      label=f"{model} alone")
-        axes[2].plot(xs, [p["stored_bits"] for p in pts], marker="o", color=color, label=model)
+        axes[2].plot(xs, [per_people[x]["stored_bits"] for x in xs], marker="o", color=color, label=model)
     axes[1].axhline(rate, color="grey", lw=0.8, ls=":")
-    for ax, ylabel in zip(axes, ("exact precision", f"realised call rate (target {rate:.2f})",
+    for ax, ylabel in zip(axes, ("correct values per person", f"realised call rate (target {rate:.2f})",
                                  "fact bits stored in the small model"), strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("invented people in the corpus")

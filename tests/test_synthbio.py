@@ -146,23 +146,31 @@ def test_stored_bits_of_an_untrained_model_are_about_zero(tiny_model, tiny_token
 @pytest.mark.slow
 def test_synthetic_pipeline_table_with_stored_bits_and_proxy(tmp_path):
     """corpus -> shards -> three rules -> records store -> exact evaluation -> table, in one process,
-    as one point of the capacity sweep (lacy.sweep)."""
+    as one point of the capacity sweep (lacy.sweep), whose lines are the comparison protocol's: a line per
+    model and trigger, correct values per person (the old sweep kept one cascade row a model, whichever
+    trigger came first, and its precision only)."""
     from lacy.sweep import sweep
 
-    cfg = load_config("configs/synthbio-tiny.yaml", ["--run_dir", str(tmp_path / "run")])
+    cfg = load_config("configs/synthbio-tiny.yaml", ["--run_dir", str(tmp_path / "run"),
+                                                     "--experiment.triggers", "[p_call, confidence]"])
     lines = sweep(cfg, [60])
     results = tmp_path / "run" / "people-60" / "results"
-    assert {line["model"] for line in lines} == {"plain-steps", "lacy-steps", "lacy_oracle-steps"}
+    assert {(line["model"], line["trigger"]) for line in lines} == {
+        ("plain-steps", "confidence"), ("lacy-steps", "p_call"), ("lacy-steps", "confidence"),
+        ("lacy_oracle-steps", "p_call"), ("lacy_oracle-steps", "confidence")}
     assert all(line["stored_bits"] is not None and line["template_loss"] > 0 for line in lines)
-    lacy_line = next(line for line in lines if line["model"] == "lacy-steps")
-    assert lacy_line["cascade_precision"] is not None and lacy_line["call_rate"] > 0
+    rows = {r["system"]: r for r in (json.loads(p.read_text()) for p in (results / "rows").rglob("*.json"))}
+    for line in lines:
+        row = rows[f"{line['model']}+retrieval@0.22/{line['trigger']}"]
+        assert line["correct"] == pytest.approx(row["supported_per_person"]) and line["call_rate"] > 0
+        assert line["correct_lo"] <= line["correct"] <= line["correct_hi"]
+        assert line["alone_correct"] == pytest.approx(rows[f"{line['model']} alone"]["supported_per_person"])
     assert (tmp_path / "run" / "sweep.png").stat().st_size > 0
     assert "| people |" in (tmp_path / "run" / "sweep.md").read_text()
     table = (results / "table.md").read_text()
     for needle in ("| lacy_oracle | p_call |", "stored bits", "cascade calls on facts",
                    "The spaCy proxy against the truth", "birth date"):
         assert needle in table, needle
-    rows = {r["system"]: r for r in (json.loads(p.read_text()) for p in (results / "rows").rglob("*.json"))}
     big = rows["big-retrieval"]
     assert big["birth_date_stated"] > 0  # the big side reads the records and states values
     assert "calls_on_facts" in rows["lacy-steps+retrieval@0.22/p_call"]
