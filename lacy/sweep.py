@@ -82,9 +82,11 @@ def collect(cfg: LacyConfig, people: int) -> list[dict[str, Any]]:
     return lines
 
 
-def sweep(cfg: LacyConfig, people: list[int], backend: Any = None, track: bool = False) -> list[dict[str, Any]]:
-    """Run the experiment at each number of people and write the sweep's table and plot."""
-
+def sweep(cfg: LacyConfig, people: list[int], backend: Any = None, track: bool = False,
+          publish: str | Path | None = None, command: str = "") -> list[dict[str, Any]]:
+    """Run the experiment at each number of people and write the sweep's table and plot (copied with the
+    command, commit and machine to `<publish>/<run name>.md` when `publish` names a folder)."""
+    started = time.time()
     if cfg.data.corpus != "synthbio":
         raise ValueError(f"the capacity sweep needs data.corpus: synthbio (got {cfg.data.corpus!r})")
     if not people or min(people) < 1:
@@ -105,7 +107,25 @@ def sweep(cfg: LacyConfig, people: list[int], backend: Any = None, track: bool =
     columns = list(lines[0]) if lines else ["people"]
     (out / "sweep.md").write_text(markdown_table(lines, columns) + "\n")
     sweep_plot(lines, out / "sweep.png", cfg.experiment.headline_rate)
+    if publish is not None:
+        _publish(out, "sweep", Path(publish), "the capacity sweep", command, started,
+                 f"Each point is the comparison protocol (one training seed, the headline rate "
+                 f"{cfg.experiment.headline_rate:g}) on a corpus of that many invented people; its own report is "
+                 "`<run_dir>/people-N/results/report.md`. `correct`: correct values per person (abstainers 0), "
+                 "`correct_lo` / `correct_hi` its 95 % interval over people; precision beside it:")
     return lines
+
+
+def _publish(out: Path, stem: str, publish: Path, title: str, command: str, started: float, intro: str) -> None:
+    """A sweep's page in `publish`: `<stem>.md` and `<stem>.png` of `out` under the command, commit and machine."""
+    name, host = out.name, machine()
+    publish.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / f"{stem}.png", publish / f"{name}.png")
+    (publish / f"{name}.md").write_text("\n".join([
+        f"# {name}: {title}", "",
+        f"Produced by `{command}` at commit `{git_describe()}` on {time.strftime('%Y-%m-%d')}, {host['cpu']} "
+        f"({host['cores']} cores, load {host['load']:.2f} at the end, {(time.time() - started) / 60:.1f} min). "
+        + intro, "", (out / f"{stem}.md").read_text(), f"![{title}]({name}.png)", ""]))
 
 
 def _fit_groups(point: LacyConfig) -> None:
@@ -193,17 +213,10 @@ def dial(cfg: LacyConfig, fillers: list[int], backend: Any = None, track: bool =
         paired, ["filler", "pair", "rate", "difference [CI]"]) + "\n")
     dial_plot(lines, out / "dial.png", cfg.experiment.headline_rate)
     if publish is not None:
-        name, host = out.name, machine()
-        Path(publish).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "dial.png", Path(publish) / f"{name}.png")
-        (Path(publish) / f"{name}.md").write_text("\n".join([
-            f"# {name}: the dial of acceptable uncertainty", "",
-            f"Produced by `{command}` at commit `{git_describe()}` on {time.strftime('%Y-%m-%d')}, {host['cpu']} "
-            f"({host['cores']} cores, load {host['load']:.2f} at the end, {(time.time() - started) / 60:.1f} min). "
-            "Each point is the whole comparison protocol on a corpus with that many filler sentences per "
-            "biography; its own report is `<run_dir>/filler-N/results/report.md`.", "",
-            "Correct values per person (abstainers 0) at each call rate, 95 % intervals over seeds and people:",
-            "", (out / "dial.md").read_text(), f"![the dial]({name}.png)", ""]))
+        _publish(out, "dial", Path(publish), "the dial of acceptable uncertainty", command, started,
+                 "Each point is the whole comparison protocol on a corpus with that many filler sentences per "
+                 "biography; its own report is `<run_dir>/filler-N/results/report.md`.\n\nCorrect values per "
+                 "person (abstainers 0) at each call rate, 95 % intervals over seeds and people:")
     return lines
 
 
@@ -270,20 +283,20 @@ def main(argv: list[str] | None = None, backend: Any = None) -> list[dict[str, A
     extra.add_argument("--people", help="comma-separated numbers of invented people (default: sweep of the "
                                         "config's synth.people x 1/4, 1, 4)")
     extra.add_argument("--filler", help="comma-separated numbers of filler sentences per biography: the dial")
-    extra.add_argument("--publish", help="the dial: also write its page to this folder (docs/results)")
+    extra.add_argument("--publish", help="also write the sweep's page to this folder (docs/results)")
     known, rest = extra.parse_known_args(argv)
     setup_logging()
     cfg = parse_cli(rest, __doc__ or "")
+    module = "lacy.sweep" if backend is None else "jobs.sweep"
+    command = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
     if known.filler:
-        module = "lacy.sweep" if backend is None else "jobs.sweep"
-        command = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
         lines = dial(cfg, [int(n) for n in known.filler.split(",")], backend, track=True, publish=known.publish,
                      command=command)
         print((Path(cfg.run_dir) / "dial.md").read_text())  # noqa: T201 - the sweep's product
         return lines
     people = ([int(p) for p in known.people.split(",")] if known.people
               else [max(1, cfg.synth.people // 4), cfg.synth.people, cfg.synth.people * 4])
-    lines = sweep(cfg, people, backend, track=True)
+    lines = sweep(cfg, people, backend, track=True, publish=known.publish, command=command)
     print((Path(cfg.run_dir) / "sweep.md").read_text())  # noqa: T201 - the sweep's product
     return lines
 

@@ -153,7 +153,7 @@ def test_synthetic_pipeline_table_with_stored_bits_and_proxy(tmp_path):
 
     cfg = load_config("configs/synthbio-tiny.yaml", ["--run_dir", str(tmp_path / "run"),
                                                      "--experiment.triggers", "[p_call, confidence]"])
-    lines = sweep(cfg, [60])
+    lines = sweep(cfg, [60], publish=tmp_path / "docs", command="python -m lacy.sweep --people 60")
     results = tmp_path / "run" / "people-60" / "results"
     assert {(line["model"], line["trigger"]) for line in lines} == {
         ("plain-steps", "confidence"), ("lacy-steps", "p_call"), ("lacy-steps", "confidence"),
@@ -167,6 +167,9 @@ def test_synthetic_pipeline_table_with_stored_bits_and_proxy(tmp_path):
         assert line["alone_correct"] == pytest.approx(rows[f"{line['model']} alone"]["supported_per_person"])
     assert (tmp_path / "run" / "sweep.png").stat().st_size > 0
     assert "| people |" in (tmp_path / "run" / "sweep.md").read_text()
+    page = (tmp_path / "docs" / "run.md").read_text()  # the published page: command, table, plot
+    assert "`python -m lacy.sweep --people 60`" in page and "| people | model | trigger |" in page
+    assert "![the capacity sweep](run.png)" in page and (tmp_path / "docs" / "run.png").stat().st_size > 0
     table = (results / "table.md").read_text()
     for needle in ("| lacy_oracle | p_call |", "stored bits", "cascade calls on facts",
                    "The spaCy proxy against the truth", "birth date"):
